@@ -1,0 +1,59 @@
+"""Generators to ONNX with uint8 NHWC images baked into the graph, checked against torch."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+class UInt8Images(nn.Module):
+    """Wrap a network that returns float NCHW in [-1, 1] so the graph returns uint8 NHWC 0-255:
+    clients send and receive bytes. Same arithmetic as `training.loop.to_uint8`."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.net(x)                                   # (B, C, H, W) in [-1, 1]
+        y = torch.clamp(torch.round((y + 1.0) * 127.5), 0.0, 255.0)
+        return y.to(torch.uint8).permute(0, 2, 3, 1)      # (B, H, W, C) uint8
+
+
+def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
+                output_names: list[str], path: str | Path, max_batch_size: int) -> Path:
+    """Export `module` (eval mode) with a dynamic first (batch) dimension on every input."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = module.eval()
+    batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
+    dynamic_shapes = tuple({0: batch} for _ in input_names)  # positional, matches `example`
+    with torch.no_grad():
+        program = torch.onnx.export(module, example, input_names=input_names,
+                                    output_names=output_names, dynamic_shapes=dynamic_shapes,
+                                    dynamo=True, verbose=False)
+    program.save(str(path))
+    return path
+
+
+def parity(module: nn.Module, onnx_path: str | Path, feeds: dict[str, np.ndarray]) -> dict:
+    """Run torch and ONNX Runtime on the same inputs; report the max abs difference in grey
+    levels and the share of pixels that differ at all."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        ref = module.eval()(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        t_torch = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    got = sess.run(None, feeds)[0]
+    t_ort = time.perf_counter() - t0
+    diff = np.abs(ref.astype(np.int16) - got.astype(np.int16))
+    return {"batch": int(next(iter(feeds.values())).shape[0]), "max_abs_diff": int(diff.max()),
+            "pixels_differing": float((diff > 0).mean()), "torch_s": round(t_torch, 4),
+            "onnxruntime_s": round(t_ort, 4)}

@@ -1,0 +1,163 @@
+"""`ganforge export`: a training run -> ONNX generator + Triton model directories + manifests.
+
+For a generator NAME it writes NAME_generator (ONNX, latent -> image), NAME_sampler (Python,
+(seed, count) -> latent) and NAME (the ensemble clients call), see serving/repository.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import re
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ganforge
+from ganforge.errors import UsageError
+from ganforge.export.onnx import UInt8Images, export_onnx, parity
+from ganforge.serving import repository as repo
+from ganforge.serving import sampler
+from ganforge.training.gan import build_dcgan, load_checkpoint
+from ganforge.serving.repository import sha256, tensor
+
+MAX_PARITY_DIFF = 1  # grey levels; the exported graph rounds exactly as torch does
+
+
+def source_commit() -> str | None:
+    """The git commit of the ganforge tree doing the export (None outside a git checkout);
+    a '+dirty' suffix marks uncommitted changes."""
+    import subprocess
+
+    root = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True,
+                              text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return head.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def default_name(payload: dict) -> str:
+    data = Path(str(payload.get("data", "model"))).name or "model"
+    return re.sub(r"[^a-z0-9_]+", "_", f"{payload['kind']}_{data}".lower()).strip("_")
+
+
+def _quiet_exporter():
+    """torch.onnx's dynamo exporter logs every skipped optional op; keep export output short."""
+    for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=UserWarning, module="torch")
+
+
+def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
+                     max_batch_size: int = 64, version: int = 1, instances: int = 1,
+                     intra_op_threads: int = 0, log=print) -> dict:
+    """Export the generator of a training run into a Triton model repository.
+
+    Args:
+        run: a run directory (holding checkpoint.pt) or a checkpoint file.
+        repository: the model repository to write into (created if missing).
+        name: the model name clients use; default `<kind>_<data>`, e.g. `dcgan_shapes`.
+        max_batch_size: the largest batch Triton forms, and the largest `count` per request.
+        version: the model version directory to write (replaced if present).
+        instances: model instances per device in config.pbtxt.
+        intra_op_threads: ONNX Runtime threads per instance (0: its default).
+        log: where progress lines go.
+
+    Returns:
+        A summary: model names, paths, parity figures.
+
+    Raises:
+        CheckpointError: `run` holds no ganforge checkpoint of a generator.
+        UsageError: a bad name, batch size or version.
+    """
+    _quiet_exporter()
+    payload = load_checkpoint(run, kinds=("dcgan",))
+    name = name or default_name(payload)
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]{0,63}", name):
+        raise UsageError(f"--name: {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', "
+                         f"starting with a letter")
+    if not 1 <= max_batch_size <= 1024:
+        raise UsageError(f"--max-batch-size: {max_batch_size} is not allowed; must be in [1, 1024]")
+    if version < 1:
+        raise UsageError(f"--version: {version} is not allowed; must be >= 1")
+    G, _ = build_dcgan(payload)
+    cfg = G.cfg
+    module = UInt8Images(G).eval()
+    repository = Path(repository)
+    gen_name, sampler_name = f"{name}_generator", f"{name}_sampler"
+    gen_dir, sampler_dir, ens_dir = repository / gen_name, repository / sampler_name, repository / name
+    latent = tensor("latent", "FP32", [cfg.z_dim])
+    image = tensor("image", "UINT8", [cfg.resolution, cfg.resolution, cfg.channels])
+
+    log(f"export: {payload['path']} ({payload['kind']}, step {payload.get('step')}) -> {gen_dir}")
+    onnx_path = gen_dir / str(version) / "model.onnx"
+    if onnx_path.parent.exists():
+        shutil.rmtree(onnx_path.parent)
+    example = (torch.randn(2, cfg.z_dim),)
+    export_onnx(module, example, ["latent"], ["image"], onnx_path, max_batch_size)
+    z = sampler.sample_latents(0, max_batch_size, cfg.z_dim)
+    check = parity(module, onnx_path, {"latent": z})
+    log(f"export: parity torch vs ONNX Runtime on {check['batch']} latents: max abs diff "
+        f"{check['max_abs_diff']} grey levels ({100 * check['pixels_differing']:.3f}% of pixels differ)")
+    if check["max_abs_diff"] > MAX_PARITY_DIFF:
+        raise ganforge.errors.GanforgeError(
+            f"export: ONNX output differs from torch by {check['max_abs_diff']} grey levels "
+            f"(allowed {MAX_PARITY_DIFF}); the model was written to {onnx_path} for inspection")
+
+    source = {
+        "source_checkpoint": str(Path(payload["path"]).resolve()),
+        "source_checkpoint_sha256": sha256(Path(payload["path"])),
+        "kind": payload["kind"],
+        "step": payload.get("step"),
+        "data": payload.get("data"),
+        "seed": payload.get("seed"),
+        "config": payload["config"],
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "ganforge_version": ganforge.__version__,
+        "torch_version": torch.__version__,
+        "train_command": payload.get("command"),
+        "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
+        "source_commit": source_commit(),
+    }
+    repo.write_config(gen_dir, repo.onnx_model_config(
+        gen_name, [latent], [image], max_batch_size, instances=instances,
+        intra_op_threads=intra_op_threads))
+    repo.write_manifest(gen_dir, {**source, "model": gen_name, "version": version,
+                                  "format": "onnx", "parity": check})
+
+    sampler_file = sampler_dir / str(version) / "model.py"
+    sampler_file.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(Path(sampler.__file__), sampler_file)
+    repo.write_config(sampler_dir, repo.python_model_config(
+        sampler_name, [tensor("seed", "INT64", [1]), tensor("count", "INT32", [1])],
+        [tensor("latent", "FP32", [-1, cfg.z_dim])],
+        {"z_dim": str(cfg.z_dim), "max_count": str(max_batch_size)}))
+    repo.write_manifest(sampler_dir, {"model": sampler_name, "version": version,
+                                      "generator": gen_name, "z_dim": cfg.z_dim})
+
+    (ens_dir / str(version)).mkdir(parents=True, exist_ok=True)
+    (ens_dir / str(version) / ".keep").touch()  # Triton needs the version dir; git needs a file
+    repo.write_config(ens_dir, repo.ensemble_config(
+        name, [tensor("seed", "INT64", [1]), tensor("count", "INT32", [1])],
+        [tensor("image", "UINT8", [-1, *image["dims"]])],
+        [(sampler_name, {"seed": "seed", "count": "count"}, {"latent": "latent"}),
+         (gen_name, {"latent": "latent"}, {"image": "image"})]))
+    repo.write_manifest(ens_dir, {"model": name, "version": version,
+                                  "steps": [sampler_name, gen_name]})
+    summary = {"model": name, "generator": gen_name, "sampler": sampler_name,
+               "repository": str(repository), "onnx": str(onnx_path),
+               "onnx_bytes": onnx_path.stat().st_size, "parity": check}
+    log(f"export: wrote {name} (seed, count -> image), {gen_name} (latent -> image), "
+        f"{sampler_name} into {repository}")
+    return summary

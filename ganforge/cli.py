@@ -1,0 +1,278 @@
+"""`ganforge`: one command, one verb per stage of the flow.
+
+    ganforge train dcgan --data shapes --steps N --out runs/NAME
+    ganforge export runs/NAME --repository model_repository/
+    ganforge serve --model-repository model_repository/
+    ganforge models [--url HOST:PORT]
+    ganforge generate --model NAME --seed 42 --count 16 --out DIR
+    ganforge demo
+
+Verbs that only talk to a server import no torch. Errors print one `Error: …` line; exit code
+2 for usage errors, 1 for runtime failures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+from ganforge.errors import GanforgeError, UsageError
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # argparse's usage errors, in our one-line form
+        print(f"Error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _writable_dir(path: str, flag: str = "--out") -> Path:
+    p = Path(path)
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"{flag}: cannot create {p} ({exc.strerror})") from exc
+    if not os.access(p, os.W_OK):
+        raise UsageError(f"{flag}: {p} is not writable")
+    return p
+
+
+# -- train ------------------------------------------------------------------------------------
+
+def cmd_train(args) -> int:
+    from ganforge.training.gan import DCGANConfig
+    from ganforge.training.loop import TrainConfig, train_dcgan
+
+    try:
+        net = DCGANConfig(z_dim=args.z_dim, ngf=args.ngf, ndf=args.ndf, resolution=args.resolution,
+                          d_dropout=args.d_dropout)
+    except ValueError as exc:
+        raise UsageError(f"network: {exc}") from None
+    cfg = TrainConfig(data=args.data, n_images=args.n_images, steps=args.steps,
+                      batch_size=args.batch_size, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
+                      label_smoothing=args.label_smoothing, instance_noise=args.instance_noise,
+                      sample_every=args.sample_every, network=net)
+    _writable_dir(args.out)
+    summary = train_dcgan(cfg, args.out, progress=not args.quiet)
+    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
+          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    return 0
+
+
+# -- export -----------------------------------------------------------------------------------
+
+def cmd_export(args) -> int:
+    if args.format != "onnx":
+        from ganforge.export.tensorrt import export_tensorrt  # GPU machines only
+
+        return export_tensorrt(args)
+    from ganforge.export.triton import export_generator
+
+    summary = export_generator(args.run, args.repository, name=args.name,
+                               max_batch_size=args.max_batch_size, version=args.version,
+                               instances=args.instances, intra_op_threads=args.threads)
+    print(f"exported {summary['model']} to {summary['repository']} "
+          f"(parity max abs diff {summary['parity']['max_abs_diff']} grey levels)")
+    return 0
+
+
+# -- serve ------------------------------------------------------------------------------------
+
+def cmd_serve(args) -> int:
+    from ganforge.serving.server import LocalServer, ServerOptions
+
+    opts = ServerOptions(model_repository=Path(args.model_repository), grpc_port=args.grpc_port,
+                         http_port=args.http_port, metrics_port=args.metrics_port,
+                         exit_timeout_s=args.exit_timeout, startup_timeout_s=args.startup_timeout,
+                         log_verbose=args.log_verbose)
+    server = LocalServer(opts, stream=sys.stderr if args.verbose else None)
+    stop = {"sig": None}
+
+    def forward(sig, _frame):
+        stop["sig"] = sig
+        server.signal(signal.SIGTERM)
+
+    signal.signal(signal.SIGINT, forward)
+    signal.signal(signal.SIGTERM, forward)
+    server.start()
+    from ganforge.serving.client import Client
+
+    with Client(server.grpc_url) as c:
+        names = [m["name"] for m in c.models()]
+    print(f"serving {len(names)} models from {opts.model_repository}: {', '.join(names)}")
+    print(f"  gRPC     {server.grpc_url}")
+    print(f"  HTTP     {server.http_url}")
+    print(f"  metrics  {server.metrics_url}")
+    print("Ctrl-C to stop", flush=True)
+    code = server.wait()
+    server.stop()
+    if stop["sig"] is not None:
+        print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
+        return 0
+    print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+    for line in server.errors()[-5:]:
+        print(f"  {line}", file=sys.stderr)
+    return 1
+
+
+# -- client verbs -----------------------------------------------------------------------------
+
+def _client(args):
+    from ganforge.serving.client import Client
+
+    return Client(args.url, timeout=args.timeout)
+
+
+def cmd_models(args) -> int:
+    with _client(args) as c:
+        rows = c.models()
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'MODEL':<36} {'VERSION':<8} STATE")
+    for m in rows:
+        print(f"{m['name']:<36} {m['version'] or '-':<8} {m['state'] or '-'}"
+              + (f" ({m['reason']})" if m["reason"] else ""))
+    return 0
+
+
+def cmd_generate(args) -> int:
+    from ganforge.images import save_grid, write_image
+
+    out = _writable_dir(args.out)
+    with _client(args) as c:
+        images = c.generate(args.model, args.seed, args.count)
+    paths = [write_image(out / f"seed{args.seed}_{i:03d}.png", img) for i, img in enumerate(images)]
+    grid = save_grid(images, out / f"seed{args.seed}_grid.png")
+    print(f"wrote {len(paths)} images and a grid to {out} ({grid.name})")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    """`ganforge bench NAME [ARGS]`: run benchmarks/NAME.py's `run(argv) -> int`."""
+    import importlib
+    import pkgutil
+
+    import ganforge.benchmarks as pkg
+
+    names = sorted(m.name.replace("_", "-") for m in pkgutil.iter_modules(pkg.__path__)
+                   if not m.name.startswith("_"))
+    if args.name not in names:
+        raise UsageError(f"bench: {args.name!r} is not a benchmark; choose from {', '.join(names) or 'none'}")
+    module = importlib.import_module(f"ganforge.benchmarks.{args.name.replace('-', '_')}")
+    return module.run(args.args)
+
+
+def cmd_demo(args) -> int:
+    from ganforge.demo import run_demo
+
+    return run_demo(Path(args.out), steps=args.steps)
+
+
+# -- parser -----------------------------------------------------------------------------------
+
+def _int_arg(lo: int | None = None):
+    def parse(text: str) -> int:
+        try:
+            v = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+        if lo is not None and v < lo:
+            raise argparse.ArgumentTypeError(f"{v} is below the minimum {lo}")
+        return v
+    return parse
+
+
+def build_parser() -> Parser:
+    p = Parser(prog="ganforge", description="Train, export and serve generative image models.")
+    sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
+
+    t = sub.add_parser("train", help="train a model into a run directory")
+    t.add_argument("model", choices=["dcgan"], help="model family")
+    t.add_argument("--data", default="shapes", help="'shapes', 'photos' or a folder of images")
+    t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--out", required=True, help="run directory")
+    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--n-images", type=int, default=8192, help="training pool size")
+    t.add_argument("--z-dim", type=int, default=64)
+    t.add_argument("--ngf", type=int, default=32)
+    t.add_argument("--ndf", type=int, default=32)
+    t.add_argument("--resolution", type=int, default=64)
+    t.add_argument("--lr-g", type=float, default=2e-4)
+    t.add_argument("--lr-d", type=float, default=2e-4)
+    t.add_argument("--label-smoothing", type=float, default=0.1)
+    t.add_argument("--instance-noise", type=float, default=0.1)
+    t.add_argument("--d-dropout", type=float, default=0.0)
+    t.add_argument("--sample-every", type=int, default=100)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("export", help="export a run to ONNX and a Triton model directory")
+    e.add_argument("run", help="run directory or checkpoint file")
+    e.add_argument("--repository", default="model_repository", help="Triton model repository")
+    e.add_argument("--name", default=None, help="model name (default <kind>_<data>)")
+    e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
+    e.add_argument("--max-batch-size", type=int, default=64)
+    e.add_argument("--version", type=int, default=1)
+    e.add_argument("--instances", type=int, default=1)
+    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    e.set_defaults(fn=cmd_export)
+
+    s = sub.add_parser("serve", help="run the local Triton server on a model repository")
+    s.add_argument("--model-repository", default="model_repository")
+    s.add_argument("--grpc-port", type=_int_arg(1), default=8001)
+    s.add_argument("--http-port", type=_int_arg(1), default=8000)
+    s.add_argument("--metrics-port", type=_int_arg(1), default=8002)
+    s.add_argument("--exit-timeout", type=int, default=30, help="seconds to drain on SIGTERM")
+    s.add_argument("--startup-timeout", type=float, default=180.0)
+    s.add_argument("--log-verbose", type=int, default=0)
+    s.add_argument("--verbose", action="store_true", help="echo Triton's log")
+    s.set_defaults(fn=cmd_serve)
+
+    def client_args(q):
+        q.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
+        q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+
+    m = sub.add_parser("models", help="list the models a server serves")
+    client_args(m)
+    m.add_argument("--json", action="store_true")
+    m.set_defaults(fn=cmd_models)
+
+    g = sub.add_parser("generate", help="generate images by seed from a served generator")
+    client_args(g)
+    g.add_argument("--model", required=True)
+    g.add_argument("--seed", type=_int_arg(0), default=0)
+    g.add_argument("--count", type=_int_arg(1), default=16)
+    g.add_argument("--out", required=True, help="folder for the PNGs")
+    g.set_defaults(fn=cmd_generate)
+
+    b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (ganforge bench NAME --help)")
+    b.add_argument("name", help="benchmark name, e.g. serve, modes, denoise")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
+    b.set_defaults(fn=cmd_bench)
+
+    d = sub.add_parser("demo", help="train, export, serve and generate, end to end")
+    d.add_argument("--out", default="demo-out")
+    d.add_argument("--steps", type=int, default=600)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except GanforgeError as exc:
+        print(f"Error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("Error: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

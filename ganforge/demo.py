@@ -1,0 +1,56 @@
+"""`make demo`: train a small DCGAN on procedural shapes, export it, serve it from the real
+tritonserver, ask for images over gRPC, write them to disk."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def run_demo(out: Path, steps: int = 600) -> int:
+    from ganforge.export.triton import export_generator
+    from ganforge.images import save_grid
+    from ganforge.serving.client import Client
+    from ganforge.serving.server import LocalServer, ServerOptions, free_port
+    from ganforge.training.loop import TrainConfig, train_dcgan
+
+    t0 = time.perf_counter()
+    out = Path(out)
+    run, repository, images_dir = out / "run", out / "model_repository", out / "generated"
+    print(f"[1/4] training a DCGAN on procedural shapes for {steps} steps -> {run}", flush=True)
+    summary = train_dcgan(TrainConfig(data="shapes", steps=steps, n_images=4096,
+                                      label_smoothing=0.1, instance_noise=0.1), run)
+    print(f"      {summary['seconds']} s; training samples {summary['samples']}")
+
+    print(f"[2/4] exporting to ONNX + Triton model directories -> {repository}", flush=True)
+    exported = export_generator(run, repository, name="dcgan_shapes", log=lambda m: print("      " + m))
+
+    print("[3/4] starting tritonserver (nvidia-pytriton's binary, ganforge's onnxruntime backend)",
+          flush=True)
+    opts = ServerOptions(model_repository=repository, grpc_port=free_port(),
+                         http_port=free_port(), metrics_port=free_port())
+    with LocalServer(opts) as server:
+        print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}")
+        print("[4/4] generating over gRPC: model dcgan_shapes, seed 42, count 16", flush=True)
+        with Client(server.grpc_url) as client:
+            images = client.generate("dcgan_shapes", seed=42, count=16)
+            again = client.generate("dcgan_shapes", seed=42, count=16)
+            other = client.generate("dcgan_shapes", seed=7, count=16)
+            latent_images = client.generate_from_latent(
+                "dcgan_shapes_generator", np.random.default_rng(0).standard_normal((4, 64), np.float32))
+    images_dir.mkdir(parents=True, exist_ok=True)
+    for i, img in enumerate(images):
+        from ganforge.images import write_image
+        write_image(images_dir / f"seed42_{i:03d}.png", img)
+    grid = save_grid(images, images_dir / "seed42_grid.png", nrow=4)
+    save_grid(other, images_dir / "seed7_grid.png", nrow=4)
+    print(f"      seed 42 twice: byte-identical = {np.array_equal(images, again)}; "
+          f"seed 7 differs = {not np.array_equal(images, other)}; "
+          f"raw generator answered {latent_images.shape[0]} latents")
+    print(f"      export parity torch vs ONNX Runtime: max abs diff "
+          f"{exported['parity']['max_abs_diff']} grey levels")
+    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s. Generated images: {images_dir}/ "
+          f"(grid: {grid})")
+    return 0

@@ -1,0 +1,109 @@
+"""A Python-based Triton backend named `onnxruntime`: serves `platform: "onnxruntime_onnx"`
+models with ONNX Runtime, for the embedded tritonserver (whose wheel ships only the Python
+backend). The official Triton container uses its native onnxruntime backend on the same
+repository instead.
+
+Per model instance: one InferenceSession built in `initialize`. Per `execute`: the requests'
+inputs are checked one by one (a bad one gets its own INVALID_ARG answer), the good ones are
+concatenated along the batch axis, run once, and the outputs split back in request order.
+
+Config parameters read (string values): `intra_op_thread_count`, `inter_op_thread_count`.
+"""
+
+import json
+import os
+import sys
+
+extra = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+sys.path[:0] = [p for p in extra if p not in sys.path]
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+
+NP_DTYPES = {"TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8, "TYPE_INT64": np.int64,
+             "TYPE_INT32": np.int32, "TYPE_FP16": np.float16}
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        import onnxruntime as ort
+
+        config = json.loads(args["model_config"])
+        self.name = config["name"]
+        self.max_batch_size = int(config.get("max_batch_size", 0))
+        filename = config.get("default_model_filename") or "model.onnx"
+        path = os.path.join(args["model_repository"], args["model_version"], filename)
+        params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(params.get("intra_op_thread_count") or 0)
+        opts.inter_op_num_threads = int(params.get("inter_op_thread_count") or 0)
+        providers = ["CPUExecutionProvider"]
+        if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
+            providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
+        self.session = ort.InferenceSession(path, sess_options=opts, providers=providers)
+        self.inputs = [(i["name"], NP_DTYPES[i["data_type"]], [int(d) for d in i["dims"]])
+                       for i in config["input"]]
+        self.outputs = [o["name"] for o in config["output"]]
+
+    def _check(self, request):
+        """The request's inputs as arrays, or raise ValueError naming the problem. Triton has
+        already checked names, dtypes and shapes against config.pbtxt; this guards the rest."""
+        arrays = {}
+        batch = None
+        for name, dtype, dims in self.inputs:
+            t = pb_utils.get_input_tensor_by_name(request, name)
+            if t is None:
+                raise ValueError(f"input '{name}' is missing")
+            a = t.as_numpy()
+            if a.dtype != dtype:
+                raise ValueError(f"input '{name}': dtype {a.dtype} is not allowed; send {np.dtype(dtype).name}")
+            shape = a.shape[1:] if self.max_batch_size > 0 else a.shape
+            if len(shape) != len(dims) or any(d not in (-1, s) for d, s in zip(dims, shape)):
+                expected = ", ".join(map(str, dims))
+                raise ValueError(f"input '{name}': shape {list(a.shape)} is not allowed; expected "
+                                 + (f"[batch, {expected}]" if self.max_batch_size > 0 else f"[{expected}]"))
+            if self.max_batch_size <= 0:
+                batch = 0
+            elif batch is None:
+                batch = a.shape[0]
+            elif a.shape[0] != batch:
+                raise ValueError(f"input '{name}': batch {a.shape[0]} differs from the other inputs' {batch}")
+            arrays[name] = a
+        if self.max_batch_size > 0 and not 1 <= batch <= self.max_batch_size:
+            raise ValueError(f"batch: {batch} is not allowed; must be in [1, {self.max_batch_size}]")
+        return arrays, batch
+
+    def execute(self, requests):
+        responses = [None] * len(requests)
+        good, sizes, arrays = [], [], []
+        for i, request in enumerate(requests):
+            try:
+                a, n = self._check(request)
+                good.append(i)
+                sizes.append(n)
+                arrays.append(a)
+            except ValueError as exc:
+                responses[i] = pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"{self.name}: {exc}", pb_utils.TritonError.INVALID_ARG))
+        if good:
+            feed = {name: (arrays[0][name] if len(arrays) == 1
+                           else np.concatenate([a[name] for a in arrays], axis=0))
+                    for name, _, _ in self.inputs}
+            try:
+                results = self.session.run(self.outputs, feed)
+            except Exception as exc:  # a model failure fails these requests, not the server
+                for i in good:
+                    responses[i] = pb_utils.InferenceResponse(
+                        error=pb_utils.TritonError(f"{self.name}: inference failed: {exc}"))
+                return responses
+            offsets = np.cumsum([0] + sizes)
+            for k, i in enumerate(good):
+                lo, hi = offsets[k], offsets[k + 1]
+                responses[i] = pb_utils.InferenceResponse(
+                    [pb_utils.Tensor(name, np.ascontiguousarray(r[lo:hi]))
+                     for name, r in zip(self.outputs, results)])
+        return responses
+
+    def finalize(self):
+        self.session = None

@@ -1,0 +1,174 @@
+"""The ganforge client: generation (and, with later models, denoising and inpainting) over
+Triton's gRPC API, with errors mapped honestly from gRPC status codes.
+
+    >>> from ganforge.serving.client import Client
+    >>> with Client("localhost:8001") as c:
+    ...     images = c.generate("dcgan_shapes", seed=42, count=8)   # (8, 64, 64, 3) uint8
+
+Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ganforge.errors import (GanforgeError, InvalidArgument, ModelNotFound, ServerError,
+                             ServerUnavailable, Timeout, UsageError)
+from ganforge.serving.sampler import SEED_MAX
+
+# Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+
+def map_error(exc: Exception, model: str | None = None, url: str = "") -> GanforgeError:
+    """Map a tritonclient InferenceServerException to ganforge's error tree by gRPC code."""
+    status = str(getattr(exc, "status", lambda: "")() or "")
+    msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
+    low = msg.lower()
+    if "UNAVAILABLE" in status:
+        return ServerUnavailable(f"server unavailable at {url}: {msg}")
+    if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in low:
+        return Timeout(f"request to {model or 'the server'} at {url} timed out: {msg}")
+    if "NOT_FOUND" in status or "unknown model" in low or "is not found" in low:
+        return ModelNotFound(f"model {model!r} is not served at {url}: {msg}")
+    if "INVALID_ARGUMENT" in status:
+        return InvalidArgument(msg)
+    return ServerError(f"{status or 'error'}: {msg}")
+
+
+def check_seed(seed) -> int:
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
+        raise UsageError(f"seed: {seed!r} is not allowed; must be an integer in [0, {SEED_MAX}]")
+    if not 0 <= int(seed) <= SEED_MAX:
+        raise UsageError(f"seed: {seed} is not allowed; must be in [0, {SEED_MAX}]")
+    return int(seed)
+
+
+def check_count(count, max_count: int | None = None) -> int:
+    if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+        raise UsageError(f"count: {count!r} is not allowed; must be an integer >= 1")
+    hi = max_count if max_count is not None else 2**31 - 1
+    if not 1 <= int(count) <= hi:
+        raise UsageError(f"count: {count} is not allowed; must be in [1, {hi}]")
+    return int(count)
+
+
+class Client:
+    """A connection to a Triton server speaking KServe v2 over gRPC.
+
+    Args:
+        url: host:port of the server's gRPC endpoint.
+        timeout: seconds per request before Timeout is raised (None: wait forever).
+        ssl: use TLS; `root_certificates`, `private_key`, `certificate_chain` are PEM file paths
+            (the last two for mutual TLS).
+    """
+
+    def __init__(self, url: str = "localhost:8001", timeout: float | None = 60.0, ssl: bool = False,
+                 root_certificates: str | None = None, private_key: str | None = None,
+                 certificate_chain: str | None = None):
+        import tritonclient.grpc as grpcclient
+
+        self._grpc = grpcclient
+        self.url, self.timeout = url, timeout
+        self._configs: dict[str, dict] = {}
+        self._client = grpcclient.InferenceServerClient(
+            url, ssl=ssl, root_certificates=root_certificates, private_key=private_key,
+            certificate_chain=certificate_chain,
+            channel_args=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+
+    # -- plumbing ------------------------------------------------------------------------------
+
+    def _call(self, fn, *args, model: str | None = None, **kwargs):
+        from tritonclient.utils import InferenceServerException
+
+        try:
+            return fn(*args, **kwargs)
+        except InferenceServerException as exc:
+            raise map_error(exc, model, self.url) from None
+
+    def config(self, model: str) -> dict:
+        """The model's config.pbtxt as a dict (cached per client)."""
+        if model not in self._configs:
+            resp = self._call(self._client.get_model_config, model, as_json=True, model=model)
+            self._configs[model] = resp["config"]
+        return self._configs[model]
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
+        """One inference request with named numpy inputs; returns the named outputs."""
+        from tritonclient.utils import np_to_triton_dtype
+
+        reqs = []
+        for name, array in inputs.items():
+            array = np.ascontiguousarray(array)
+            t = self._grpc.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            t.set_data_from_numpy(array)
+            reqs.append(t)
+        outs = [self._grpc.InferRequestedOutput(o) for o in outputs]
+        result = self._call(self._client.infer, model, reqs, outputs=outs,
+                            client_timeout=self.timeout, model=model)
+        return {o: result.as_numpy(o) for o in outputs}
+
+    # -- API -----------------------------------------------------------------------------------
+
+    def is_ready(self) -> bool:
+        try:
+            return bool(self._client.is_server_ready(client_timeout=self.timeout))
+        except Exception:
+            return False
+
+    def models(self) -> list[dict]:
+        """Every model in the server's repository: name, version, state."""
+        index = self._call(self._client.get_model_repository_index, as_json=True)
+        return [{"name": m.get("name"), "version": m.get("version", ""), "state": m.get("state", ""),
+                 "reason": m.get("reason", "")} for m in index.get("models", [])]
+
+    def max_count(self, model: str) -> int:
+        """The largest `count` a seeded generator accepts: its sampler's limit."""
+        cfg = self.config(model)
+        steps = cfg.get("ensemble_scheduling", {}).get("step", [])
+        for step in steps:
+            params = self.config(step["model_name"]).get("parameters", {})
+            if "max_count" in params:
+                return int(params["max_count"]["string_value"])
+        raise UsageError(f"model {model!r} is not a seeded generator (no sampler step); "
+                         f"call generate_from_latent on a '*_generator' model")
+
+    def generate(self, model: str, seed: int, count: int = 1) -> np.ndarray:
+        """`count` images for `seed` from a seeded generator: (count, H, W, 3) uint8.
+
+        Same model version, same seed: byte-identical images. Raises UsageError for a bad
+        seed or count before sending, ServerError subclasses for what the server says.
+        """
+        seed = check_seed(seed)
+        count = check_count(count, self.max_count(model))
+        out = self.infer(model, {"seed": np.array([seed], np.int64),
+                                 "count": np.array([count], np.int32)}, ["image"])
+        return out["image"]
+
+    def generate_from_latent(self, model: str, latent: np.ndarray) -> np.ndarray:
+        """Images for your own latents, (batch, z_dim) float32, from a '*_generator' model."""
+        latent = np.asarray(latent)
+        cfg = self.config(model)
+        inp = next((i for i in cfg.get("input", []) if i["name"] == "latent"), None)
+        if inp is None:
+            raise UsageError(f"model {model!r} takes no 'latent' input; use a '*_generator' model")
+        z_dim = int(inp["dims"][0])
+        max_batch = int(cfg.get("max_batch_size", 0))
+        if latent.dtype != np.float32:
+            raise UsageError(f"latent: dtype {latent.dtype} is not allowed; send float32")
+        if latent.ndim != 2 or latent.shape[1] != z_dim:
+            raise UsageError(f"latent: shape {list(latent.shape)} is not allowed; expected "
+                             f"[batch, {z_dim}]")
+        if not 1 <= latent.shape[0] <= max_batch:
+            raise UsageError(f"latent: batch {latent.shape[0]} is not allowed; must be in [1, {max_batch}]")
+        return self.infer(model, {"latent": latent}, ["image"])["image"]
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny trained DCGAN, its exported repository, and a real tritonserver
+serving it for the whole session (no mocks of Triton or gRPC)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "slow: takes more than a few seconds (real training or a server)")
+    config.addinivalue_line("markers", "gpu: needs an NVIDIA GPU; skipped without one")
+    config.addinivalue_line("markers", "tensorrt: needs TensorRT and a GPU; skipped without them")
+
+
+def has_gpu() -> bool:
+    return shutil.which("nvidia-smi") is not None and subprocess.run(
+        ["nvidia-smi", "-L"], capture_output=True).returncode == 0
+
+
+def pytest_collection_modifyitems(config, items):
+    if has_gpu():
+        return
+    skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine (nvidia-smi -L fails)")
+    for item in items:
+        if "gpu" in item.keywords or "tensorrt" in item.keywords:
+            item.add_marker(skip)
+
+
+TINY = dict(z_dim=16, ngf=8, ndf=8, resolution=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory) -> Path:
+    """A DCGAN trained for a few steps: enough to have non-trivial weights."""
+    from ganforge.training.gan import DCGANConfig
+    from ganforge.training.loop import TrainConfig, train_dcgan
+
+    out = tmp_path_factory.mktemp("runs") / "tiny"
+    cfg = TrainConfig(steps=6, batch_size=16, n_images=64, sample_every=3, log_every=2,
+                      threads=2, network=DCGANConfig(**TINY))
+    train_dcgan(cfg, out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_repo(tiny_run, tmp_path_factory) -> tuple[Path, dict]:
+    from ganforge.export.triton import export_generator
+
+    repo = tmp_path_factory.mktemp("repo") / "model_repository"
+    summary = export_generator(tiny_run, repo, name="tiny", max_batch_size=8, log=lambda m: None)
+    return repo, summary
+
+
+@pytest.fixture(scope="session")
+def server(tiny_repo):
+    """The real tritonserver from nvidia-pytriton serving the tiny repository."""
+    from ganforge.serving.server import LocalServer, ServerOptions, free_port
+
+    repo, _ = tiny_repo
+    opts = ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
+                         metrics_port=free_port(), exit_timeout_s=5)
+    srv = LocalServer(opts).start()
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture
+def client(server):
+    from ganforge.serving.client import Client
+
+    with Client(server.grpc_url, timeout=30) as c:
+        yield c
+
+
+def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+    """Run the installed `ganforge` command as a user would."""
+    exe = Path(sys.executable).parent / "ganforge"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "ganforge"]
+    return subprocess.run([*cmd, *args], capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"})

@@ -1,0 +1,55 @@
+"""`ganforge serve` failing fast and clearly: taken port, missing repository, a model that does
+not load, a changed model file."""
+
+import shutil
+import socket
+
+import pytest
+
+from ganforge.errors import RepositoryError, ServerStartError
+from ganforge.serving.server import LocalServer, ServerOptions, free_port
+from tests.conftest import run_cli
+
+pytestmark = pytest.mark.slow
+
+
+def test_serve_refuses_a_port_in_use(tiny_repo):
+    repo, _ = tiny_repo
+    with socket.socket() as s:
+        s.bind(("0.0.0.0", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("serve", "--model-repository", str(repo), "--grpc-port", str(port),
+                    "--http-port", str(free_port()), "--metrics-port", str(free_port()))
+    assert r.returncode == 1
+    assert r.stderr.strip() == (f"Error: --grpc-port: port {port} is already in use; stop what "
+                                f"listens there or choose another port")
+
+
+def test_serve_refuses_a_missing_repository(tmp_path):
+    r = run_cli("serve", "--model-repository", str(tmp_path / "nowhere"))
+    assert r.returncode == 1
+    assert r.stderr.strip() == f"Error: --model-repository: {tmp_path / 'nowhere'} is not a directory"
+
+
+def test_a_model_that_fails_to_load_stops_the_start_with_tritons_reason(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo[0], repo)
+    (repo / "tiny_generator/manifest.json").unlink()  # so the start reaches Triton itself
+    (repo / "tiny_generator/1/model.onnx").write_bytes(b"not an onnx model")
+    opts = ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
+                         metrics_port=free_port(), startup_timeout_s=120)
+    with pytest.raises(ServerStartError) as err:
+        LocalServer(opts).start()
+    msg = str(err.value)
+    assert "tritonserver exited with code" in msg and "tiny_generator" in msg
+
+
+def test_a_model_file_changed_after_export_is_refused_at_start(tiny_repo, tmp_path):
+    repo = tmp_path / "repo"
+    shutil.copytree(tiny_repo[0], repo)
+    (repo / "tiny_sampler/1/model.py").write_text("# edited\n")
+    opts = ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
+                         metrics_port=free_port())
+    with pytest.raises(RepositoryError, match="tiny_sampler/1/model.py: changed since export"):
+        LocalServer(opts).start()

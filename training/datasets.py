@@ -1,0 +1,149 @@
+"""Offline image data: procedural shapes, scikit-image's bundled photos, a user's folder.
+
+Everything here returns numpy arrays, uint8, NHWC, so the same data feeds torch training,
+ONNX parity checks and benchmarks alike. Nothing is downloaded: the shapes are drawn from a
+seed, the photos ship inside scikit-image, and a folder is whatever the user points at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from ganforge.errors import DataError
+from ganforge.images import IMAGE_SUFFIXES, read_image, to_rgb
+
+SHAPES = ("circle", "square", "triangle", "diamond")
+# Saturated colours far enough apart that a small classifier tells them apart at 8x8.
+COLOURS = {
+    "red": (220, 40, 40),
+    "green": (40, 190, 60),
+    "blue": (40, 80, 220),
+    "yellow": (235, 215, 40),
+    "magenta": (210, 50, 200),
+    "cyan": (40, 200, 210),
+}
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
+                  "immunohistochemistry", "retina", "colorwheel", "camera", "coins", "moon",
+                  "brick", "grass", "gravel")
+
+
+@dataclass(frozen=True)
+class Labelled:
+    """Images with the labels they were drawn from (procedural data only)."""
+
+    images: np.ndarray  # (N, H, W, 3) uint8
+    shape: np.ndarray   # (N,) int64, index into SHAPES
+    colour: np.ndarray  # (N,) int64, index into COLOURS
+
+
+def shapes(n: int, size: int = 64, seed: int = 0) -> Labelled:
+    """Draw `n` images of one coloured shape on a dim gradient background.
+
+    Same (n, size, seed), same bytes. Shape, colour, centre, scale and rotation are drawn per
+    image; the background is a soft two-colour gradient so the data is not trivially flat.
+    """
+    if n < 0:
+        raise DataError(f"shapes: n must be >= 0, got {n}")
+    if size < 8:
+        raise DataError(f"shapes: size must be >= 8, got {size}")
+    rng = np.random.default_rng(seed)
+    palette = np.array(list(COLOURS.values()), dtype=np.float32)
+    shape_idx = rng.integers(0, len(SHAPES), n)
+    colour_idx = rng.integers(0, len(COLOURS), n)
+    centre = rng.uniform(0.3, 0.7, (n, 2)) * size
+    radius = rng.uniform(0.15, 0.28, n) * size
+    angle = rng.uniform(0, 2 * np.pi, n)
+    bg_a = rng.uniform(0, 70, (n, 3))
+    bg_b = rng.uniform(0, 70, (n, 3))
+    bg_dir = rng.uniform(0, 2 * np.pi, n)
+
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) + 0.5
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        # background: linear gradient along a random direction, (H, W, 3)
+        t = (np.cos(bg_dir[i]) * xx + np.sin(bg_dir[i]) * yy) / size
+        t = (t - t.min()) / max(float(t.max() - t.min()), 1e-6)
+        img = bg_a[i] * (1 - t[..., None]) + bg_b[i] * t[..., None]
+        # shape coordinates relative to the centre, rotated
+        dx, dy = xx - centre[i, 0], yy - centre[i, 1]
+        c, s = np.cos(angle[i]), np.sin(angle[i])
+        u, v = c * dx + s * dy, -s * dx + c * dy
+        r = radius[i]
+        kind = SHAPES[shape_idx[i]]
+        if kind == "circle":
+            inside = u * u + v * v <= r * r
+        elif kind == "square":
+            inside = (np.abs(u) <= r * 0.85) & (np.abs(v) <= r * 0.85)
+        elif kind == "diamond":
+            inside = np.abs(u) + np.abs(v) <= r * 1.1
+        else:  # triangle: three half-planes of an equilateral triangle
+            inside = np.ones_like(u, dtype=bool)
+            for k in range(3):
+                a = angle[i] * 0 + k * 2 * np.pi / 3
+                inside &= (np.cos(a) * u + np.sin(a) * v) <= r * 0.55
+        img[inside] = palette[colour_idx[i]]
+        images[i] = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    return Labelled(images=images, shape=shape_idx.astype(np.int64),
+                    colour=colour_idx.astype(np.int64))
+
+
+def random_crops(photos: list[np.ndarray], n: int, size: int, seed: int,
+                 scale: tuple[float, float] = (0.25, 1.0)) -> np.ndarray:
+    """`n` random square crops, resized to `size`, from a list of RGB photos."""
+    from PIL import Image
+
+    if not photos:
+        raise DataError("random_crops: no photos to crop from")
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size, size, 3), dtype=np.uint8)
+    for i in range(n):
+        photo = photos[int(rng.integers(len(photos)))]
+        h, w = photo.shape[:2]
+        side = int(min(h, w) * rng.uniform(*scale))
+        side = max(min(side, h, w), min(size, h, w))
+        y0 = int(rng.integers(0, h - side + 1))
+        x0 = int(rng.integers(0, w - side + 1))
+        crop = photo[y0:y0 + side, x0:x0 + side]
+        if crop.shape[0] != size:
+            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+        if rng.random() < 0.5:
+            crop = crop[:, ::-1]
+        out[i] = crop
+    return out
+
+
+def skimage_photos(names: tuple[str, ...] | list[str] = SKIMAGE_PHOTOS) -> list[np.ndarray]:
+    """scikit-image's bundled photos as RGB arrays (no download: they ship in the wheel)."""
+    from skimage import data as skdata
+
+    photos = []
+    for name in names:
+        if name not in SKIMAGE_PHOTOS:
+            raise DataError(f"unknown scikit-image photo {name!r}; allowed: {', '.join(SKIMAGE_PHOTOS)}")
+        photos.append(to_rgb(getattr(skdata, name)(), f"skimage.data.{name}"))
+    return photos
+
+
+def folder_photos(folder: str | Path) -> list[np.ndarray]:
+    """Every readable image under `folder` (recursively), as RGB arrays."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"--data: {folder} is not a folder of images")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise DataError(f"--data: no images ({', '.join(IMAGE_SUFFIXES)}) under {folder}")
+    return [read_image(p) for p in files]
+
+
+def load_images(data: str, n: int, size: int = 64, seed: int = 0) -> np.ndarray:
+    """The training images for a `--data` value: 'shapes', 'photos', or a folder path."""
+    if data == "shapes":
+        return shapes(n, size, seed).images
+    if data == "photos":
+        return random_crops(skimage_photos(), n, size, seed)
+    if Path(data).is_dir():
+        return random_crops(folder_photos(data), n, size, seed)
+    raise DataError(f"--data: {data!r} is neither 'shapes', 'photos' nor an existing folder")

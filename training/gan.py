@@ -1,0 +1,178 @@
+"""DCGAN (Radford et al., 2016) for images, and the checkpoint format every ganforge network uses.
+
+A checkpoint is a plain dict saved with torch.save and read back with `weights_only=True`:
+no pickled code, only tensors and primitives. It carries the network's config dataclass, so
+export rebuilds the network from the file alone, without the training flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ganforge.errors import CheckpointError
+
+CHECKPOINT_FORMAT = "ganforge-checkpoint"
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class DCGANConfig:
+    z_dim: int = 64           # latent dimension of G's input
+    ngf: int = 32             # G filters in the last hidden block (doubles per block towards 4x4)
+    ndf: int = 32             # D filters in the first block (doubles per block towards 4x4)
+    resolution: int = 64      # output side in pixels, a power of two >= 8
+    channels: int = 3         # image channels
+    d_dropout: float = 0.0    # dropout after each D block (a remedy when D dominates)
+
+    def __post_init__(self):
+        if self.resolution < 8 or self.resolution & (self.resolution - 1):
+            raise ValueError(f"resolution must be a power of two >= 8, got {self.resolution}")
+        for name in ("z_dim", "ngf", "ndf", "channels"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.d_dropout < 1.0:
+            raise ValueError(f"d_dropout must be in [0, 1), got {self.d_dropout}")
+
+    @property
+    def n_blocks(self) -> int:
+        return int(math.log2(self.resolution)) - 2  # 4x4 -> resolution in doublings
+
+
+class Generator(nn.Module):
+    """z (B, z_dim) -> image (B, C, R, R) in [-1, 1]."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.ngf * 2 ** (cfg.n_blocks - 1)
+        layers: list[nn.Module] = [
+            nn.ConvTranspose2d(cfg.z_dim, ch, 4, 1, 0, bias=False),
+            nn.BatchNorm2d(ch),
+            nn.ReLU(True),
+        ]
+        # state size. (ngf * 2^(n_blocks-1)) x 4 x 4
+        for _ in range(cfg.n_blocks - 1):
+            layers += [nn.ConvTranspose2d(ch, ch // 2, 4, 2, 1, bias=False),
+                       nn.BatchNorm2d(ch // 2), nn.ReLU(True)]
+            ch //= 2
+            # state size. ch x (2x side) x (2x side)
+        # state size. ngf x R/2 x R/2
+        layers += [nn.ConvTranspose2d(ch, cfg.channels, 4, 2, 1, bias=False), nn.Tanh()]
+        # state size. C x R x R
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z.view(z.shape[0], self.cfg.z_dim, 1, 1))
+
+
+class Discriminator(nn.Module):
+    """image (B, C, R, R) in [-1, 1] -> logit (B,). D's probability is sigmoid(logit)."""
+
+    def __init__(self, cfg: DCGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        ch = cfg.ndf
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, ch, 4, 2, 1, bias=False),
+                                   nn.LeakyReLU(0.2, inplace=True)]
+        if cfg.d_dropout:
+            layers.append(nn.Dropout2d(cfg.d_dropout))
+        # state size. ndf x R/2 x R/2
+        for _ in range(cfg.n_blocks - 1):
+            layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2),
+                       nn.LeakyReLU(0.2, inplace=True)]
+            if cfg.d_dropout:
+                layers.append(nn.Dropout2d(cfg.d_dropout))
+            ch *= 2
+            # state size. ch x (side/2) x (side/2)
+        # state size. (ndf * 2^(n_blocks-1)) x 4 x 4
+        layers.append(nn.Conv2d(ch, 1, 4, 1, 0, bias=False))
+        self.main = nn.Sequential(*layers)
+
+    def set_dropout(self, p: float) -> None:
+        """Change D's dropout on the fly (the doctor's remedy); only where D was built with it."""
+        for m in self.modules():
+            if isinstance(m, nn.Dropout2d):
+                m.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).view(x.shape[0])
+
+
+def init_weights(m: nn.Module) -> None:
+    """DCGAN's init: conv weights N(0, 0.02), batch-norm scale N(1, 0.02), shift 0."""
+    if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+        nn.init.normal_(m.weight, 0.0, 0.02)
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.normal_(m.weight, 1.0, 0.02)
+        nn.init.zeros_(m.bias)
+
+
+# ---------------------------------------------------------------------------------------------
+# Checkpoints
+
+CONFIGS: dict[str, type] = {"dcgan": DCGANConfig}
+
+
+def save_checkpoint(path: str | Path, kind: str, config, networks: dict[str, nn.Module],
+                    **extra) -> Path:
+    """Write a checkpoint: kind, config dataclass (as a dict), state dicts, and extras (step,
+    data, training settings) that must be plain values."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT,
+        "version": CHECKPOINT_VERSION,
+        "kind": kind,
+        "config": dataclasses.asdict(config),
+        "state": {name: net.state_dict() for name, net in networks.items()},
+        **extra,
+    }
+    tmp = path.with_suffix(path.suffix + ".partial")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path
+
+
+def load_checkpoint(path: str | Path, kinds: tuple[str, ...] | None = None) -> dict:
+    """Read a ganforge checkpoint; raise CheckpointError naming the file and what is wrong."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint: {path} does not exist")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises many types for a non-checkpoint file
+        raise CheckpointError(f"checkpoint: {path} is not a ganforge checkpoint "
+                              f"(torch.load failed: {str(exc).splitlines()[0][:200]})") from exc
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"checkpoint: {path} is not a ganforge checkpoint "
+                              f"(no '{CHECKPOINT_FORMAT}' format marker)")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(f"checkpoint: {path} has format version {payload.get('version')!r}; "
+                              f"this ganforge reads version {CHECKPOINT_VERSION}")
+    if kinds is not None and payload.get("kind") not in kinds:
+        raise CheckpointError(f"checkpoint: {path} holds a {payload.get('kind')!r} model; "
+                              f"expected one of {', '.join(kinds)}")
+    payload["path"] = str(path)
+    return payload
+
+
+def config_from_checkpoint(payload: dict):
+    cls = CONFIGS[payload["kind"]]
+    return cls(**payload["config"])
+
+
+def build_dcgan(payload: dict) -> tuple[Generator, Discriminator]:
+    """Rebuild G and D from a checkpoint payload, weights loaded, in eval mode."""
+    cfg = config_from_checkpoint(payload)
+    G, D = Generator(cfg), Discriminator(cfg)
+    G.load_state_dict(payload["state"]["G"])
+    D.load_state_dict(payload["state"]["D"])
+    return G.eval(), D.eval()

@@ -1,0 +1,186 @@
+"""The GAN training loop: DCGAN on images, with sample grids, metrics and checkpoints.
+
+A run directory holds:
+    checkpoint.pt     the latest checkpoint (config dataclass + weights + step)
+    train.json        the settings the run was started with
+    metrics.jsonl     one JSON object per logged step
+    samples/          PNG grids of G's output for a fixed set of latents
+    samples.png       the last grid
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ganforge.errors import UsageError
+from ganforge.images import save_grid
+from ganforge.progress import Progress
+from ganforge.training import datasets
+from ganforge.training.gan import (DCGANConfig, Discriminator, Generator, init_weights,
+                                   save_checkpoint)
+
+
+@dataclass
+class TrainConfig:
+    data: str = "shapes"          # 'shapes', 'photos' or a folder of images
+    n_images: int = 8192          # size of the training pool drawn from `data`
+    steps: int = 1000             # optimizer steps of D and G each
+    batch_size: int = 64
+    lr_g: float = 2e-4            # Adam, DCGAN's settings
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    seed: int = 0
+    label_smoothing: float = 0.0  # real label = 1 - label_smoothing (Salimans et al., 2016)
+    instance_noise: float = 0.0   # std of Gaussian noise added to D's inputs (Sønderby et al., 2017)
+    sample_every: int = 100       # steps between sample grids
+    log_every: int = 10           # steps between metrics lines
+    checkpoint_every: int = 500   # steps between checkpoints (and always at the end)
+    threads: int = 0              # torch intra-op threads; 0 = all cores
+    network: DCGANConfig = field(default_factory=DCGANConfig)
+
+    def validate(self) -> None:
+        checks = {
+            "--steps": (self.steps, self.steps >= 1, ">= 1"),
+            "--batch-size": (self.batch_size, self.batch_size >= 2, ">= 2"),
+            "--n-images": (self.n_images, self.n_images >= self.batch_size, ">= --batch-size"),
+            "--lr-g": (self.lr_g, self.lr_g > 0, "> 0"),
+            "--lr-d": (self.lr_d, self.lr_d > 0, "> 0"),
+            "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+            "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
+        }
+        for name, (value, ok, allowed) in checks.items():
+            if not ok:
+                raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1]."""
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def to_uint8(x: torch.Tensor) -> np.ndarray:
+    """float NCHW in [-1, 1] -> uint8 NHWC, the same arithmetic as the exported graph."""
+    return ((x.detach() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+class GANTrainer:
+    """One D step and one G step per iteration, non-saturating G loss, logits throughout."""
+
+    def __init__(self, cfg: TrainConfig, out: Path):
+        cfg.validate()
+        self.cfg, self.out = cfg, Path(out)
+        torch.manual_seed(cfg.seed)
+        self.rng = np.random.default_rng(cfg.seed)
+        net = cfg.network
+        self.G, self.D = Generator(net), Discriminator(net)
+        self.G.apply(init_weights)
+        self.D.apply(init_weights)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
+        self.images = datasets.load_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
+        self.fixed_z = torch.from_numpy(
+            np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
+        self.step = 0
+        self.command = " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None
+
+    def real_batch(self) -> torch.Tensor:
+        idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
+        batch = self.images[idx]
+        flip = self.rng.random(len(idx)) < 0.5
+        batch[flip] = batch[flip, :, ::-1]
+        return to_tensor(batch)
+
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.cfg.instance_noise * torch.randn_like(x) if self.cfg.instance_noise else x
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        x = self.real_batch()
+        z = torch.randn(cfg.batch_size, cfg.network.z_dim)
+        fake = self.G(z)
+
+        # D: real -> 1 (smoothed), fake -> 0
+        self.opt_D.zero_grad(set_to_none=True)
+        logit_real = self.D(self._noisy(x))
+        logit_fake = self.D(self._noisy(fake.detach()))
+        real_target = torch.full_like(logit_real, 1.0 - cfg.label_smoothing)
+        loss_D = (F.binary_cross_entropy_with_logits(logit_real, real_target)
+                  + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+        loss_D.backward()
+        self.opt_D.step()
+
+        # G: non-saturating, maximise log D(G(z))
+        self.opt_G.zero_grad(set_to_none=True)
+        logit_gen = self.D(self._noisy(fake))
+        loss_G = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+        loss_G.backward()
+        self.opt_G.step()
+        self.step += 1
+        return {
+            "step": self.step,
+            "loss_D": float(loss_D.detach()),
+            "loss_G": float(loss_G.detach()),
+            "D_real": float(torch.sigmoid(logit_real.detach()).mean()),
+            "D_fake": float(torch.sigmoid(logit_fake.detach()).mean()),
+        }
+
+    @torch.no_grad()
+    def samples(self) -> np.ndarray:
+        self.G.eval()
+        try:
+            return to_uint8(self.G(self.fixed_z))
+        finally:
+            self.G.train()
+
+    def save(self) -> Path:
+        return save_checkpoint(
+            self.out / "checkpoint.pt", "dcgan", self.cfg.network, {"G": self.G, "D": self.D},
+            step=self.step, data=self.cfg.data, seed=self.cfg.seed, command=self.command,
+            train=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
+
+
+def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
+    """Train a DCGAN into run directory `out`; return a summary dict."""
+    out = Path(out)
+    cfg.validate()
+    try:
+        (out / "samples").mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError(f"--out: cannot create {out} ({exc.strerror})") from exc
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    (out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    trainer = GANTrainer(cfg, out)
+    bar = Progress(cfg.steps, "train dcgan", unit="step", enabled=progress)
+    t0 = time.perf_counter()
+    last: dict = {}
+    with open(out / "metrics.jsonl", "w") as metrics:
+        for _ in range(cfg.steps):
+            last = trainer.train_step()
+            s = trainer.step
+            if s % cfg.log_every == 0 or s == cfg.steps:
+                last["seconds"] = round(time.perf_counter() - t0, 3)
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            if s % cfg.sample_every == 0 or s == cfg.steps:
+                save_grid(trainer.samples(), out / "samples" / f"step_{s:06d}.png", nrow=8)
+            if s % cfg.checkpoint_every == 0 and s != cfg.steps:
+                trainer.save()
+            bar.update(1, status=f"loss_D {last['loss_D']:.3f} loss_G {last['loss_G']:.3f}")
+    bar.close()
+    ckpt = trainer.save()
+    grid_path = save_grid(trainer.samples(), out / "samples.png", nrow=8)
+    return {"checkpoint": str(ckpt), "samples": str(grid_path), "steps": trainer.step,
+            "seconds": round(time.perf_counter() - t0, 1), "loss_D": last.get("loss_D"),
+            "loss_G": last.get("loss_G")}
