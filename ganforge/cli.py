@@ -87,7 +87,9 @@ def cmd_serve(args) -> int:
     opts = ServerOptions(model_repository=Path(args.model_repository), grpc_port=args.grpc_port,
                          http_port=args.http_port, metrics_port=args.metrics_port,
                          exit_timeout_s=args.exit_timeout, startup_timeout_s=args.startup_timeout,
-                         log_verbose=args.log_verbose)
+                         log_verbose=args.log_verbose,
+                         restricted_key=_key_value(args.restricted_key, "--restricted-key"),
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     server = LocalServer(opts, stream=sys.stderr if args.verbose else None)
     stop = {"sig": None}
 
@@ -100,10 +102,10 @@ def cmd_serve(args) -> int:
     server.start()
     from ganforge.serving.client import Client
 
-    with Client(server.grpc_url) as c:
+    with Client(server.grpc_url, **server.client_kwargs()) as c:
         names = [m["name"] for m in c.models()]
     print(f"serving {len(names)} models from {opts.model_repository}: {', '.join(names)}")
-    print(f"  gRPC     {server.grpc_url}")
+    print(f"  gRPC     {server.grpc_url}" + (" (TLS" + (", client certificates required)" if opts.tls_ca else ")") if opts.tls_cert else ""))
     print(f"  HTTP     {server.http_url}")
     print(f"  metrics  {server.metrics_url}")
     print("Ctrl-C to stop", flush=True)
@@ -118,12 +120,25 @@ def cmd_serve(args) -> int:
     return 1
 
 
+def _key_value(text: str | None, flag: str) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    key, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or not key or not value:
+        raise UsageError(f"{flag}: {text!r} is not allowed; expected KEY=VALUE, e.g. x-ganforge-key=s3cret")
+    return key.lower(), value
+
+
 # -- client verbs -----------------------------------------------------------------------------
 
 def _client(args):
     from ganforge.serving.client import Client
 
-    return Client(args.url, timeout=args.timeout)
+    kv = _key_value(getattr(args, "key", None), "--key")
+    tls = bool(args.tls_ca or args.tls_cert)
+    return Client(args.url, timeout=args.timeout, ssl=tls, root_certificates=args.tls_ca,
+                  private_key=args.tls_key, certificate_chain=args.tls_cert,
+                  key=kv)
 
 
 def cmd_models(args) -> int:
@@ -231,11 +246,22 @@ def build_parser() -> Parser:
     s.add_argument("--startup-timeout", type=float, default=180.0)
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--verbose", action="store_true", help="echo Triton's log")
+    s.add_argument("--restricted-key", metavar="KEY=VALUE", default=None,
+                   help="require this header for the model-repository and shared-memory protocols")
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM): gRPC over TLS")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument("--tls-ca", type=Path, default=None,
+                   help="CA (PEM) that client certificates must chain to: mutual TLS")
     s.set_defaults(fn=cmd_serve)
 
     def client_args(q):
         q.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
         q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+        q.add_argument("--key", metavar="KEY=VALUE", default=None,
+                       help="header for a server started with --restricted-key")
+        q.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the server: TLS")
+        q.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+        q.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
 
     m = sub.add_parser("models", help="list the models a server serves")
     client_args(m)

@@ -85,6 +85,31 @@ def server_env() -> dict[str, str]:
     return env
 
 
+class _HttpHealth:
+    """Readiness through Triton's HTTP health endpoints (used when gRPC speaks TLS)."""
+
+    def __init__(self, url: str):
+        self.base = f"http://{url}"
+
+    def _ok(self, path: str) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def is_server_ready(self) -> bool:
+        return self._ok("/v2/health/ready")
+
+    def is_model_ready(self, name: str) -> bool:
+        return self._ok(f"/v2/models/{name}/ready")
+
+    def close(self) -> None:
+        pass
+
+
 def port_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,7 +135,34 @@ class ServerOptions:
     exit_timeout_s: int = 30          # drain in-flight requests this long on SIGTERM
     startup_timeout_s: float = 180.0  # model loading + warmup
     log_verbose: int = 0
+    # Security: a header `key: value` that clients must send to use the model-repository and
+    # shared-memory protocols (gRPC) / APIs (HTTP); None leaves them open on a local machine.
+    restricted_key: tuple[str, str] | None = None
+    # TLS on gRPC: PEM files. With tls_ca too, clients must present a certificate signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+
+    def security_args(self) -> list[str]:
+        args = []
+        if self.restricted_key is not None:
+            key, value = self.restricted_key
+            args += [f"--grpc-restricted-protocol=model-repository,shared-memory:{key}={value}",
+                     f"--http-restricted-api=model-repository,shared-memory:{key}={value}"]
+        if self.tls_cert or self.tls_key or self.tls_ca:
+            if not (self.tls_cert and self.tls_key):
+                raise UsageError("--tls-cert and --tls-key: both are needed to serve TLS "
+                                 f"(got cert={self.tls_cert}, key={self.tls_key})")
+            for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                               ("--tls-ca", self.tls_ca)):
+                if path is not None and not Path(path).is_file():
+                    raise UsageError(f"{flag}: {path} is not a file")
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.tls_cert).resolve()}",
+                     f"--grpc-server-key={Path(self.tls_key).resolve()}"]
+            if self.tls_ca:
+                args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(self.tls_ca).resolve()}"]
+        return args
 
 
 class LocalServer:
@@ -152,6 +204,7 @@ class LocalServer:
                 "--exit-on-error=true",
                 f"--exit-timeout-secs={o.exit_timeout_s}",
                 f"--log-verbose={o.log_verbose}",
+                *o.security_args(),
                 *o.extra_args]
 
     def preflight(self) -> dict:
@@ -191,11 +244,27 @@ class LocalServer:
         self._wait_ready(set(configs))
         return self
 
+    def client_kwargs(self) -> dict:
+        """What a Client needs to talk to this server (TLS files, the restricted-protocol header)."""
+        o = self.options
+        kw: dict = {}
+        if o.tls_cert:
+            kw["ssl"] = True
+            kw["root_certificates"] = str(o.tls_ca or o.tls_cert)
+        if o.restricted_key is not None:
+            kw["key"] = o.restricted_key
+        return kw
+
     def _wait_ready(self, models: set[str]) -> None:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + self.options.startup_timeout_s
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        o = self.options
+        if o.tls_cert:
+            # Readiness over plain HTTP: gRPC with mutual TLS would need a client certificate.
+            client = _HttpHealth(self.http_url)
+        else:
+            client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:

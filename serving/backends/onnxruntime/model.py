@@ -63,6 +63,8 @@ class TritonPythonModel:
                 expected = ", ".join(map(str, dims))
                 raise ValueError(f"input '{name}': shape {list(a.shape)} is not allowed; expected "
                                  + (f"[batch, {expected}]" if self.max_batch_size > 0 else f"[{expected}]"))
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"input '{name}': contains NaN or infinite values; send finite numbers")
             if self.max_batch_size <= 0:
                 batch = 0
             elif batch is None:
