@@ -283,7 +283,7 @@ def build_parser() -> Parser:
 
     d = sub.add_parser("demo", help="train, export, serve and generate, end to end")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--steps", type=int, default=600)
+    d.add_argument("--steps", type=int, default=1000)
     d.set_defaults(fn=cmd_demo)
     return p
 

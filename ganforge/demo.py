@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 
-def run_demo(out: Path, steps: int = 600) -> int:
+def run_demo(out: Path, steps: int = 1000) -> int:
     from ganforge.export.triton import export_generator
     from ganforge.images import save_grid
     from ganforge.serving.client import Client
