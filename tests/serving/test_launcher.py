@@ -53,3 +53,36 @@ def test_a_model_file_changed_after_export_is_refused_at_start(tiny_repo, tmp_pa
                          metrics_port=free_port())
     with pytest.raises(RepositoryError, match="tiny_sampler/1/model.py: changed since export"):
         LocalServer(opts).start()
+
+
+def test_cli_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tiny_repo):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo, _ = tiny_repo
+    g, h, m = free_port(), free_port(), free_port()
+    exe = Path(sys.executable).parent / "ganforge"
+    proc = subprocess.Popen([str(exe), "serve", "--model-repository", str(repo), "--grpc-port", str(g),
+                             "--http-port", str(h), "--metrics-port", str(m), "--exit-timeout", "5"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Ctrl-C to stop"):
+            break
+    assert lines == [f"serving 3 models from {repo}: tiny, tiny_generator, tiny_sampler",
+                     f"  gRPC     localhost:{g}", f"  HTTP     localhost:{h}",
+                     f"  metrics  http://localhost:{m}/metrics", "Ctrl-C to stop"]
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert out.strip() == "stopped (signal SIGINT); tritonserver exited with 0"
