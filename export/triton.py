@@ -23,6 +23,7 @@ from ganforge.export.onnx import UInt8Images, export_onnx, parity
 from ganforge.serving import repository as repo
 from ganforge.serving import sampler
 from ganforge.training.gan import build_dcgan, load_checkpoint
+from ganforge.training.loop import train_command
 from ganforge.serving.repository import sha256, tensor
 
 MAX_PARITY_DIFF = 1  # grey levels; the exported graph rounds exactly as torch does
@@ -126,7 +127,8 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "ganforge_version": ganforge.__version__,
         "torch_version": torch.__version__,
-        "train_command": payload.get("command"),
+        "train_command": (train_command(payload["kind"], payload["train"], Path(payload["path"]).parent)
+                          if "train" in payload else None),
         "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
         "source_commit": source_commit(),
     }
