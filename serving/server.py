@@ -285,6 +285,36 @@ class LocalServer:
         raise ServerStartError(f"tritonserver was not ready after {self.options.startup_timeout_s:.0f} s; "
                                f"last log lines:\n  " + "\n  ".join(list(self.log_tail)[-8:]))
 
+    def pending_requests(self) -> int | None:
+        """Requests accepted but not answered yet, over all models (Triton's
+        nv_inference_pending_request_count); None when the metrics endpoint does not answer."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("nv_inference_pending_request_count{")))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is pending (three quiet polls in a row) or `timeout` passes.
+
+        Triton's own SIGTERM handling stops every model's scheduler at once, which also refuses
+        the later steps of ensemble requests already in flight ("scheduler for model has stopped
+        accepting new inference requests"): draining first lets those finish.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            pending = self.pending_requests()
+            quiet = quiet + 1 if pending == 0 else 0
+            if quiet >= 3 or pending is None:
+                return pending == 0
+            time.sleep(0.05)
+        return False
+
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -293,11 +323,14 @@ class LocalServer:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests for exit_timeout_s), then SIGKILL."""
+    def stop(self, timeout: float | None = None, drain: bool = True) -> int | None:
+        """Drain pending requests, then SIGTERM (Triton finishes what is executing, up to
+        exit_timeout_s), then SIGKILL if it is still there."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            if drain:
+                self.drain(self.options.exit_timeout_s)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout if timeout is not None else self.options.exit_timeout_s + 10)
