@@ -85,6 +85,18 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM tritonserver when its launcher dies, so a
+    killed `ganforge serve` never leaves a server holding the ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
 class _HttpHealth:
     """Readiness through Triton's HTTP health endpoints (used when gRPC speaks TLS)."""
 
@@ -238,7 +250,7 @@ class LocalServer:
         backend_dir = build_backend_dir(Path(self._tmp.name))
         self.proc = subprocess.Popen(self.command(backend_dir), env=server_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._wait_ready(set(configs))

@@ -60,8 +60,12 @@ def test_sigterm_to_ganforge_serve_drains_in_flight_requests_before_exit():
     proc = subprocess.Popen([str(exe), "serve", "--model-repository", str(REPO), "--grpc-port", str(g),
                              "--http-port", str(h), "--metrics-port", str(m), "--exit-timeout", "30"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    while not proc.stdout.readline().startswith("Ctrl-C to stop"):
-        assert proc.poll() is None, proc.stderr.read()
+    try:
+        while not proc.stdout.readline().startswith("Ctrl-C to stop"):
+            assert proc.poll() is None, proc.stderr.read()
+    except BaseException:
+        proc.kill()
+        raise
     url = f"localhost:{g}"
     results, first_done = [], threading.Event()
     lock = threading.Lock()
