@@ -10,8 +10,8 @@ $GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-d
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
 
-$GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
-    --lr 0.001 --width 48 --depth 8 --seed 0 --out runs/denoiser_photos
+$GF train denoiser --data photos --steps 1200 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+    --lr 0.001 --width 32 --depth 8 --seed 0 --out runs/denoiser_photos
 $GF export runs/denoiser_photos --repository model_repository --name denoiser_photos --tile 128
 
 $GF train inpainter --data photos --steps 1200 --batch-size 16 --tile 64 --lambda-rec 0.999 \
