@@ -483,6 +483,7 @@ class JobOptions:
     timeout_s: float | None = 60.0  # per request
     dilate: int = 0                 # grow holes by this many pixels
     max_pixels: int | None = 64_000_000
+    memory_bytes: int = 1 << 30     # decoded pixels held between reading and writing
     resume: bool = False
     shard_index: int = 0
     num_shards: int = 1
@@ -636,6 +637,7 @@ class Job:
                    else f"server error after {self.opts.retries} retries")
             for p in batch:
                 self._fail(p.item, f"{why}: {exc}")
+            await self._release(batch)
             return
         records = await asyncio.gather(*[loop.run_in_executor(self._pool, finish, p, y[i])
                                          for i, p in enumerate(batch)], return_exceptions=True)
@@ -647,10 +649,28 @@ class Job:
             self._journal.flush()
             self.summary.done += 1
             self._tick()
+        await self._release(batch)
+
+    async def _reserve(self, p: Prepared) -> None:
+        """Hold a prepared item's decoded pixels against the memory budget (one item always
+        fits), so a folder of large photos does not fill the memory ahead of the server."""
+        n = p.image.nbytes + p.mask.nbytes
+        async with self._budget:
+            await self._budget.wait_for(lambda: self._in_memory == 0
+                                        or self._in_memory + n <= self.opts.memory_bytes)
+            self._in_memory += n
+
+    async def _release(self, batch: list[Prepared]) -> None:
+        async with self._budget:
+            self._in_memory -= sum(p.image.nbytes + p.mask.nbytes for p in batch)
+            self._budget.notify_all()
+        for p in batch:  # the pixels are written; drop them now, not when the batch is collected
+            p.image = p.mask = None
 
     async def _main(self, journal: dict[str, dict]) -> None:
         loop = asyncio.get_running_loop()
         self._wait_lock = asyncio.Lock()
+        self._budget, self._in_memory = asyncio.Condition(), 0
         while True:
             try:
                 await self.engine.open()
@@ -675,6 +695,7 @@ class Job:
                 elif isinstance(r, Failed):
                     self._fail(r.item, r.reason)
                 else:
+                    await self._reserve(r)
                     await ready.put(r)
             finally:
                 slots.release()

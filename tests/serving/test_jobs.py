@@ -320,3 +320,11 @@ def test_dilation_grows_holes_by_n_pixels():
     mask = np.zeros((20, 20), bool)
     mask[10, 10] = True
     assert jobs.dilate(mask, 2).sum() == 25 and jobs.dilate(mask, 0).sum() == 1
+
+
+def test_a_memory_budget_smaller_than_one_photo_still_finishes_the_job(server, tmp_path):
+    good, _ = make_folder(tmp_path / "in", 8)
+    items, bad = jobs.discover(tmp_path / "in", tmp_path / "out")
+    opts = jobs.JobOptions(url=server.grpc_url, model=MODEL, memory_bytes=1, progress=False)
+    s = jobs.run_job(items, tmp_path / "out", opts, failures=bad)
+    assert (s.done, s.failed, jobs.exit_code(s)) == (len(good), 0, 0)
