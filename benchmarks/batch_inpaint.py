@@ -83,7 +83,7 @@ def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ganforge bench batch-inpaint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=None, help="photos per round (default 400, quick 120)")
-    p.add_argument("--model", default=jobs.DEFAULT_MODEL)
+    p.add_argument("--model", default="fill_inpainter")
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rounds", type=int, default=None, help="rounds per side (default 5, quick 2)")

@@ -302,7 +302,8 @@ def build_parser() -> Parser:
     bi.add_argument("-o", "--output", required=True, help="output folder (mirrors relative paths, PNG)")
     bi.add_argument("--masks", default=None, help="folder of masks at the images' relative paths")
     bi.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
-    bi.add_argument("--model", default="fill_inpainter", help="served inpainting model")
+    bi.add_argument("--model", default=None,
+                    help="served inpainting model (default: the one served model taking image and mask)")
     bi.add_argument("--concurrency", type=_int_arg(1), default=4, help="requests in flight")
     bi.add_argument("--batch-size", type=_int_arg(1), default=None,
                     help="items per request (default: the model's max_batch_size)")

@@ -49,7 +49,7 @@ from ganforge.errors import (DataError, GanforgeError, InvalidArgument, ModelNot
                              ServerUnavailable, Timeout, UsageError)
 from ganforge.images import IMAGE_SUFFIXES, read_image
 
-DEFAULT_MODEL = "fill_inpainter"
+DEFAULT_MODEL = None  # the one served model with inputs `image` and `mask`
 MASK_SUFFIX = "_mask"
 EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 
@@ -389,6 +389,8 @@ class TritonEngine:
         import tritonclient.grpc.aio as aio
 
         self._client = aio.InferenceServerClient(self.url, channel_args=_channel_args())
+        if self.model is None:
+            self.model = await self._find_inpainter()
         cfg = (await self._call(self._client.get_model_config, self.model, as_json=True))["config"]
         image = next((i for i in cfg.get("input", []) if i["name"] == "image"), None)
         names = sorted(i["name"] for i in cfg.get("input", []))
@@ -400,6 +402,22 @@ class TritonEngine:
             raise UsageError(f"--model: {self.model!r} takes images of shape {dims}; a fixed "
                              f"square tile [T, T, 3] is needed")
         self.tile, self.max_batch = dims[0], max(int(cfg.get("max_batch_size", 0)), 1)
+
+    async def _find_inpainter(self) -> str:
+        """The one served model that takes `image` and `mask`: the default --model."""
+        index = await self._call(self._client.get_model_repository_index, as_json=True)
+        found = []
+        for m in index.get("models", []):
+            if m.get("state") != "READY":
+                continue
+            cfg = (await self._call(self._client.get_model_config, m["name"], as_json=True))["config"]
+            if sorted(i["name"] for i in cfg.get("input", [])) == ["image", "mask"]:
+                found.append(m["name"])
+        if len(found) != 1:
+            raise UsageError(f"--model: {'no' if not found else 'several'} inpainting models "
+                             f"(inputs image and mask) are served at {self.url}"
+                             + (f" ({', '.join(sorted(found))}); choose one" if found else ""))
+        return found[0]
 
     async def _call(self, fn, *args, **kwargs):
         from tritonclient.utils import InferenceServerException
@@ -450,7 +468,7 @@ class OnnxEngine:
         shape = self.session.get_inputs()[0].shape
         self.tile, self.max_batch = int(shape[1]), max_batch
         self.output = self.session.get_outputs()[0].name
-        self.url, self.model = "in-process", Path(onnx_path).name
+        self.url, self.model = "in-process", Path(onnx_path).parent.parent.name
         self._pool = ThreadPoolExecutor(1)
 
     async def open(self) -> None:
@@ -473,7 +491,7 @@ class OnnxEngine:
 @dataclass
 class JobOptions:
     url: str = "localhost:8001"
-    model: str = DEFAULT_MODEL
+    model: str | None = DEFAULT_MODEL
     concurrency: int = 4            # asynchronous requests in flight
     batch_size: int | None = None   # items per request (None: the model's max_batch_size)
     workers: int | None = None      # decode/encode threads (None: CPU count)
@@ -677,6 +695,7 @@ class Job:
                 break
             except ServerUnavailable:  # not up yet: wait (bounded) as for a restart
                 await self._wait_for_server(time.monotonic())
+        self.opts.model = self.summary.model = self.engine.model
         if not await self.engine.ready():
             await self._wait_for_server(time.monotonic())
         tile = self.engine.tile

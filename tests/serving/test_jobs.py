@@ -239,7 +239,7 @@ def test_shards_partition_the_items_exactly(server, folder, reference, tmp_path)
     for i in range(3):
         env_index = {"JOB_COMPLETION_INDEX": str(i)}
         r = subprocess.run([sys.executable, "-m", "ganforge", "batch-inpaint", str(root), "-o",
-                            str(out), "--url", server.grpc_url, "--model", MODEL,
+                            str(out), "--url", server.grpc_url,    # the default model
                             "--num-shards", "3", "-q"], capture_output=True, text=True,
                            env={**os.environ, **env_index}, timeout=120)
         assert r.returncode in (0, 3), r.stderr
@@ -248,7 +248,7 @@ def test_shards_partition_the_items_exactly(server, folder, reference, tmp_path)
                 (out / f"journal.shard-{i}-of-3.jsonl").read_text().splitlines()]
         keys += [json.loads(line)["key"] for line in
                  (out / f"failures.shard-{i}-of-3.jsonl").read_text().splitlines()]
-        assert len(keys) == s["total"]
+        assert len(keys) == s["total"] and s["model"] == MODEL
         seen += keys
     assert sorted(seen) == sorted(good + bad)          # none twice, none missing
     assert outputs(out) == outputs(ref_out)
@@ -328,3 +328,15 @@ def test_a_memory_budget_smaller_than_one_photo_still_finishes_the_job(server, t
     opts = jobs.JobOptions(url=server.grpc_url, model=MODEL, memory_bytes=1, progress=False)
     s = jobs.run_job(items, tmp_path / "out", opts, failures=bad)
     assert (s.done, s.failed, jobs.exit_code(s)) == (len(good), 0, 0)
+
+
+def test_timeouts_are_retried_then_recorded_as_failures(server, tmp_path):
+    make_folder(tmp_path / "in", 2)
+    r = run_cli("batch-inpaint", str(tmp_path / "in"), "-o", str(tmp_path / "out"), "--url",
+                server.grpc_url, "--timeout", "0.0001", "--retries", "1", "-q")
+    assert r.returncode == 3, r.stdout + r.stderr
+    failures = [json.loads(x) for x in (tmp_path / "out" / "failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 2
+    assert all("server error after 1 retries" in f["reason"] and "timed out" in f["reason"]
+               for f in failures)
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["retries"] >= 1
