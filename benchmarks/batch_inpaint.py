@@ -14,7 +14,8 @@ job's own decoding and encoding, the served side pays for both; the in-process s
 model on the same cores without gRPC.
 
 The model: `--model` from `--repository` (default: the committed model_repository/) when it is
-there, otherwise the untrained fill inpainter (export/fill_inpainter.py) at tile 64. The outputs
+there, otherwise the untrained fill inpainter (export/fill_inpainter.py) at tile 64, with
+`--convs N` random 3x3 convolutions for the compute of a small learned model. The outputs
 of the two sides are compared byte for byte too.
 
 JSON keys: `items`, `served_items_per_s` / `inprocess_items_per_s` (per round),
@@ -64,7 +65,7 @@ def make_items(dest: Path, n: int, seed: int = 0) -> None:
         Image.fromarray(mask).save(dest / f"{name}_mask.png")
 
 
-def model_repository(repository: Path, model: str, dest: Path) -> tuple[Path, Path]:
+def model_repository(repository: Path, model: str, dest: Path, convs: int = 0) -> tuple[Path, Path]:
     """A repository holding only `model` (copied from `repository`, or the fill inpainter
     exported there when `repository` has no such model); returns (repo, onnx path)."""
     src = repository / model
@@ -73,7 +74,7 @@ def model_repository(repository: Path, model: str, dest: Path) -> tuple[Path, Pa
         return dest, dest / model / "1" / "model.onnx"
     from ganforge.export.fill_inpainter import export_fill_inpainter
 
-    return dest, export_fill_inpainter(dest, model, tile=64, max_batch_size=32)
+    return dest, export_fill_inpainter(dest, model, tile=64, max_batch_size=32, convs=convs)
 
 
 def run(argv: list[str]) -> int:
@@ -87,6 +88,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rounds", type=int, default=None, help="rounds per side (default 5, quick 2)")
+    p.add_argument("--convs", type=int, default=0,
+                   help="fill inpainter only: add N 3x3 convolutions of 32 channels (seeded random "
+                        "weights), the compute of a small learned model")
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
@@ -98,7 +102,7 @@ def run(argv: list[str]) -> int:
         make_items(tmp / "photos", n)
         items, bad = jobs.discover(tmp / "photos", tmp / "out")
         assert not bad, bad
-        repo, onnx_path = model_repository(a.repository, a.model, tmp / "repo")
+        repo, onnx_path = model_repository(a.repository, a.model, tmp / "repo", a.convs)
         opts = ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
                              metrics_port=free_port(), exit_timeout_s=2)
         from ganforge.serving.repository import read_config
@@ -132,7 +136,7 @@ def run(argv: list[str]) -> int:
         # ratios is steadier than a ratio of medians on a shared machine.
         ratios = [sv / lc for sv, lc in zip(served, local)]
         ratio = statistics.median(ratios)
-    result = {"items": n, "rounds": rounds, "model": a.model, "tile": tile,
+    result = {"items": n, "rounds": rounds, "model": a.model, "tile": tile, "convs": a.convs,
               "served_items_per_s": served, "inprocess_items_per_s": local,
               "round_ratios": [round(x, 3) for x in ratios],
               "ratio": round(ratio, 3), "outputs_identical": identical,

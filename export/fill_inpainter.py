@@ -20,8 +20,14 @@ from pathlib import Path
 import numpy as np
 
 
-def build_onnx(tile: int, radius: int = 4):
-    """The ONNX ModelProto for tiles of `tile` x `tile` pixels."""
+def build_onnx(tile: int, radius: int = 4, convs: int = 0, width: int = 32, seed: int = 0):
+    """The ONNX ModelProto for tiles of `tile` x `tile` pixels.
+
+    `convs` > 0 adds a stack of that many 3x3 convolutions of `width` channels with seeded
+    random weights, whose tanh (times 4 grey levels) is added to the fill: the compute of a
+    small learned inpainter, for measuring throughput. With `convs` the answer is only as
+    batch-independent as ONNX Runtime's convolutions.
+    """
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -54,7 +60,7 @@ def build_onnx(tile: int, radius: int = 4):
         helper.make_node("Max", ["sum_k", "c1"], ["sum_k_safe"]),
         helper.make_node("Div", ["sum_xk", "sum_k_safe"], ["mean"]),
         helper.make_node("Greater", ["k_avg", "c0"], ["near_known"]),
-        helper.make_node("Where", ["near_known", "blur", "mean"], ["fill"]),
+        helper.make_node("Where", ["near_known", "blur", "mean"], ["fill0"]),
         helper.make_node("Where", ["hole_b", "fill", "x"], ["y"]),
         helper.make_node("Round", ["y"], ["y_r"]),
         helper.make_node("Clip", ["y_r", "c0", "c255"], ["y_c"]),
@@ -62,6 +68,29 @@ def build_onnx(tile: int, radius: int = 4):
         helper.make_node("Cast", ["y_nhwc"], ["inpainted"], to=TensorProto.UINT8),
     ]
     consts["eps_small"] = np.array(1e-12, np.float32)
+    if convs:
+        rng = np.random.default_rng(seed)
+        consts["inv255"], consts["c4"] = np.array(1 / 255, np.float32), np.array(4, np.float32)
+        conv_nodes = [helper.make_node("Mul", ["x", "inv255"], ["h0"])]
+        c_in = 3
+        for i in range(convs):
+            c_out = 3 if i == convs - 1 else width
+            consts[f"w{i}"] = (rng.standard_normal((c_out, c_in, 3, 3))
+                               * np.sqrt(2 / (9 * c_in))).astype(np.float32)
+            consts[f"b{i}"] = np.zeros(c_out, np.float32)
+            conv_nodes.append(helper.make_node("Conv", [f"h{i}", f"w{i}", f"b{i}"], [f"conv{i}"],
+                                               kernel_shape=[3, 3], pads=[1, 1, 1, 1]))
+            # (B, c_out, T, T)
+            conv_nodes.append(helper.make_node("Relu" if i < convs - 1 else "Tanh", [f"conv{i}"],
+                                               [f"h{i + 1}"]))
+            c_in = c_out
+        conv_nodes += [helper.make_node("Mul", [f"h{convs}", "c4"], ["texture"]),
+                       helper.make_node("Add", ["fill0", "texture"], ["fill"])]
+        at = next(i for i, n in enumerate(nodes) if n.output[0] == "fill0") + 1
+        nodes[at:at] = conv_nodes
+    else:
+        nodes.insert(next(i for i, n in enumerate(nodes) if n.output[0] == "fill0") + 1,
+                     helper.make_node("Identity", ["fill0"], ["fill"]))
     init = [numpy_helper.from_array(v, name) for name, v in consts.items()]
     graph = helper.make_graph(
         nodes, "fill_inpainter",
@@ -78,7 +107,7 @@ def build_onnx(tile: int, radius: int = 4):
 
 def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", tile: int = 64,
                           max_batch_size: int = 16, radius: int = 4,
-                          intra_op_threads: int = 0) -> Path:
+                          intra_op_threads: int = 0, convs: int = 0) -> Path:
     """Write the model directory NAME (ONNX: image, mask -> image) into `repository`.
 
     Returns the path of the ONNX file.
@@ -93,9 +122,9 @@ def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", 
     model_dir = repository / name
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     onnx_path = model_dir / "1" / "model.onnx"
-    onnx.save(build_onnx(tile, radius), onnx_path)
+    onnx.save(build_onnx(tile, radius, convs), onnx_path)
     repo.write_config(model_dir, repo.onnx_model_config(name, [img, msk], [img], max_batch_size,
                                                         intra_op_threads=intra_op_threads))
     repo.write_manifest(model_dir, {"model": name, "kind": "fill_inpainter (untrained, test model)",
-                                    "tile": tile, "radius": radius})
+                                    "tile": tile, "radius": radius, "convs": convs})
     return onnx_path
