@@ -209,7 +209,7 @@ def test_resume_after_an_interrupted_run_does_only_the_missing_items(server, tmp
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and not (journal.is_file() and len(journal.read_text().splitlines()) >= 5):
         time.sleep(0.05)
-    job.send_signal(signal.SIGINT)
+    job.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod; Ctrl-C takes the same path
     _, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
