@@ -40,6 +40,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -569,7 +570,7 @@ class Job:
 
     def __init__(self, items: list[Item], output_dir: str | Path, opts: JobOptions,
                  engine=None, failures: list[dict] | None = None, stream=None):
-        self.items, self.opts = items, opts
+        self.items, self.opts = items, dataclasses.replace(opts)  # the job fills in opts.model
         self.output_dir = Path(output_dir)
         self.engine = engine or TritonEngine(opts.url, opts.model, opts.timeout_s)
         self.pre_failures = failures or []
@@ -607,7 +608,7 @@ class Job:
             self.summary.server_waits += 1
             deadline = time.monotonic() + self.opts.wait_for_server_s
             if self._progress is not None:
-                self._progress.status = "waiting for the server"
+                self._progress.update(0, status=f"waiting for the server at {self.opts.url}")
             while time.monotonic() < deadline:
                 if await self.engine.ready():
                     self._healthy_at = time.monotonic()
