@@ -19,7 +19,8 @@ Files in OUTPUT_DIR (with `.shard-I-of-N` before the suffix when the job is shar
 `journal.jsonl` (one line per written output: sha256 of image, mask and output, model, tile,
 dilation), `failures.jsonl` (this run's failed items with the reason), `summary.json`.
 
-Resume: an item is skipped when its journal line exists, its output file's sha256 equals the
+Resume: an item is skipped when its journal line (in any `journal*.jsonl` of OUTPUT_DIR, so a
+job sharded differently resumes too) exists, its output file's sha256 equals the
 recorded one, and the image's and mask's sha256, the model, the tile size and the dilation are
 the same as now. Anything else is done again. Outputs are renamed into place before their
 journal line is written, so a crash between the two only costs redoing that item.
@@ -774,7 +775,10 @@ class Job:
         summary_path = job_file(self.output_dir, "summary.json", opts)
         s = self.summary
         s.journal_file, s.failures_file = str(journal_path), str(failures_path)
-        journal = read_journal(journal_path) if opts.resume else {}
+        journal = {}
+        if opts.resume:  # every journal in the folder: a job re-sharded differently resumes too
+            for path in sorted(self.output_dir.glob("journal*.jsonl")):
+                journal.update(read_journal(path))
         self._journal = open(journal_path, "a" if opts.resume else "w")
         self._failures = open(failures_path, "w")
         self._pool = ThreadPoolExecutor(opts.workers or os.cpu_count() or 2,

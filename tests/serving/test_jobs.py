@@ -253,6 +253,30 @@ def test_shards_partition_the_items_exactly(server, folder, reference, tmp_path)
     assert sorted(seen) == sorted(good + bad)          # none twice, none missing
     assert outputs(out) == outputs(ref_out)
 
+    # A re-run of shard 1 redoes only its own missing item; an unsharded resume skips them all.
+    mine = [json.loads(line)["key"] for line in (out / "journal.shard-1-of-3.jsonl").read_text().splitlines()]
+    (out / mine[0]).unlink()
+    r = run_cli("batch-inpaint", str(root), "-o", str(out), "--url", server.grpc_url, "--resume",
+                "--shard-index", "1", "--num-shards", "3", "-q")
+    s = json.loads((out / "summary.shard-1-of-3.json").read_text())
+    assert (s["done"], s["skipped"]) == (1, len(mine) - 1), r.stdout + r.stderr
+    r = run_cli("batch-inpaint", str(root), "-o", str(out), "--url", server.grpc_url, "--resume", "-q")
+    s = json.loads((out / "summary.json").read_text())
+    assert (s["done"], s["skipped"], s["failed"]) == (0, len(good), len(bad)), r.stdout + r.stderr
+
+
+def test_masks_can_live_in_a_separate_folder(server, tmp_path):
+    (tmp_path / "img" / "sub").mkdir(parents=True)
+    (tmp_path / "masks" / "sub").mkdir(parents=True)
+    Image.fromarray(photo(40, 60, 1)).save(tmp_path / "img" / "sub" / "a.jpg")
+    Image.fromarray(hole(40, 60, 1)).save(tmp_path / "masks" / "sub" / "a.png")       # same name
+    Image.fromarray(photo(50, 30, 2)).save(tmp_path / "img" / "b.png")
+    Image.fromarray(hole(50, 30, 2)).save(tmp_path / "masks" / "b_mask.png")          # _mask name
+    r = run_cli("batch-inpaint", str(tmp_path / "img"), "-o", str(tmp_path / "out"), "--masks",
+                str(tmp_path / "masks"), "--url", server.grpc_url, "-q")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert sorted(outputs(tmp_path / "out")) == ["b.png", "sub/a.png"]
+
 
 def test_shard_split_is_stable_and_balanced():
     keys = [f"dir{i % 7}/photo{i}.png" for i in range(3000)]
