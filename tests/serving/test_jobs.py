@@ -364,3 +364,16 @@ def test_timeouts_are_retried_then_recorded_as_failures(server, tmp_path):
     assert all("server error after 1 retries" in f["reason"] and "timed out" in f["reason"]
                for f in failures)
     assert json.loads((tmp_path / "out" / "summary.json").read_text())["retries"] >= 1
+
+
+def test_batch_inpaint_runs_without_torch(server, tmp_path):
+    make_folder(tmp_path / "in", 3)
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ganforge.cli import main\n"
+            f"rc = main(['batch-inpaint', r'{tmp_path / 'in'}', '-o', r'{tmp_path / 'out'}',"
+            f" '--url', '{server.grpc_url}', '-q'])\n"
+            "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert len(outputs(tmp_path / "out")) == 3
