@@ -764,8 +764,8 @@ class Job:
 
     def run(self) -> Summary:
         """Run the job; the summary is also written to summary.json. KeyboardInterrupt stops it
-        cleanly (outputs already renamed stay, nothing partial under a final name) and is
-        re-raised after the summary is written."""
+        cleanly (outputs already renamed stay, nothing partial under a final name) and returns
+        the summary with status "interrupted"."""
         from ganforge.progress import Progress
 
         opts = self.opts
@@ -786,19 +786,19 @@ class Job:
         self._progress = Progress(s.total, "batch-inpaint", unit="img", enabled=opts.progress,
                                   stream=self.stream)
         start = time.perf_counter()
-        interrupted = None
+        error = None  # raised after the summary is written: the model is not served, ...
         try:
             for entry in self.pre_failures:
                 self._record_failure(entry)
             if self.items:
                 asyncio.run(self._main(journal))
-        except KeyboardInterrupt as exc:
-            s.status, s.reason, interrupted = "interrupted", "interrupted (Ctrl-C)", exc
+        except KeyboardInterrupt:
+            s.status, s.reason = "interrupted", "interrupted (Ctrl-C or SIGTERM); rerun with --resume"
         except JobAborted as exc:
             s.status, s.reason = "aborted", str(exc)
         except GanforgeError as exc:
             s.status, s.reason = "aborted", str(exc)
-            interrupted = exc
+            error = exc
         finally:
             # Let writes in progress finish (each renames a complete file), start no new ones.
             self._pool.shutdown(wait=True, cancel_futures=True)
@@ -810,8 +810,8 @@ class Job:
             s.time_s = round(time.perf_counter() - start, 3)
             s.items_per_s = round(s.done / s.time_s, 3) if s.time_s > 0 else 0.0
             write_atomic(summary_path, (json.dumps(s.as_dict(), indent=2) + "\n").encode())
-        if interrupted is not None:
-            raise interrupted
+        if error is not None:
+            raise error
         return s
 
 

@@ -210,8 +210,9 @@ def test_resume_after_an_interrupted_run_does_only_the_missing_items(server, tmp
     while time.monotonic() < deadline and not (journal.is_file() and len(journal.read_text().splitlines()) >= 5):
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod; Ctrl-C takes the same path
-    _, stderr = job.communicate(timeout=60)
+    stdout, stderr = job.communicate(timeout=60)
     assert job.returncode == 130, stderr
+    assert stdout.splitlines()[-1] == "stopped: interrupted (Ctrl-C or SIGTERM); rerun with --resume"
     assert not [p for p in out.rglob("*") if ".partial-" in p.name]
     first = json.loads((out / "summary.json").read_text())
     assert first["status"] == "interrupted" and 0 < first["done"] < len(good)
