@@ -19,6 +19,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ganforge.errors import GanforgeError, UsageError
@@ -94,12 +95,13 @@ def cmd_serve(args) -> int:
     server = LocalServer(opts, stream=sys.stderr if args.verbose else None)
     stop = {"sig": None}
 
-    def forward(sig, _frame):
+    def on_signal(sig, _frame):  # the main thread drains and stops; a second signal forces it
+        if stop["sig"] is not None:
+            server.signal(signal.SIGKILL)
         stop["sig"] = sig
-        server.signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     server.start()
     from ganforge.serving.client import Client
 
@@ -110,15 +112,17 @@ def cmd_serve(args) -> int:
     print(f"  HTTP     {server.http_url}")
     print(f"  metrics  {server.metrics_url}")
     print("Ctrl-C to stop", flush=True)
-    code = server.wait()
-    server.stop()
-    if stop["sig"] is not None:
-        print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
-        return 0
-    print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
-    for line in server.errors()[-5:]:
-        print(f"  {line}", file=sys.stderr)
-    return 1
+    while server.proc.poll() is None and stop["sig"] is None:
+        time.sleep(0.1)
+    if stop["sig"] is None:
+        code = server.stop()
+        print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+        for line in server.errors()[-5:]:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    code = server.stop()  # drain pending requests, then Triton's own graceful exit
+    print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
+    return 0
 
 
 def _key_value(text: str | None, flag: str) -> tuple[str, str] | None:

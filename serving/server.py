@@ -85,6 +85,18 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM tritonserver when its launcher dies, so a
+    killed `ganforge serve` never leaves a server holding the ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
 class _HttpHealth:
     """Readiness through Triton's HTTP health endpoints (used when gRPC speaks TLS)."""
 
@@ -238,7 +250,7 @@ class LocalServer:
         backend_dir = build_backend_dir(Path(self._tmp.name))
         self.proc = subprocess.Popen(self.command(backend_dir), env=server_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._wait_ready(set(configs))
@@ -285,6 +297,36 @@ class LocalServer:
         raise ServerStartError(f"tritonserver was not ready after {self.options.startup_timeout_s:.0f} s; "
                                f"last log lines:\n  " + "\n  ".join(list(self.log_tail)[-8:]))
 
+    def pending_requests(self) -> int | None:
+        """Requests accepted but not answered yet, over all models (Triton's
+        nv_inference_pending_request_count); None when the metrics endpoint does not answer."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("nv_inference_pending_request_count{")))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is pending (three quiet polls in a row) or `timeout` passes.
+
+        Triton's own SIGTERM handling stops every model's scheduler at once, which also refuses
+        the later steps of ensemble requests already in flight ("scheduler for model has stopped
+        accepting new inference requests"): draining first lets those finish.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            pending = self.pending_requests()
+            quiet = quiet + 1 if pending == 0 else 0
+            if quiet >= 3 or pending is None:
+                return pending == 0
+            time.sleep(0.05)
+        return False
+
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -293,11 +335,14 @@ class LocalServer:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests for exit_timeout_s), then SIGKILL."""
+    def stop(self, timeout: float | None = None, drain: bool = True) -> int | None:
+        """Drain pending requests, then SIGTERM (Triton finishes what is executing, up to
+        exit_timeout_s), then SIGKILL if it is still there."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            if drain:
+                self.drain(self.options.exit_timeout_s)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout if timeout is not None else self.options.exit_timeout_s + 10)

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -53,14 +54,25 @@ def test_a_killed_server_is_reported_unavailable_not_a_hang():
     assert when - killed_at < 15
 
 
-def test_sigterm_drains_in_flight_requests_before_exit():
-    server = start(exit_timeout_s=30)
+def test_sigterm_to_ganforge_serve_drains_in_flight_requests_before_exit():
+    g, h, m = free_port(), free_port(), free_port()
+    exe = Path(sys.executable).parent / "ganforge"
+    proc = subprocess.Popen([str(exe), "serve", "--model-repository", str(REPO), "--grpc-port", str(g),
+                             "--http-port", str(h), "--metrics-port", str(m), "--exit-timeout", "30"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        while not proc.stdout.readline().startswith("Ctrl-C to stop"):
+            assert proc.poll() is None, proc.stderr.read()
+    except BaseException:
+        proc.kill()
+        raise
+    url = f"localhost:{g}"
     results, first_done = [], threading.Event()
     lock = threading.Lock()
     barrier = threading.Barrier(24)
 
     def one(seed):
-        with Client(server.grpc_url, timeout=60) as c:
+        with Client(url, timeout=60) as c:
             barrier.wait()
             try:
                 out = c.generate("dcgan_shapes", seed=seed, count=64)
@@ -76,18 +88,18 @@ def test_sigterm_drains_in_flight_requests_before_exit():
         t.start()
     assert first_done.wait(60)
     term_at = time.monotonic()
-    server.proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGTERM)
     for t in threads:
         t.join(90)
-    code = server.proc.wait(60)
-    server.stop()
+    out, err = proc.communicate(timeout=90)
     assert [r for r in results if r[0] != "ok"] == []
     assert all(r[2] == (64, 64, 64, 3) for r in results)
     # the drain is real: requests were still completing after SIGTERM was sent
     assert sum(r[1] > term_at for r in results) >= 1
-    assert code == 0
+    assert proc.returncode == 0, err
+    assert out.strip().endswith("stopped (signal SIGTERM); tritonserver exited with 0")
     # and the server is gone: new requests are refused as unavailable
-    with Client(server.grpc_url, timeout=5) as c:
+    with Client(url, timeout=5) as c:
         with pytest.raises(ServerUnavailable):
             c.generate("dcgan_shapes", seed=1, count=1)
 
