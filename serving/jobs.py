@@ -336,6 +336,8 @@ def prepare(item: Item, tile: int, opts: "JobOptions", previous: dict | None):
         return Failed(item, str(exc))
     except OSError as exc:
         return Failed(item, f"{item.image}: cannot read ({exc.strerror or exc})")
+    except Exception as exc:  # a decoder's own error (e.g. Pillow's decompression-bomb check)
+        return Failed(item, f"{item.image}: cannot be used ({type(exc).__name__}: {exc})")
 
 
 def write_atomic(path: Path, data: bytes) -> None:
