@@ -182,6 +182,45 @@ class Client:
             raise UsageError(f"latent: batch {latent.shape[0]} is not allowed; must be in [1, {max_batch}]")
         return self.infer(model, {"latent": latent}, ["image"])["image"]
 
+    def _image_model(self, model: str, inputs: set[str]) -> tuple[int, int, str]:
+        """(tile, max_batch_size, output name) of an image model taking exactly `inputs`."""
+        cfg = self.config(model)
+        names = {i["name"] for i in cfg.get("input", [])}
+        if names != inputs:
+            raise UsageError(f"model {model!r} takes inputs {sorted(names)}; this call needs a model "
+                             f"taking {sorted(inputs)}")
+        image = next(i for i in cfg["input"] if i["name"] == "image")
+        return int(image["dims"][0]), max(int(cfg.get("max_batch_size", 1)), 1), cfg["output"][0]["name"]
+
+    def denoise(self, model: str, image: np.ndarray, overlap: int | None = None,
+                margin: int | None = None) -> np.ndarray:
+        """Denoise an (H, W, 3) uint8 image of any size: tiles of the model's size, overlapping
+        and blended (serving/tiles.py), sent in batches of the model's max_batch_size.
+        Defaults: overlap min(32, tile/2), margin min(10, overlap/2 - 1) pixels."""
+        from ganforge.serving.tiles import run_tiled
+
+        tile, max_batch, out = self._image_model(model, {"image"})
+        overlap = overlap if overlap is not None else min(32, tile // 2)
+        margin = margin if margin is not None else min(10, overlap // 2 - 1)
+        return run_tiled(np.asarray(image), tile, lambda b: self.infer(model, {"image": b}, [out])[out],
+                         max_batch, overlap=overlap, margin=margin)
+
+    def inpaint(self, model: str, image: np.ndarray, mask: np.ndarray, dilate: int = 0) -> np.ndarray:
+        """Inpaint an (H, W, 3) uint8 image of any size where `mask` ((H, W), 255 = hole) says.
+
+        Windows around each hole are sent as tiles (serving/inpaint.py); pixels outside the
+        hole come back byte-identical. A mask without a hole returns the image unchanged.
+        """
+        from ganforge.masks import dilate as grow
+        from ganforge.masks import to_binary
+        from ganforge.serving.inpaint import inpaint_image
+
+        tile, max_batch, out = self._image_model(model, {"image", "mask"})
+        m = grow(to_binary(mask), dilate)
+        return inpaint_image(np.asarray(image), m, tile,
+                             lambda im, mk: self.infer(model, {"image": im, "mask": mk}, [out])[out],
+                             max_batch)
+
     def close(self) -> None:
         self._client.close()
 

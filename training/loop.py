@@ -64,16 +64,29 @@ class TrainConfig:
 
 
 def train_command(kind: str, train: dict, out: str | Path) -> str:
-    """The full `ganforge train` command line that reproduces a run: every flag explicit, so
-    later changes of defaults do not change what it means."""
+    """The full `ganforge train` command line that reproduces a run from its recorded settings:
+    every flag explicit, so later changes of defaults do not change what it means."""
     net = train["network"]
-    flags = [("--data", train["data"]), ("--steps", train["steps"]),
-             ("--batch-size", train["batch_size"]), ("--n-images", train["n_images"]),
-             ("--z-dim", net["z_dim"]), ("--ngf", net["ngf"]), ("--ndf", net["ndf"]),
-             ("--resolution", net["resolution"]), ("--lr-g", train["lr_g"]), ("--lr-d", train["lr_d"]),
-             ("--label-smoothing", train["label_smoothing"]),
-             ("--instance-noise", train["instance_noise"]), ("--d-dropout", net["d_dropout"]),
-             ("--sample-every", train["sample_every"]), ("--seed", train["seed"]), ("--out", str(out))]
+    if kind == "dcgan":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]),
+                 ("--batch-size", train["batch_size"]), ("--n-images", train["n_images"]),
+                 ("--z-dim", net["z_dim"]), ("--ngf", net["ngf"]), ("--ndf", net["ndf"]),
+                 ("--resolution", net["resolution"]), ("--lr-g", train["lr_g"]), ("--lr-d", train["lr_d"]),
+                 ("--label-smoothing", train["label_smoothing"]),
+                 ("--instance-noise", train["instance_noise"]), ("--d-dropout", net["d_dropout"]),
+                 ("--sample-every", train["sample_every"])]
+    elif kind == "denoiser":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--patch", train["patch"]), ("--sigma-min", train["sigma"][0]),
+                 ("--sigma-max", train["sigma"][1]), ("--lr", train["lr"]), ("--width", net["width"]),
+                 ("--depth", net["depth"])]
+    elif kind == "inpainter":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
+                 ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
+    else:
+        raise ValueError(f"no train command for kind {kind!r}")
+    flags += [("--seed", train["seed"]), ("--out", str(out))]
     return " ".join(["ganforge", "train", kind, *(f"{k} {v}" for k, v in flags)])
 
 
