@@ -6,14 +6,16 @@ inpainting model as fast as the server allows, resumable, and nothing lost when 
     >>> summary = run_job(items, "out/", JobOptions(url="localhost:8001", model="fill_inpainter"),
     ...                   failures=bad)
 
-The pipeline, per item:
+The pipeline: each item in flight has a thread (at most 2 x batch x concurrency of them) that
 
-    worker pool: read image + mask, sha256, validate, dilate, crop a window around the holes,
-                 resize it to the model's tile          ─┐
-    event loop:  pack ready tiles into batches, up to  ◄─┘  `concurrency` asynchronous gRPC
-                 requests in flight, retries / waiting for the server
-    worker pool: resize the answer back, paste it into the holes only, encode PNG, write it to
-                 a temporary name and rename it into place, record it in the journal
+    reads image + mask, sha256 both, validates, dilates,
+    runs serving.inpaint.inpaint_image (the path of Client.inpaint: windows around the holes,
+    resized to the model's tile, pasted back into the holes only) with a `run` that hands the
+    tiles to the event loop and waits,                                                    ─┐
+    encodes PNG, writes it to a temporary name and renames it into place.                  │
+    event loop: packs the tiles of many items into batches, keeps up to `concurrency`  ◄───┘
+    asynchronous gRPC requests in flight, retries, waits for a restarted server, records
+    each written output in the journal.
 
 Files in OUTPUT_DIR (with `.shard-I-of-N` before the suffix when the job is sharded):
 `journal.jsonl` (one line per written output: sha256 of image, mask and output, model, tile,
@@ -41,6 +43,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 import dataclasses
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -58,6 +61,14 @@ EXIT_OK, EXIT_RUNTIME, EXIT_USAGE, EXIT_SOME_FAILED, EXIT_INTERRUPTED = 0, 1, 2,
 
 class JobAborted(GanforgeError):
     """The job stopped before every item was tried (the server did not come back in time)."""
+
+
+class ItemFailed(Exception):
+    """One item's tiles could not be inpainted (a server error after retries, a refusal)."""
+
+
+class JobStopped(Exception):
+    """Raised in an item thread when the job is stopping (Ctrl-C, SIGTERM, aborted)."""
 
 
 # -- items --------------------------------------------------------------------------------------
@@ -200,80 +211,25 @@ def shard_defaults(index: int | None, num_shards: int | None, env=os.environ) ->
     return index, num_shards
 
 
-# -- masks and windows (numpy + Pillow) ---------------------------------------------------------
+# -- the per-item work, in the item threads -----------------------------------------------------
 
 def read_mask(path: Path) -> np.ndarray:
-    """A mask file as bool (H, W): True where the pixel is >= 128 (a hole)."""
+    """A mask file as (H, W) uint8, 255 = hole, by ganforge.masks.to_binary's rule (a grey value
+    of at least half of full scale; a transparent pixel is not a hole)."""
     from PIL import Image, UnidentifiedImageError
+
+    from ganforge.masks import to_binary
 
     try:
         with Image.open(path) as im:
-            return np.asarray(im.convert("L")) >= 128
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "L")
+            return to_binary(np.asarray(im), str(path))
     except FileNotFoundError as exc:
         raise DataError(f"{path}: no such mask file") from exc
     except (UnidentifiedImageError, OSError, ValueError) as exc:
         raise DataError(f"{path}: not a readable mask ({exc})") from exc
 
-
-def dilate(mask: np.ndarray, radius: int) -> np.ndarray:
-    """Grow the holes by `radius` pixels (a square structuring element)."""
-    if radius <= 0:
-        return mask
-    from PIL import Image, ImageFilter
-
-    im = Image.fromarray(mask.astype(np.uint8) * 255)
-    return np.asarray(im.filter(ImageFilter.MaxFilter(2 * radius + 1))) >= 128
-
-
-def hole_window(mask: np.ndarray, tile: int) -> tuple[int, int, int, int]:
-    """(y0, y1, x0, x1): a window around every hole, with as much context again as the holes'
-    extent, at least `tile` wide and high where the image allows."""
-    ys, xs = np.nonzero(mask)
-    H, W = mask.shape
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    side = max(tile, 2 * max(y1 - y0, x1 - x0))
-
-    def span(lo, hi, n):
-        s = min(side, n)
-        start = min(max((lo + hi - s) // 2, 0), n - s)
-        return int(start), int(start + s)
-
-    return (*span(y0, y1, H), *span(x0, x1, W))
-
-
-def _resize(a: np.ndarray, size: tuple[int, int], resample) -> np.ndarray:
-    from PIL import Image
-
-    if a.shape[:2] == size:
-        return a
-    return np.asarray(Image.fromarray(a).resize((size[1], size[0]), resample))
-
-
-def to_tile(image: np.ndarray, mask: np.ndarray, window, tile: int) -> tuple[np.ndarray, np.ndarray]:
-    """The window as the model's input: (tile, tile, 3) uint8 and (tile, tile, 1) uint8 255/0.
-    The mask is shrunk with a box filter, any hole coverage kept, so no hole pixel vanishes."""
-    from PIL import Image
-
-    y0, y1, x0, x1 = window
-    x = _resize(image[y0:y1, x0:x1], (tile, tile), Image.BILINEAR)
-    m = _resize(mask[y0:y1, x0:x1].astype(np.uint8) * 255, (tile, tile), Image.BOX)
-    return np.ascontiguousarray(x), np.where(m > 0, 255, 0).astype(np.uint8)[..., None]
-
-
-def paste_back(image: np.ndarray, mask: np.ndarray, window, answer: np.ndarray) -> np.ndarray:
-    """The image with the hole pixels taken from the model's answer; every other pixel is the
-    input's, byte for byte."""
-    from PIL import Image
-
-    y0, y1, x0, x1 = window
-    ans = _resize(answer, (y1 - y0, x1 - x0), Image.BILINEAR)
-    out = image.copy()
-    region, hole = out[y0:y1, x0:x1], mask[y0:y1, x0:x1]
-    region[hole] = ans[hole]
-    return out
-
-
-# -- the per-item work in the pool --------------------------------------------------------------
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
@@ -287,10 +243,7 @@ def _sha256_file(path: Path) -> str:
 class Prepared:
     item: Item
     image: np.ndarray       # (H, W, 3) uint8, the whole input
-    mask: np.ndarray        # (H, W) bool, after dilation
-    window: tuple
-    x: np.ndarray           # (tile, tile, 3) uint8
-    m: np.ndarray           # (tile, tile, 1) uint8
+    mask: np.ndarray        # (H, W) uint8 255 = hole, after dilation
     record: dict            # the journal line without the output's hash
 
 
@@ -310,7 +263,9 @@ def _settings(opts: "JobOptions", tile: int) -> dict:
 
 
 def prepare(item: Item, tile: int, opts: "JobOptions", previous: dict | None):
-    """Read, check and crop one item; Skipped when `previous` (its journal line) still holds."""
+    """Read and check one item; Skipped when `previous` (its journal line) still holds."""
+    from ganforge.masks import dilate
+
     try:
         if item.mask is None:
             raise DataError(f"{item.image}: no mask found (looked for {item.image.stem}{MASK_SUFFIX}.png)")
@@ -328,10 +283,10 @@ def prepare(item: Item, tile: int, opts: "JobOptions", previous: dict | None):
                             f"image is {image.shape[1]}x{image.shape[0]}")
         mask = dilate(mask, opts.dilate)
         if not mask.any():
-            raise DataError(f"{item.mask}: empty mask: no hole pixel (value >= 128)")
-        window = hole_window(mask, tile)
-        x, m = to_tile(image, mask, window, tile)
-        return Prepared(item, image, mask, window, x, m, record)
+            raise DataError(f"{item.mask}: empty mask: no hole pixel (grey value >= half scale)")
+        if mask.all():
+            raise DataError(f"{item.mask}: every pixel is a hole; there is nothing to inpaint from")
+        return Prepared(item, image, mask, record)
     except DataError as exc:
         return Failed(item, str(exc))
     except OSError as exc:
@@ -356,13 +311,12 @@ def write_atomic(path: Path, data: bytes) -> None:
             tmp.unlink()
 
 
-def finish(p: Prepared, answer: np.ndarray) -> dict:
-    """Paste the answer into the holes, write the PNG, return the journal line."""
+def finish(p: Prepared, result: np.ndarray) -> dict:
+    """Write the inpainted image as PNG; return the journal line."""
     from PIL import Image
 
-    out = paste_back(p.image, p.mask, p.window, answer)
     buf = io.BytesIO()
-    Image.fromarray(out).save(buf, format="PNG")
+    Image.fromarray(result).save(buf, format="PNG")
     data = buf.getvalue()
     write_atomic(p.item.output, data)
     return {**p.record, "output": str(p.item.output),
@@ -498,7 +452,7 @@ class JobOptions:
     model: str | None = DEFAULT_MODEL
     concurrency: int = 4            # asynchronous requests in flight
     batch_size: int | None = None   # items per request (None: the model's max_batch_size)
-    workers: int | None = None      # decode/encode threads (None: CPU count)
+    workers: int | None = None      # items in flight, one thread each (None: 2 x batch x concurrency)
     retries: int = 3                # per request, on timeouts and server errors
     backoff_s: float = 0.5          # first retry delay, doubled each time (at most 10 s)
     wait_for_server_s: float = 300.0  # how long an unavailable server is waited for
@@ -643,56 +597,95 @@ class Job:
                 self.summary.retries += 1
                 await asyncio.sleep(min(self.opts.backoff_s * 2 ** (attempt - 1), 10.0))
 
-    async def _send(self, batch: list[Prepared]) -> None:
-        loop = asyncio.get_running_loop()
-        x = np.stack([p.x for p in batch])       # (B, T, T, 3)
-        m = np.stack([p.m for p in batch])       # (B, T, T, 1)
+    # -- tiles: from the item threads to the server and back ----------------------------------
+
+    def _run_tiles(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+        """The `run` that serving.inpaint.inpaint_image calls from an item thread: hand the
+        tiles to the event loop's batcher and wait for their answer."""
+        fut = asyncio.run_coroutine_threadsafe(self._submit(x, m), self._loop)
+        while True:
+            try:
+                return fut.result(timeout=0.5)
+            except FutureTimeout:
+                if self._stopping.is_set():  # the loop is gone: never wait on it
+                    fut.cancel()
+                    raise JobStopped("the job is stopping") from None
+
+    async def _submit(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
+        answer = asyncio.get_running_loop().create_future()
+        await self._ready.put((x, m, answer))
+        return await answer
+
+    async def _send(self, batch: list[tuple]) -> None:
+        """One request for the tiles of several items; each item's future gets its answer."""
+        x = np.concatenate([b[0] for b in batch])      # (B, T, T, 3)
+        m = np.concatenate([b[1] for b in batch])      # (B, T, T, 1)
         self.summary.batches += 1
         try:
             y = await self._infer(x, m)
         except ServerError as exc:
             if len(batch) > 1 and isinstance(exc, InvalidArgument):
-                for p in batch:  # find the item the server refused; the others go through
-                    await self._send([p])
+                for b in batch:  # find the item the server refused; the others go through
+                    await self._send([b])
                 return
             why = ("the server refused it" if isinstance(exc, InvalidArgument)
                    else f"server error after {self.opts.retries} retries")
-            for p in batch:
-                self._fail(p.item, f"{why}: {exc}")
-            await self._release(batch)
+            for b in batch:
+                if not b[2].done():
+                    b[2].set_exception(ItemFailed(f"{why}: {exc}"))
             return
-        records = await asyncio.gather(*[loop.run_in_executor(self._pool, finish, p, y[i])
-                                         for i, p in enumerate(batch)], return_exceptions=True)
-        for p, r in zip(batch, records):
-            if isinstance(r, BaseException):
-                self._fail(p.item, f"cannot write {p.item.output}: {r}")
-                continue
-            self._journal.write(json.dumps(r) + "\n")
-            self._journal.flush()
-            self.summary.done += 1
-            self._tick()
-        await self._release(batch)
+        at = 0
+        for b in batch:
+            n = len(b[0])
+            if not b[2].done():
+                b[2].set_result(y[at:at + n])
+            at += n
 
-    async def _reserve(self, p: Prepared) -> None:
-        """Hold a prepared item's decoded pixels against the memory budget (one item always
-        fits), so a folder of large photos does not fill the memory ahead of the server."""
+    def _reserve(self, p: Prepared) -> None:
+        """Hold an item's decoded pixels against the memory budget (one item always fits), so
+        a folder of large photos does not fill the memory ahead of the server."""
         n = p.image.nbytes + p.mask.nbytes
-        async with self._budget:
-            await self._budget.wait_for(lambda: self._in_memory == 0
-                                        or self._in_memory + n <= self.opts.memory_bytes)
+        with self._budget:
+            self._budget.wait_for(lambda: self._in_memory == 0 or self._stopping.is_set()
+                                  or self._in_memory + n <= self.opts.memory_bytes)
             self._in_memory += n
+        return n
 
-    async def _release(self, batch: list[Prepared]) -> None:
-        async with self._budget:
-            self._in_memory -= sum(p.image.nbytes + p.mask.nbytes for p in batch)
+    def _release(self, n: int) -> None:
+        with self._budget:
+            self._in_memory -= n
             self._budget.notify_all()
-        for p in batch:  # the pixels are written; drop them now, not when the batch is collected
-            p.image = p.mask = None
+
+    def _process(self, item: Item, tile: int, max_batch: int, previous: dict | None):
+        """One item, start to end, in an item thread: read and check, inpaint through the
+        server (serving.inpaint.inpaint_image: windows around the holes, pasted back), write."""
+        from ganforge.serving.inpaint import inpaint_image
+
+        p = prepare(item, tile, self.opts, previous)
+        if not isinstance(p, Prepared):
+            return p
+        n = self._reserve(p)
+        try:
+            try:
+                result = inpaint_image(p.image, p.mask, tile, self._run_tiles, max_batch)
+            except ItemFailed as exc:
+                return Failed(item, str(exc))
+            except (JobStopped, asyncio.CancelledError):
+                raise
+            except Exception as exc:  # one item's bad luck never stops the job
+                return Failed(item, f"{item.image}: inpainting failed ({type(exc).__name__}: {exc})")
+            if self._stopping.is_set():
+                raise JobStopped("the job is stopping")
+            try:
+                return finish(p, result)
+            except OSError as exc:
+                return Failed(item, f"cannot write {item.output}: {exc.strerror or exc}")
+        finally:
+            self._release(n)
 
     async def _main(self, journal: dict[str, dict]) -> None:
-        loop = asyncio.get_running_loop()
+        self._loop = loop = asyncio.get_running_loop()
         self._wait_lock = asyncio.Lock()
-        self._budget, self._in_memory = asyncio.Condition(), 0
         while True:
             try:
                 await self.engine.open()
@@ -704,13 +697,16 @@ class Job:
             await self._wait_for_server(time.monotonic())
         tile = self.engine.tile
         batch_size = min(self.opts.batch_size or self.engine.max_batch, self.engine.max_batch)
-        ready: asyncio.Queue = asyncio.Queue(maxsize=max(2 * batch_size * self.opts.concurrency, 8))
-        slots = asyncio.Semaphore(ready.maxsize)
-        prepping: set[asyncio.Task] = set()
+        in_flight = self.opts.workers or max(2 * batch_size * self.opts.concurrency, 8)
+        self._items_pool = ThreadPoolExecutor(in_flight, thread_name_prefix="batch-inpaint")
+        self._ready = asyncio.Queue()
+        slots = asyncio.Semaphore(in_flight)
+        doing: set[asyncio.Task] = set()
 
-        async def prep(item: Item) -> None:
+        async def one(item: Item) -> None:
             try:
-                r = await loop.run_in_executor(self._pool, prepare, item, tile, self.opts,
+                r = await loop.run_in_executor(self._items_pool, self._process, item, tile,
+                                               batch_size,
                                                journal.get(item.key) if self.opts.resume else None)
                 if isinstance(r, Skipped):
                     self.summary.skipped += 1
@@ -718,37 +714,43 @@ class Job:
                 elif isinstance(r, Failed):
                     self._fail(r.item, r.reason)
                 else:
-                    await self._reserve(r)
-                    await ready.put(r)
+                    self._journal.write(json.dumps(r) + "\n")
+                    self._journal.flush()
+                    self.summary.done += 1
+                    self._tick()
             finally:
                 slots.release()
 
         async def feed() -> None:
             for item in self.items:
                 await slots.acquire()
-                t = asyncio.create_task(prep(item))
-                prepping.add(t)
-                t.add_done_callback(prepping.discard)
-            while prepping:
-                await asyncio.gather(*list(prepping))
+                t = asyncio.create_task(one(item))
+                doing.add(t)
+                t.add_done_callback(doing.discard)
+            while doing:
+                await asyncio.gather(*list(doing))
             for _ in range(self.opts.concurrency):
-                await ready.put(None)
+                await self._ready.put(None)
 
         async def sender() -> None:
             while True:
-                first = await ready.get()
+                first = await self._ready.get()
                 if first is None:
                     return
-                batch = [first]
-                while len(batch) < batch_size:
+                batch, tiles = [first], len(first[0])
+                while tiles < batch_size:
                     try:
-                        nxt = ready.get_nowait()
+                        nxt = self._ready.get_nowait()
                     except asyncio.QueueEmpty:
                         break
                     if nxt is None:
-                        await ready.put(None)  # keep the stop signal for another sender
+                        await self._ready.put(None)  # keep the stop signal for another sender
                         break
+                    if tiles + len(nxt[0]) > batch_size:
+                        await self._send(batch)
+                        batch, tiles = [], 0
                     batch.append(nxt)
+                    tiles += len(nxt[0])
                 await self._send(batch)
 
         try:
@@ -757,9 +759,10 @@ class Job:
             try:
                 await asyncio.gather(*tasks)
             except BaseException:
-                for t in [*tasks, *prepping]:
+                self._stopping.set()
+                for t in [*tasks, *doing]:
                     t.cancel()
-                await asyncio.gather(*tasks, *prepping, return_exceptions=True)
+                await asyncio.gather(*tasks, *doing, return_exceptions=True)
                 raise
         finally:
             await self.engine.close()
@@ -783,8 +786,9 @@ class Job:
                 journal.update(read_journal(path))
         self._journal = open(journal_path, "a" if opts.resume else "w")
         self._failures = open(failures_path, "w")
-        self._pool = ThreadPoolExecutor(opts.workers or os.cpu_count() or 2,
-                                        thread_name_prefix="batch-inpaint")
+        self._items_pool = None
+        self._stopping = threading.Event()
+        self._budget, self._in_memory = threading.Condition(), 0
         self._progress = Progress(s.total, "batch-inpaint", unit="img", enabled=opts.progress,
                                   stream=self.stream)
         start = time.perf_counter()
@@ -803,7 +807,11 @@ class Job:
             error = exc
         finally:
             # Let writes in progress finish (each renames a complete file), start no new ones.
-            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._stopping.set()
+            with self._budget:
+                self._budget.notify_all()
+            if self._items_pool is not None:
+                self._items_pool.shutdown(wait=True, cancel_futures=True)
             self._progress.close()
             for f in (self._journal, self._failures):
                 f.flush()

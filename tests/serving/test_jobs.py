@@ -155,7 +155,7 @@ def test_pixels_outside_the_holes_are_byte_identical_and_the_holes_are_filled(fo
                    if not p.stem.endswith("_mask"))
         from ganforge.images import read_image
         image = read_image(src)
-        mask = jobs.read_mask((root / key).parent / f"{Path(key).stem}_mask.png")
+        mask = jobs.read_mask((root / key).parent / f"{Path(key).stem}_mask.png") > 0
         result = np.asarray(Image.open(out / key))
         assert result.shape == image.shape
         assert np.array_equal(result[~mask], image[~mask]), key
@@ -321,30 +321,20 @@ def test_usage_errors_exit_2_and_an_absent_server_exits_1(tmp_path):
     assert "unavailable for more than 1 s" in r.stdout + r.stderr
 
 
-def test_a_large_photo_is_cropped_around_its_holes_and_pasted_back_outside_them_untouched():
-    image = photo(2000, 3000, 7)
-    mask = np.zeros((2000, 3000), bool)
-    mask[1500:1540, 100:180] = True                 # a small hole near a corner
-    mask[1510:1512, 900:902] = True                 # and a tiny one further right
-    window = jobs.hole_window(mask, 64)
-    y0, y1, x0, x1 = window
-    assert y0 <= 1500 and y1 >= 1540 and x0 <= 100 and x1 >= 902
-    assert (y1 - y0, x1 - x0) == (2 * 802, 2 * 802) and 0 <= y0 and y1 <= 2000 and x0 >= 0
-    x, m = jobs.to_tile(image, mask, window, 64)
-    assert x.shape == (64, 64, 3) and m.shape == (64, 64, 1)
-    # the 2x2 hole survives the shrink to the tile (any coverage counts)
-    ty, tx = int((1510 - y0) * 64 / (y1 - y0)), int((900 - x0) * 64 / (x1 - x0))
-    assert m[ty, tx, 0] == 255
-    answer = np.full((64, 64, 3), 7, np.uint8)
-    out = jobs.paste_back(image, mask, window, answer)
-    assert np.array_equal(out[~mask], image[~mask])
-    assert (out[mask] == 7).all()
+def test_each_output_is_what_client_inpaint_gives_for_that_photo(server, folder, reference):
+    """The job runs the client's own crop-around-the-holes path, batched across items."""
+    from ganforge.images import read_image
+    from ganforge.serving.client import Client
 
-
-def test_dilation_grows_holes_by_n_pixels():
-    mask = np.zeros((20, 20), bool)
-    mask[10, 10] = True
-    assert jobs.dilate(mask, 2).sum() == 25 and jobs.dilate(mask, 0).sum() == 1
+    root, good, _ = folder
+    out, _ = reference
+    with Client(server.grpc_url, timeout=30) as c:
+        for key in good[:8]:                      # every size and format of the folder
+            folder_ = (root / key).parent
+            src = next(p for p in folder_.glob(Path(key).stem + ".*") if not p.stem.endswith("_mask"))
+            mask = np.asarray(Image.open(folder_ / f"{Path(key).stem}_mask.png"))
+            expected = c.inpaint(MODEL, read_image(src), mask)
+            assert np.array_equal(np.asarray(Image.open(out / key)), expected), key
 
 
 def test_a_memory_budget_smaller_than_one_photo_still_finishes_the_job(server, tmp_path):
