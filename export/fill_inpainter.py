@@ -1,7 +1,8 @@
 """A classical, untrained inpainter as an ONNX graph with the served inpainting contract: a
 test model and the stand-in for the trained inpainter where none is in the repository.
 
-    image UINT8 [batch, T, T, 3] + mask UINT8 [batch, T, T, 1] (>= 128 = hole) -> image UINT8
+    image UINT8 [batch, T, T, 3] + mask UINT8 [batch, T, T, 1] (>= 128 = hole)
+        -> inpainted UINT8 [batch, T, T, 3]
 
 Each hole pixel gets the normalized-convolution blur of the known pixels around it
 (`box(x * known) / box(known)` over a `radius` window), or the mean of the image's known pixels
@@ -9,8 +10,9 @@ where no known pixel is that close; every other pixel is passed through. All sum
 integers in float32 (exact below 2**24), so the answer does not depend on how requests were
 batched: the same item gives the same bytes in any batch.
 
-The ONNX graph's output is named `inpainted` (ONNX forbids reusing the input's name); the
-config names it `image`, and the `onnxruntime` backend matches it by position.
+The output is named `inpainted`, as export/image.py names the trained inpainter's: ONNX forbids
+a graph output named like an input, and Triton's native onnxruntime backend looks outputs up by
+their graph names.
 """
 
 from __future__ import annotations
@@ -108,7 +110,7 @@ def build_onnx(tile: int, radius: int = 4, convs: int = 0, width: int = 32, seed
 def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", tile: int = 64,
                           max_batch_size: int = 16, radius: int = 4,
                           intra_op_threads: int = 0, convs: int = 0) -> Path:
-    """Write the model directory NAME (ONNX: image, mask -> image) into `repository`.
+    """Write the model directory NAME (ONNX: image, mask -> inpainted) into `repository`.
 
     Returns the path of the ONNX file.
     """
@@ -123,7 +125,8 @@ def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", 
     (model_dir / "1").mkdir(parents=True, exist_ok=True)
     onnx_path = model_dir / "1" / "model.onnx"
     onnx.save(build_onnx(tile, radius, convs), onnx_path)
-    repo.write_config(model_dir, repo.onnx_model_config(name, [img, msk], [img], max_batch_size,
+    out = repo.tensor("inpainted", "UINT8", [tile, tile, 3])
+    repo.write_config(model_dir, repo.onnx_model_config(name, [img, msk], [out], max_batch_size,
                                                         intra_op_threads=intra_op_threads))
     repo.write_manifest(model_dir, {"model": name, "kind": "fill_inpainter (untrained, test model)",
                                     "tile": tile, "radius": radius, "convs": convs})

@@ -426,7 +426,8 @@ def build_parser() -> Parser:
     bi.add_argument("--concurrency", type=_int_arg(1), default=4, help="requests in flight")
     bi.add_argument("--batch-size", type=_int_arg(1), default=None,
                     help="items per request (default: the model's max_batch_size)")
-    bi.add_argument("--workers", type=_int_arg(1), default=None, help="decode/encode threads")
+    bi.add_argument("--workers", type=_int_arg(1), default=None,
+                    help="items in flight, one thread each (default: 2 x batch x concurrency)")
     bi.add_argument("--resume", action="store_true",
                     help="skip items whose output is complete and verified against the journal")
     bi.add_argument("--shard-index", type=_int_arg(0), default=None,

@@ -360,6 +360,7 @@ class TritonEngine:
             raise UsageError(f"--model: {self.model!r} takes images of shape {dims}; a fixed "
                              f"square tile [T, T, 3] is needed")
         self.tile, self.max_batch = dims[0], max(int(cfg.get("max_batch_size", 0)), 1)
+        self.output = cfg["output"][0]["name"]  # `inpainted` for ganforge's inpainters
 
     async def _find_inpainter(self) -> str:
         """The one served model that takes `image` and `mask`: the default --model."""
@@ -396,9 +397,9 @@ class TritonEngine:
             t.set_data_from_numpy(a)
             inputs.append(t)
         result = await self._call(self._client.infer, self.model, inputs,
-                                  outputs=[aio.InferRequestedOutput("image")],
+                                  outputs=[aio.InferRequestedOutput(self.output)],
                                   client_timeout=self.timeout_s)
-        return result.as_numpy("image")
+        return result.as_numpy(self.output)
 
     async def ready(self) -> bool:
         try:

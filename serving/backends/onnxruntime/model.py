@@ -50,11 +50,6 @@ class TritonPythonModel:
         self.inputs = [(i["name"], NP_DTYPES[i["data_type"]], [int(d) for d in i["dims"]])
                        for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
-        # ONNX forbids an output named like an input (an inpainter's `image` -> `image`): when
-        # the config's output names are not the graph's, the graph's outputs are taken in order.
-        graph_outputs = [o.name for o in self.session.get_outputs()]
-        self.run_outputs = (self.outputs if set(self.outputs) <= set(graph_outputs)
-                            else graph_outputs[:len(self.outputs)])
 
     def _check(self, request):
         """The request's inputs as arrays, or raise ValueError naming the problem. Triton has
@@ -103,7 +98,7 @@ class TritonPythonModel:
                            else np.concatenate([a[name] for a in arrays], axis=0))
                     for name, _, _ in self.inputs}
             try:
-                results = self.session.run(self.run_outputs, feed)
+                results = self.session.run(self.outputs, feed)
             except Exception as exc:  # a model failure fails these requests, not the server
                 for i in good:
                     responses[i] = pb_utils.InferenceResponse(
