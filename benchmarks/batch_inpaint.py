@@ -13,8 +13,8 @@ reported is the median of the rounds' ratios. Where the server shares the CPU co
 job's own decoding and encoding, the served side pays for both; the in-process side runs the
 model on the same cores without gRPC.
 
-The model: `--model` from `--repository` (default: the committed model_repository/) when it is
-there, otherwise the untrained fill inpainter (export/fill_inpainter.py) at tile 64, with
+The model: `--model` (default: the trained `inpainter_photos` when it is there) from
+`--repository` (default: the committed model_repository/) when it is there, otherwise the untrained fill inpainter (export/fill_inpainter.py) at tile 64, with
 `--convs N` random 3x3 convolutions for the compute of a small learned model. The outputs
 of the two sides are compared byte for byte too.
 
@@ -84,7 +84,8 @@ def run(argv: list[str]) -> int:
     p = argparse.ArgumentParser(prog="ganforge bench batch-inpaint", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=None, help="photos per round (default 400, quick 120)")
-    p.add_argument("--model", default="fill_inpainter")
+    p.add_argument("--model", default=None,
+                   help="default: inpainter_photos when --repository has it, else fill_inpainter")
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rounds", type=int, default=None, help="rounds per side (default 5, quick 2)")
@@ -95,6 +96,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--quick", action="store_true")
     a = p.parse_args(argv)
     n = a.items or (120 if a.quick else 400)
+    if a.model is None:
+        a.model = ("inpainter_photos" if (a.repository / "inpainter_photos" / "1" / "model.onnx").is_file()
+                   else "fill_inpainter")
     rounds = a.rounds or (2 if a.quick else 5)
 
     with tempfile.TemporaryDirectory(prefix="ganforge-bench-jobs-") as tmp:
