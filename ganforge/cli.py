@@ -5,6 +5,7 @@
     ganforge serve --model-repository model_repository/
     ganforge models [--url HOST:PORT]
     ganforge generate --model NAME --seed 42 --count 16 --out DIR
+    ganforge batch-inpaint INPUT -o OUTPUT_DIR [--resume] [--shard-index I --num-shards N]
     ganforge demo
 
 Verbs that only talk to a server import no torch. Errors print one `Error: …` line; exit code
@@ -205,6 +206,26 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch_inpaint(args) -> int:
+    """`ganforge batch-inpaint INPUT -o OUT`: exit 0 all done, 3 some items failed, 1 stopped."""
+    from ganforge.serving import jobs
+
+    index, num_shards = jobs.shard_defaults(args.shard_index, args.num_shards)
+    out = _writable_dir(args.output, "-o/--output")
+    items, bad = jobs.discover(args.input, out, masks=args.masks)
+    opts = jobs.JobOptions(url=args.url, model=args.model, concurrency=args.concurrency,
+                           batch_size=args.batch_size, workers=args.workers, retries=args.retries,
+                           wait_for_server_s=args.wait_for_server, timeout_s=args.timeout,
+                           dilate=args.dilate, resume=args.resume, shard_index=index,
+                           num_shards=num_shards, progress=not args.quiet)
+    # SIGTERM (a Kubernetes pod being stopped) stops the job as Ctrl-C does: cleanly.
+    signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
+    summary = jobs.run_job(items, out, opts, failures=bad)
+    for line in jobs.summary_lines(summary):
+        print(line)
+    return jobs.exit_code(summary)
+
+
 MAX_PIXELS = 50_000_000  # per image read by denoise / inpaint (a 8000x6000 photo is 48 M)
 
 
@@ -392,6 +413,34 @@ def build_parser() -> Parser:
     g.add_argument("--count", type=_int_arg(1), default=16)
     g.add_argument("--out", required=True, help="folder for the PNGs")
     g.set_defaults(fn=cmd_generate)
+
+    bi = sub.add_parser("batch-inpaint", help="inpaint a folder or .jsonl manifest of images with "
+                        "masks through a served model (exit 3: some items failed)")
+    bi.add_argument("input", help="folder (masks photo_mask.png beside photo.jpg) or .jsonl manifest "
+                    'of {"image", "mask", "output"} lines')
+    bi.add_argument("-o", "--output", required=True, help="output folder (mirrors relative paths, PNG)")
+    bi.add_argument("--masks", default=None, help="folder of masks at the images' relative paths")
+    bi.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
+    bi.add_argument("--model", default=None,
+                    help="served inpainting model (default: the one served model taking image and mask)")
+    bi.add_argument("--concurrency", type=_int_arg(1), default=4, help="requests in flight")
+    bi.add_argument("--batch-size", type=_int_arg(1), default=None,
+                    help="items per request (default: the model's max_batch_size)")
+    bi.add_argument("--workers", type=_int_arg(1), default=None,
+                    help="items in flight, one thread each (default: 2 x batch x concurrency)")
+    bi.add_argument("--resume", action="store_true",
+                    help="skip items whose output is complete and verified against the journal")
+    bi.add_argument("--shard-index", type=_int_arg(0), default=None,
+                    help="this shard (default: $JOB_COMPLETION_INDEX, else 0)")
+    bi.add_argument("--num-shards", type=_int_arg(1), default=None, help="number of shards")
+    bi.add_argument("--dilate", type=_int_arg(0), default=0, help="grow holes by N pixels")
+    bi.add_argument("--retries", type=_int_arg(0), default=3,
+                    help="retries per request on timeouts and server errors")
+    bi.add_argument("--wait-for-server", type=float, default=300.0, metavar="SECONDS",
+                    help="how long to wait for an unavailable server before stopping")
+    bi.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    bi.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    bi.set_defaults(fn=cmd_batch_inpaint)
 
     dn = sub.add_parser("denoise", help="denoise an image of any size with a served denoiser")
     client_args(dn)

@@ -116,6 +116,12 @@ def inpaint_image(image: np.ndarray, mask: np.ndarray, tile: int,
     img = np.pad(image, ((0, ph), (0, pw), (0, 0)), mode="edge") if (ph or pw) else image
     msk = np.pad(mask, ((0, ph), (0, pw))) if (ph or pw) else mask
     windows = plan_windows(msk, tile)
+    # A window may be wider than the image is high (or the reverse): pad so every crop is square.
+    side = max(win.size for win in windows)
+    eh, ew = max(side - msk.shape[0], 0), max(side - msk.shape[1], 0)
+    if eh or ew:
+        img = np.pad(img, ((0, eh), (0, ew), (0, 0)), mode="edge")
+        msk = np.pad(msk, ((0, eh), (0, ew)))
     tiles, tmasks = [], []
     for win in windows:
         crop = img[win.y:win.y + win.size, win.x:win.x + win.size]
