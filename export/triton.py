@@ -61,7 +61,7 @@ def _quiet_exporter():
 
 def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
                      max_batch_size: int = 64, version: int = 1, instances: int = 1,
-                     intra_op_threads: int = 0, log=print) -> dict:
+                     intra_op_threads: int = 0, ort_trt: str | None = None, log=print) -> dict:
     """Export the generator of a training run into a Triton model repository.
 
     Args:
@@ -72,6 +72,9 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         version: the model version directory to write (replaced if present).
         instances: model instances per device in config.pbtxt.
         intra_op_threads: ONNX Runtime threads per instance (0: its default).
+        ort_trt: "fp32" or "fp16" to have Triton's onnxruntime backend run the generator
+            through ONNX Runtime's TensorRT execution provider on GPUs (engine cache on);
+            None for plain ONNX Runtime.
         log: where progress lines go.
 
     Returns:
@@ -130,9 +133,12 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
         "source_commit": source_commit(),
     }
-    repo.write_config(gen_dir, repo.onnx_model_config(
-        gen_name, [latent], [image], max_batch_size, instances=instances,
-        intra_op_threads=intra_op_threads))
+    gen_cfg = repo.onnx_model_config(gen_name, [latent], [image], max_batch_size,
+                                     instances=instances, intra_op_threads=intra_op_threads)
+    if ort_trt:
+        repo.add_ort_tensorrt(gen_cfg, precision=ort_trt,
+                              engine_cache_path=f"/tmp/ganforge-trt-cache/{gen_name}")
+    repo.write_config(gen_dir, gen_cfg)
     repo.write_manifest(gen_dir, {**source, "model": gen_name, "version": version,
                                   "format": "onnx", "parity": check})
 
