@@ -5,8 +5,8 @@
 # config.pbtxt switches to platform tensorrt_plan, and ensembles that call it are unchanged.
 # PRECISION: fp16 (default) or fp32. A timing cache on the node speeds up later builds.
 set -eu
-repo=/models
-trtexec=/usr/src/tensorrt/bin/trtexec
+repo="${MODEL_REPOSITORY:-/models}"
+trtexec="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"
 cache="${TIMING_CACHE:-/engine-cache/timing.cache}"
 precision="${PRECISION:-fp16}"
 built=0
