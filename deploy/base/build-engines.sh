@@ -17,18 +17,24 @@ for cfg in "$repo"/*/config.pbtxt; do
     [ -f "$onnx" ] || continue
     plan="$(dirname "$onnx")/model.plan"
     [ -f "$plan" ] && continue
-    # the first input block of the rendered config: its name and dims (batch is implicit)
-    input=$(awk '/^input \{/{f=1} f&&/name:/{gsub(/"/,"",$2); print $2; exit}' "$cfg")
-    dims=$(awk '/^input \{/{f=1} f&&/dims:/{printf "x%s",$2} f&&/^\}/{exit}' "$cfg")
+    # every input of the rendered config, batch first: name:BxD1xD2,...
     mbs=$(awk '/^max_batch_size:/{print $2}' "$cfg")
     opt=$(( (mbs + 1) / 2 ))
+    shapes() {
+      awk -v b="$1" '/^input \{/{f=1; n=""; d=""; next}
+        f && /^  name:/{gsub(/"/, "", $2); n=$2}
+        f && /^  dims:/{d=d "x" $2}
+        f && /^\}/{s=s sep n ":" b d; sep=","; f=0}
+        END{print s}' "$cfg"
+    }
+    log="${TMPDIR:-/tmp}/$(basename "$dir").trtexec.log"
     flag=""
     [ "$precision" = fp16 ] && flag="--fp16"
-    echo "build-engines: $onnx -> $plan ($input 1..$mbs$dims, $precision)"
+    echo "build-engines: $onnx -> $plan ($(shapes 1) .. $(shapes "$mbs"), $precision)"
     "$trtexec" --onnx="$onnx" --saveEngine="$plan" $flag \
-      --minShapes="$input:1$dims" --optShapes="$input:$opt$dims" --maxShapes="$input:$mbs$dims" \
-      --timingCacheFile="$cache" --skipInference >"$plan.log" 2>&1 \
-      || { tail -20 "$plan.log" >&2; exit 1; }
+      --minShapes="$(shapes 1)" --optShapes="$(shapes "$opt")" --maxShapes="$(shapes "$mbs")" \
+      --timingCacheFile="$cache" --skipInference >"$log" 2>&1 \
+      || { tail -20 "$log" >&2; exit 1; }
     sed -i -e 's/^platform: "onnxruntime_onnx"/platform: "tensorrt_plan"/' \
            -e 's/^backend: "onnxruntime"/backend: "tensorrt"/' \
            -e 's/^default_model_filename: "model.onnx"/default_model_filename: "model.plan"/' "$cfg"

@@ -60,3 +60,18 @@ def test_build_engines_fp32_passes_no_fp16_flag(tmp_path):
     shutil.copytree(ROOT / "model_repository", models)
     assert run_script(models, tmp_path, precision="fp32").returncode == 0
     assert "--fp16" not in (tmp_path / "bin" / "calls").read_text()
+
+
+def test_build_engines_gives_trtexec_a_shape_for_every_input(tmp_path):
+    models = tmp_path / "models"
+    cfg = repo.onnx_model_config("inpaint_generator", [repo.tensor("image", "UINT8", [128, 128, 3]),
+                                                       repo.tensor("mask", "UINT8", [128, 128, 1])],
+                                 [repo.tensor("inpainted", "UINT8", [128, 128, 3])], 16)
+    repo.write_config(models / "inpaint_generator", cfg)
+    (models / "inpaint_generator" / "1").mkdir()
+    (models / "inpaint_generator" / "1" / "model.onnx").write_bytes(b"onnx")
+    assert run_script(models, tmp_path).returncode == 0
+    (call,) = (tmp_path / "bin" / "calls").read_text().splitlines()
+    assert "--minShapes=image:1x128x128x3,mask:1x128x128x1" in call
+    assert "--optShapes=image:8x128x128x3,mask:8x128x128x1" in call
+    assert "--maxShapes=image:16x128x128x3,mask:16x128x128x1" in call
