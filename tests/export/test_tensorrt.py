@@ -90,10 +90,14 @@ def test_export_refuses_an_unknown_ort_trt_precision(tiny_run, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.tensorrt
 @pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
-def test_plan_matches_onnxruntime_within_the_stated_tolerance(tiny_repo, fp16):
+def test_plan_matches_onnxruntime_within_the_stated_tolerance(tiny_repo, fp16, tmp_path):
+    import shutil
+
     from ganforge.export import tensorrt as trtx
 
-    repository, summary = tiny_repo
+    shared, summary = tiny_repo
+    repository = tmp_path / "repo"          # the session's repository stays ONNX-only
+    shutil.copytree(shared, repository)
     info = trtx.write_plan_model(repository, summary["generator"], fp16=fp16, log=print)
     check = info["parity_vs_onnxruntime"]
     if fp16:
