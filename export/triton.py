@@ -83,7 +83,8 @@ def source_info(payload: dict) -> dict:
 
 def export_run(run: str | Path, repository: str | Path, name: str | None = None,
                max_batch_size: int | None = None, version: int = 1, instances: int = 1,
-               intra_op_threads: int = 0, tile: int = 128, log=print) -> dict:
+               intra_op_threads: int = 0, tile: int = 128, ort_trt: str | None = None,
+               log=print) -> dict:
     """Export whatever a run holds, by its checkpoint's kind: a generator (seeded ensemble) or
     an image-to-image model (denoiser, inpainter)."""
     _quiet_exporter()
@@ -92,7 +93,10 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     if kind == "dcgan":
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
                                 version=version, instances=instances,
-                                intra_op_threads=intra_op_threads, log=log)
+                                intra_op_threads=intra_op_threads, ort_trt=ort_trt, log=log)
+    if ort_trt:
+        raise UsageError(f"--ort-trt: {kind!r} models have no TensorRT-provider export yet; "
+                         f"allowed for generators (dcgan)")
     if kind in ("denoiser", "inpainter"):
         from ganforge.export.image import export_image_model
         from ganforge.training.gan import CONFIGS
@@ -114,7 +118,7 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
 
 def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
                      max_batch_size: int = 64, version: int = 1, instances: int = 1,
-                     intra_op_threads: int = 0, log=print) -> dict:
+                     intra_op_threads: int = 0, ort_trt: str | None = None, log=print) -> dict:
     """Export the generator of a training run into a Triton model repository.
 
     Args:
@@ -125,6 +129,9 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         version: the model version directory to write (replaced if present).
         instances: model instances per device in config.pbtxt.
         intra_op_threads: ONNX Runtime threads per instance (0: its default).
+        ort_trt: "fp32" or "fp16" to have Triton's onnxruntime backend run the generator
+            through ONNX Runtime's TensorRT execution provider on GPUs (engine cache on);
+            None for plain ONNX Runtime.
         log: where progress lines go.
 
     Returns:
@@ -169,9 +176,12 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
             f"(allowed {MAX_PARITY_DIFF}); the model was written to {onnx_path} for inspection")
 
     source = source_info(payload)
-    repo.write_config(gen_dir, repo.onnx_model_config(
-        gen_name, [latent], [image], max_batch_size, instances=instances,
-        intra_op_threads=intra_op_threads))
+    gen_cfg = repo.onnx_model_config(gen_name, [latent], [image], max_batch_size,
+                                     instances=instances, intra_op_threads=intra_op_threads)
+    if ort_trt:
+        repo.add_ort_tensorrt(gen_cfg, precision=ort_trt,
+                              engine_cache_path=f"/tmp/ganforge-trt-cache/{gen_name}")
+    repo.write_config(gen_dir, gen_cfg)
     repo.write_manifest(gen_dir, {**source, "model": gen_name, "version": version,
                                   "format": "onnx", "parity": check})
 

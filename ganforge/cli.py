@@ -110,7 +110,8 @@ def cmd_export(args) -> int:
 
     summary = export_run(args.run, args.repository, name=args.name,
                          max_batch_size=args.max_batch_size, version=args.version,
-                         instances=args.instances, intra_op_threads=args.threads, tile=args.tile)
+                         instances=args.instances, intra_op_threads=args.threads, tile=args.tile,
+                         ort_trt=args.ort_trt)
     print(f"exported {summary['model']} to {summary['repository']} "
           f"(parity max abs diff {summary['parity']['max_abs_diff']} grey levels)")
     return 0
@@ -373,6 +374,9 @@ def build_parser() -> Parser:
     e.add_argument("--version", type=int, default=1)
     e.add_argument("--instances", type=int, default=1)
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    e.add_argument("--fp16", action="store_true", help="tensorrt: allow FP16 kernels")
+    e.add_argument("--ort-trt", choices=["fp32", "fp16"], default=None,
+                   help="onnx: run through ONNX Runtime's TensorRT execution provider on GPUs")
     e.set_defaults(fn=cmd_export)
 
     s = sub.add_parser("serve", help="run the local Triton server on a model repository")

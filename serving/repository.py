@@ -70,6 +70,49 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     return cfg
 
 
+def tensorrt_model_config(name: str, inputs: list[dict], outputs: list[dict],
+                          max_batch_size: int, max_queue_delay_us: int = 2000,
+                          instances: int = 1) -> mc.ModelConfig:
+    """A TensorRT plan served by Triton's `tensorrt` backend, on the GPU.
+
+    The plan's optimization profile covers batch 1..max_batch_size; the dynamic batcher merges
+    requests up to that size. A plan runs only on the TensorRT version and GPU model that built
+    it (see the model's manifest).
+    """
+    cfg = mc.ModelConfig(name=name, platform="tensorrt_plan", backend="tensorrt",
+                         max_batch_size=max_batch_size, default_model_filename="model.plan")
+    cfg.input.extend(_io(mc.ModelInput, s) for s in inputs)
+    cfg.output.extend(_io(mc.ModelOutput, s) for s in outputs)
+    cfg.instance_group.add(count=instances, kind=mc.ModelInstanceGroup.KIND_GPU)
+    cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
+    cfg.model_warmup.extend(_warmup(max_batch_size, inputs))
+    return cfg
+
+
+ORT_TRT_PRECISIONS = ("FP32", "FP16")
+
+
+def add_ort_tensorrt(cfg: mc.ModelConfig, precision: str = "FP16",
+                     engine_cache_path: str = "/tmp/ganforge-trt-cache",
+                     max_workspace_size_bytes: int = 1 << 30) -> mc.ModelConfig:
+    """Ask Triton's native `onnxruntime` backend to run the model through ONNX Runtime's
+    TensorRT execution provider (CUDA for what TensorRT cannot run), caching the engines it
+    builds under `engine_cache_path` so a restart does not rebuild them. The keys are those
+    of the onnxruntime_backend's `gpu_execution_accelerator` "tensorrt". Ignored on a CPU.
+    """
+    precision = precision.upper()
+    if precision not in ORT_TRT_PRECISIONS:
+        raise ValueError(f"precision {precision!r}; allowed: {', '.join(ORT_TRT_PRECISIONS)}")
+    acc = cfg.optimization.execution_accelerators.gpu_execution_accelerator.add(name="tensorrt")
+    acc.parameters["precision_mode"] = precision
+    acc.parameters["max_workspace_size_bytes"] = str(max_workspace_size_bytes)
+    acc.parameters["trt_engine_cache_enable"] = "1"
+    acc.parameters["trt_engine_cache_path"] = engine_cache_path
+    acc.parameters["trt_timing_cache_enable"] = "1"
+    acc.parameters["trt_timing_cache_path"] = engine_cache_path
+    return cfg
+
+
 def python_model_config(name: str, inputs: list[dict], outputs: list[dict],
                         parameters: dict[str, str]) -> mc.ModelConfig:
     """A Triton Python-backend model without batching (max_batch_size 0), on the CPU."""

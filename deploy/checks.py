@@ -1,0 +1,190 @@
+"""Checks on rendered manifests for what Triton operators learned the hard way.
+
+    kubectl kustomize deploy/overlays/gpu | python deploy/checks.py -
+
+Each check returns the problems it finds as lines naming the object, the container and the
+field; the command prints them and exits 1 when there is any. Pure Python + PyYAML: it runs
+wherever the manifests are rendered.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+
+import yaml
+
+TRITON_DEFAULT_EXIT_TIMEOUT_S = 30   # tritonserver's --exit-timeout-secs default
+K8S_DEFAULT_GRACE_S = 30             # terminationGracePeriodSeconds default
+WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
+
+
+def load(text: str) -> list[dict]:
+    return [d for d in yaml.safe_load_all(text) if d]
+
+
+def pod_specs(docs: list[dict]):
+    """(object label, kind, pod spec) for every workload."""
+    for d in docs:
+        kind = d.get("kind")
+        if kind not in WORKLOADS:
+            continue
+        spec = d.get("spec", {})
+        if kind == "CronJob":
+            spec = spec.get("jobTemplate", {}).get("spec", {})
+        pod = spec.get("template", {}).get("spec", {})
+        yield f"{kind}/{d.get('metadata', {}).get('name')}", kind, pod
+
+
+def containers(pod: dict, init: bool = True):
+    for c in pod.get("containers", []):
+        yield "container", c
+    if init:
+        for c in pod.get("initContainers", []):
+            yield "initContainer", c
+
+
+def is_triton(c: dict) -> bool:
+    """The Triton server container: its command starts tritonserver."""
+    cmd = [*c.get("command", []), *c.get("args", [])][:1]
+    return bool(cmd) and str(cmd[0]).rsplit("/", 1)[-1] == "tritonserver"
+
+
+def triton_arg(c: dict, flag: str) -> str | None:
+    for a in [*c.get("command", []), *c.get("args", [])]:
+        if str(a).startswith(flag + "="):
+            return str(a).split("=", 1)[1]
+    return None
+
+
+def check_images_pinned(docs) -> list[str]:
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        for role, c in containers(pod):
+            image = c.get("image", "")
+            name = image.rsplit("/", 1)[-1]
+            if "@sha256:" in image:
+                continue
+            tag = name.split(":", 1)[1] if ":" in name else None
+            if not tag or tag == "latest":
+                out.append(f"{obj} {role} {c.get('name')}: image {image!r} is not pinned; "
+                           f"use an explicit tag (not 'latest') or a digest")
+    return out
+
+
+def check_limits(docs) -> list[str]:
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        for role, c in containers(pod):
+            limits = (c.get("resources") or {}).get("limits") or {}
+            missing = [r for r in ("cpu", "memory") if r not in limits]
+            if missing:
+                out.append(f"{obj} {role} {c.get('name')}: resources.limits has no "
+                           f"{' or '.join(missing)}")
+    return out
+
+
+def check_probes(docs) -> list[str]:
+    """Long-running servers need all three probes; Triton's must hit its health endpoints."""
+    out = []
+    expect = {"livenessProbe": "/v2/health/live", "readinessProbe": "/v2/health/ready"}
+    for obj, kind, pod in pod_specs(docs):
+        if kind in ("Job", "CronJob"):
+            continue
+        for role, c in containers(pod, init=False):
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                if probe not in c:
+                    out.append(f"{obj} container {c.get('name')}: no {probe}")
+            if is_triton(c):
+                for probe, path in expect.items():
+                    got = (c.get(probe) or {}).get("httpGet", {}).get("path")
+                    if probe in c and got != path:
+                        out.append(f"{obj} container {c.get('name')}: {probe} path {got!r}, "
+                                   f"expected {path!r}")
+    return out
+
+
+def check_dev_shm(docs) -> list[str]:
+    """Triton's Python backend passes tensors through /dev/shm: an in-memory emptyDir there."""
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        volumes = {v.get("name"): v for v in pod.get("volumes", [])}
+        for role, c in containers(pod, init=False):
+            if not is_triton(c):
+                continue
+            mounts = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
+            if not mounts:
+                out.append(f"{obj} container {c.get('name')}: no volume mounted at /dev/shm")
+                continue
+            vol = volumes.get(mounts[0].get("name"), {})
+            if (vol.get("emptyDir") or {}).get("medium") != "Memory":
+                out.append(f"{obj} container {c.get('name')}: /dev/shm volume "
+                           f"{mounts[0].get('name')!r} is not an emptyDir with medium: Memory")
+    return out
+
+
+def _prestop_sleep(c: dict) -> int:
+    pre = (c.get("lifecycle") or {}).get("preStop") or {}
+    if "sleep" in pre:
+        return int(pre["sleep"].get("seconds", 0))
+    cmd = " ".join(str(w) for w in (pre.get("exec") or {}).get("command", []))
+    m = re.search(r"\bsleep\s+(\d+)", cmd)
+    return int(m.group(1)) if m else 0
+
+
+def check_grace_period(docs) -> list[str]:
+    """The pod must outlive preStop + Triton's drain (--exit-timeout-secs), or in-flight
+    requests are cut off by SIGKILL."""
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        grace = int(pod.get("terminationGracePeriodSeconds", K8S_DEFAULT_GRACE_S))
+        for role, c in containers(pod, init=False):
+            if not is_triton(c):
+                continue
+            exit_timeout = int(triton_arg(c, "--exit-timeout-secs") or TRITON_DEFAULT_EXIT_TIMEOUT_S)
+            need = exit_timeout + _prestop_sleep(c)
+            if grace < need:
+                out.append(f"{obj}: terminationGracePeriodSeconds {grace} is shorter than preStop "
+                           f"sleep + --exit-timeout-secs ({need} s) of container {c.get('name')}")
+    return out
+
+
+def check_security(docs) -> list[str]:
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        pod_sc = pod.get("securityContext") or {}
+        for role, c in containers(pod):
+            sc = c.get("securityContext") or {}
+            if not (sc.get("runAsNonRoot", pod_sc.get("runAsNonRoot"))):
+                out.append(f"{obj} {role} {c.get('name')}: runAsNonRoot is not true")
+            if sc.get("readOnlyRootFilesystem") is not True:
+                out.append(f"{obj} {role} {c.get('name')}: readOnlyRootFilesystem is not true")
+            if sc.get("allowPrivilegeEscalation") is not False:
+                out.append(f"{obj} {role} {c.get('name')}: allowPrivilegeEscalation is not false")
+    return out
+
+
+CHECKS = [check_probes, check_images_pinned, check_limits, check_dev_shm, check_grace_period,
+          check_security]
+
+
+def run_checks(text: str) -> list[str]:
+    docs = load(text)
+    return [problem for check in CHECKS for problem in check(docs)]
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) != 1:
+        print("usage: python deploy/checks.py RENDERED.yaml|-", file=sys.stderr)
+        return 2
+    text = sys.stdin.read() if argv[0] == "-" else open(argv[0]).read()
+    problems = run_checks(text)
+    for p in problems:
+        print(f"Error: {p}", file=sys.stderr)
+    if not problems:
+        print(f"ok: {len(CHECKS)} checks passed")
+    return 1 if problems else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
