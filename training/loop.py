@@ -73,6 +73,28 @@ class TrainConfig:
                 raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
+# Presets that reproduce each failure on purpose on image data (and a healthy reference).
+# They override the flags they name.
+IMAGE_PRESETS: dict[str, dict] = {
+    "healthy": {},
+    # a much stronger, faster D against a weak, slow G
+    "d-dominates": {"lr_d": 2e-3, "lr_g": 2e-5, "label_smoothing": 0.0, "instance_noise": 0.0,
+                    "network": {"ndf": 64, "ngf": 4}},
+    # a crippled D (2 filters, a learning rate that barely moves it) against a fast G
+    "g-dominates": {"lr_d": 1e-7, "lr_g": 2e-3, "network": {"ndf": 2}},
+    # a one-dimensional latent and a tiny G
+    "mode-collapse": {"lr_d": 1e-3, "network": {"z_dim": 1, "ngf": 4}},
+}
+
+
+def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
+    if name not in IMAGE_PRESETS:
+        raise UsageError(f"--preset: {name!r} is not one of {', '.join(IMAGE_PRESETS)}")
+    p = dict(IMAGE_PRESETS[name])
+    net = dataclasses.replace(cfg.network, **p.pop("network", {}))
+    return dataclasses.replace(cfg, **p, network=net)
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)

@@ -287,7 +287,7 @@ class Monitor:
             modes = np.asarray(self.mode_of(fake_np))
             covered = np.unique(modes[modes >= 0])
             rec.update(modes=int(len(covered)), n_modes=int(self.n_modes),
-                       modes_share=len(covered) / self.n_modes, hq=float((modes >= 0).mean()))
+                       modes_share=len(covered) / self.n_modes)
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items()}
 
     def observe(self, step: int, D: Callable, G_sample: Callable) -> list[Diagnosis]:
