@@ -89,14 +89,14 @@ def run(argv: list[str]) -> int:
     wall = time.perf_counter() - t0
     results["wall_seconds"] = round(wall, 1)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'mixture':<8} {'variant':<12} {'modes (mean ± std)':>20} {'high quality %':>18}")
+    print(f"\n{'mixture':<8} {'variant':<15} {'modes (mean ± std)':>20} {'high quality %':>18}")
     for m in mixtures:
         for v in variants:
             r = results[m][v]
-            print(f"{m:<8} {v:<12} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
+            print(f"{m:<8} {v:<15} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
                   f"{100 * np.mean(r['hq']):>9.1f} ± {100 * np.std(r['hq']):<5.1f}")
         for name, (modes, hq) in PUBLISHED[m].items():
-            print(f"{m:<8} {name + ' (pub.)':<12} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
+            print(f"{m:<8} {name + ' (pub.)':<15} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
     print(f"\n{steps} steps per run, width {width}, {a.seeds} seeds; wall time {wall:.0f} s. "
           f"Results {out}, samples {sample_dir}/, plots {out.stem}_<mixture>.png")
     return 0

@@ -192,7 +192,7 @@ def test_doctor_on_a_non_gan_checkpoint_is_a_one_line_error(tmp_path):
 @pytest.mark.parametrize("args,line", [
     (["--preset", "crazy"], "Error: --preset: 'crazy' is not one of healthy, d-dominates, g-dominates, mode-collapse"),
     (["--thresholds", "d_dom_s_G=-1"], "Error: threshold d_dom_s_G: -1.0 is not allowed; must be in [0, 1]"),
-    (["--doctor", "maybe"], "Error: argument --doctor: invalid choice: 'maybe' (choose from auto, report, off)"),
+    (["--doctor", "maybe"], "Error: argument --doctor: invalid choice: 'maybe' (choose from 'auto', 'report', 'off')"),
 ])
 def test_train_refuses_nonsense_doctor_settings(tmp_path, args, line):
     r = run_cli("train", "dcgan", "--steps", "1", "--out", str(tmp_path / "r"), *args)
