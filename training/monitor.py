@@ -577,4 +577,4 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
     return render_report(title, records, diagnoses, saved.get("interventions", []), mode)
 
 
-GAN_KINDS = ("dcgan", "mlpgan", "progan", "context_encoder", "pix2pix")
+GAN_KINDS = ("dcgan", "mlpgan", "progan", "inpainter", "pix2pix")
