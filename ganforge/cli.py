@@ -45,12 +45,17 @@ def _writable_dir(path: str, flag: str = "--out") -> Path:
 # -- train ------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    from ganforge.training.monitor import Thresholds
+
+    thresholds = Thresholds.parse(args.thresholds or "")
+    if args.model == "mlpgan":
+        return _train_mlpgan(args, thresholds)
     if args.model == "denoiser":
         return _train_denoiser(args)
     if args.model == "inpainter":
         return _train_inpainter(args)
     from ganforge.training.gan import DCGANConfig
-    from ganforge.training.loop import TrainConfig, train_dcgan
+    from ganforge.training.loop import TrainConfig, apply_preset, train_dcgan
 
     try:
         net = DCGANConfig(z_dim=args.z_dim, ngf=args.ngf, ndf=args.ndf, resolution=args.resolution,
@@ -60,11 +65,43 @@ def cmd_train(args) -> int:
     cfg = TrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
                       batch_size=args.batch_size or 64, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
                       label_smoothing=args.label_smoothing, instance_noise=args.instance_noise,
-                      sample_every=args.sample_every, network=net)
+                      sample_every=args.sample_every, network=net, doctor=args.doctor,
+                      doctor_every=args.doctor_every, thresholds=thresholds)
+    if args.preset:
+        cfg = apply_preset(cfg, args.preset)
     _writable_dir(args.out)
     summary = train_dcgan(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
           f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    if args.doctor != "off":
+        print(f"doctor ({args.doctor}): diagnoses {', '.join(summary['diagnoses']) or 'none'}; "
+              f"{summary['interventions']} interventions; report {Path(args.out) / 'doctor.md'}")
+    return 0
+
+
+def _train_mlpgan(args, thresholds) -> int:
+    from ganforge.training.mixtures import preset_config, train_mixture
+
+    args.data = args.data or "ring"
+    if args.data not in ("ring", "grid"):
+        raise UsageError(f"--data: {args.data!r} is not a 2-D mixture; mlpgan trains on ring or grid")
+    cfg = preset_config(args.preset or "healthy", data=args.data, steps=args.steps, seed=args.seed,
+                        doctor=args.doctor, doctor_every=args.doctor_every, thresholds=thresholds)
+    _writable_dir(args.out)
+    s = train_mixture(cfg, args.out, log=None if args.quiet else print)
+    print(f"trained {s['steps']} steps in {s['seconds']} s: {s['modes']} modes covered, "
+          f"{100 * s['hq']:.1f} % high-quality samples; run {args.out}")
+    if args.doctor != "off":
+        print(f"doctor ({args.doctor}): diagnoses {', '.join(s['diagnoses']) or 'none'}; "
+              f"{s['interventions']} interventions; report {Path(args.out) / 'doctor.md'}")
+    return 0
+
+
+def cmd_doctor(args) -> int:
+    from ganforge.training.monitor import Thresholds, report_for_run
+
+    th = Thresholds.parse(args.thresholds) if args.thresholds else None
+    print(report_for_run(args.run, th), end="")
     return 0
 
 
@@ -330,10 +367,11 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan", "denoiser", "inpainter"],
-                   help="model family (inpainter: the context encoder)")
+    t.add_argument("model", choices=["dcgan", "mlpgan", "denoiser", "inpainter"],
+                   help="model family (inpainter: the context encoder; mlpgan: 2-D mixtures)")
     t.add_argument("--data", default=None,
-                   help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise)")
+                   help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise); "
+                   "ring or grid for mlpgan")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--batch-size", type=int, default=None, help="default 64 (dcgan), 32 (denoiser), 16 (inpainter)")
@@ -350,6 +388,12 @@ def build_parser() -> Parser:
     t.add_argument("--sample-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.add_argument("--doctor", choices=["auto", "report", "off"], default="report",
+                   help="training doctor: auto (diagnose and remedy), report (diagnose), off")
+    t.add_argument("--doctor-every", type=_int_arg(1), default=50, help="steps between s_G/s_D checks")
+    t.add_argument("--thresholds", default=None, help="doctor thresholds, NAME=VALUE,... (docs/doctor.md)")
+    t.add_argument("--preset", default=None,
+                   help="healthy, d-dominates, g-dominates, mode-collapse (reproduce a failure)")
     t.add_argument("--patch", type=int, default=48, help="denoiser: training crop side")
     t.add_argument("--sigma-min", type=float, default=5.0, help="denoiser: noise sigma range, 0-255")
     t.add_argument("--sigma-max", type=float, default=55.0)
@@ -362,6 +406,11 @@ def build_parser() -> Parser:
     t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
     t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
     t.set_defaults(fn=cmd_train)
+
+    dr = sub.add_parser("doctor", help="print the training doctor's report of a run")
+    dr.add_argument("run", help="run directory (or its checkpoint.pt)")
+    dr.add_argument("--thresholds", default=None, help="re-diagnose with NAME=VALUE,...")
+    dr.set_defaults(fn=cmd_doctor)
 
     e = sub.add_parser("export", help="export a run to ONNX and a Triton model directory")
     e.add_argument("run", help="run directory or checkpoint file")

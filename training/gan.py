@@ -176,3 +176,75 @@ def build_dcgan(payload: dict) -> tuple[Generator, Discriminator]:
     G.load_state_dict(payload["state"]["G"])
     D.load_state_dict(payload["state"]["D"])
     return G.eval(), D.eval()
+
+
+# ---------------------------------------------------------------------------------------------
+# The small MLP GAN for 2-D mixtures (the mode-collapse benchmarks of VEEGAN and PacGAN)
+
+@dataclass(frozen=True)
+class MLPGANConfig:
+    z_dim: int = 2            # latent dimension of G's input
+    ngf: int = 128            # G hidden units per layer
+    ndf: int = 128            # D hidden units per layer
+    g_layers: int = 3         # hidden layers of G
+    d_layers: int = 2         # hidden layers of D
+    pack: int = 1             # samples D judges jointly (PacGAN, Lin et al. 2018); 1 = plain GAN
+    d_dropout: float = 0.0    # dropout after each D hidden layer (changeable on the fly)
+    dim: int = 2              # data dimension
+
+    def __post_init__(self):
+        for name in ("z_dim", "ngf", "ndf", "g_layers", "d_layers", "pack", "dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0.0 <= self.d_dropout < 1.0:
+            raise ValueError(f"d_dropout must be in [0, 1), got {self.d_dropout}")
+
+
+class MLPGenerator(nn.Module):
+    """z (B, z_dim) -> point (B, dim)."""
+
+    def __init__(self, cfg: MLPGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        width = cfg.z_dim
+        for _ in range(cfg.g_layers):
+            layers += [nn.Linear(width, cfg.ngf), nn.BatchNorm1d(cfg.ngf), nn.ReLU(True)]
+            width = cfg.ngf
+        layers.append(nn.Linear(width, cfg.dim))
+        self.main = nn.Sequential(*layers)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.main(z)
+
+
+class MLPDiscriminator(nn.Module):
+    """points (B, dim) -> logit (B,); with pack m, B must divide by m and each of the B/m packs
+    of consecutive samples gets one logit, repeated for its m members (so D(x) keeps shape (B,))."""
+
+    def __init__(self, cfg: MLPGANConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = []
+        width = cfg.dim * cfg.pack
+        for _ in range(cfg.d_layers):
+            # dropout always present (p may be 0) so the doctor can turn it on during training
+            layers += [nn.Linear(width, cfg.ndf), nn.LeakyReLU(0.2, True), nn.Dropout(cfg.d_dropout)]
+            width = cfg.ndf
+        layers.append(nn.Linear(width, 1))
+        self.main = nn.Sequential(*layers)
+
+    def set_dropout(self, p: float) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Dropout):
+                m.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.cfg.pack
+        assert x.shape[0] % m == 0, "batch must divide by pack"
+        # (B, dim) -> (B/m, m*dim)
+        logit = self.main(x.reshape(x.shape[0] // m, m * x.shape[1])).view(-1)
+        return logit.repeat_interleave(m)
+
+
+CONFIGS["mlpgan"] = MLPGANConfig
