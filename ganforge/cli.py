@@ -43,6 +43,11 @@ def _writable_dir(path: str, flag: str = "--out") -> Path:
 # -- train ------------------------------------------------------------------------------------
 
 def cmd_train(args) -> int:
+    if args.model == "progan":
+        from ganforge.training.progan import train_from_args
+        return train_from_args(args)
+    if args.resume:
+        raise UsageError(f"--resume: not supported for {args.model}; only for progan")
     from ganforge.training.gan import DCGANConfig
     from ganforge.training.loop import TrainConfig, train_dcgan
 
@@ -191,7 +196,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan"], help="model family")
+    t.add_argument("model", choices=["dcgan", "progan"], help="model family")
     t.add_argument("--data", default="shapes", help="'shapes', 'photos' or a folder of images")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--out", required=True, help="run directory")
@@ -209,6 +214,10 @@ def build_parser() -> Parser:
     t.add_argument("--sample-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
+    t.add_argument("--lr", type=float, default=1e-3, help="progan: Adam learning rate")
+    t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
+    t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("export", help="export a run to ONNX and a Triton model directory")
