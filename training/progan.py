@@ -426,6 +426,7 @@ class ProGANTrainer:
         return to_uint8(self.generate(self.fixed_z))
 
     def save(self) -> Path:
+        self._set_stage()  # record the (stage, alpha) the next step trains at
         return save_checkpoint(
             self.out / "checkpoint.pt", "progan", self.cfg.network, {"G": self.G, "D": self.D},
             step=self.step, shown=self.shown, stage=self.stage, alpha=float(self.alpha),
