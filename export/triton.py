@@ -23,6 +23,7 @@ from ganforge.export.onnx import UInt8Images, export_onnx, parity
 from ganforge.serving import repository as repo
 from ganforge.serving import sampler
 from ganforge.training.gan import build_dcgan, load_checkpoint
+from ganforge.training.loop import train_command
 from ganforge.serving.repository import sha256, tensor
 
 MAX_PARITY_DIFF = 1  # grey levels; the exported graph rounds exactly as torch does
@@ -81,6 +82,58 @@ def _quiet_exporter():
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
+def source_info(payload: dict) -> dict:
+    """Where an exported model came from, for its manifest."""
+    return {
+        "source_checkpoint": str(Path(payload["path"]).resolve()),
+        "source_checkpoint_sha256": sha256(Path(payload["path"])),
+        "kind": payload["kind"],
+        "step": payload.get("step"),
+        "data": payload.get("data"),
+        "seed": payload.get("seed"),
+        "config": payload["config"],
+        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "ganforge_version": ganforge.__version__,
+        "torch_version": torch.__version__,
+        "train_command": payload.get("command") or (
+            train_command(payload["kind"], payload["train"], Path(payload["path"]).parent)
+            if "train" in payload else None),
+        "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
+        "source_commit": source_commit(),
+    }
+
+
+def export_run(run: str | Path, repository: str | Path, name: str | None = None,
+               max_batch_size: int | None = None, version: int = 1, instances: int = 1,
+               intra_op_threads: int = 0, tile: int = 128, log=print) -> dict:
+    """Export whatever a run holds, by its checkpoint's kind: a generator (seeded ensemble) or
+    an image-to-image model (denoiser, inpainter)."""
+    _quiet_exporter()
+    payload = load_checkpoint(run)
+    kind = payload.get("kind")
+    if kind in GENERATORS:
+        return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
+                                version=version, instances=instances,
+                                intra_op_threads=intra_op_threads, log=log)
+    if kind in ("denoiser", "inpainter"):
+        from ganforge.export.image import export_image_model
+        from ganforge.training.gan import CONFIGS
+
+        if kind == "denoiser":
+            from ganforge.training.autoencoders import Denoiser as Net
+        else:
+            from ganforge.training.inpainting import ContextEncoder as Net
+        if version < 1:
+            raise UsageError(f"--version: {version} is not allowed; must be >= 1")
+        net = Net(CONFIGS[kind](**payload["config"]))
+        net.load_state_dict(payload["state"]["net"])
+        return export_image_model(payload, net.eval(), "denoise" if kind == "denoiser" else "inpaint",
+                                  repository, name or default_name(payload), tile,
+                                  max_batch_size or 16, version, instances, intra_op_threads,
+                                  source_info(payload), log=log)
+    raise UsageError(f"export: {payload['path']} holds a {kind!r} model, which has no export")
+
+
 def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
                      max_batch_size: int = 64, version: int = 1, instances: int = 1,
                      intra_op_threads: int = 0, log=print) -> dict:
@@ -136,22 +189,9 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
             f"export: ONNX output differs from torch by {check['max_abs_diff']} grey levels "
             f"(allowed {MAX_PARITY_DIFF}); the model was written to {onnx_path} for inspection")
 
-    source = {
-        "source_checkpoint": str(Path(payload["path"]).resolve()),
-        "source_checkpoint_sha256": sha256(Path(payload["path"])),
-        "kind": payload["kind"],
-        "step": payload.get("step"),
-        **({"stage": payload["stage"], "alpha": payload["alpha"]} if "stage" in payload else {}),
-        "data": payload.get("data"),
-        "seed": payload.get("seed"),
-        "config": payload["config"],
-        "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        "ganforge_version": ganforge.__version__,
-        "torch_version": torch.__version__,
-        "train_command": payload.get("command"),
-        "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
-        "source_commit": source_commit(),
-    }
+    source = source_info(payload)
+    if "stage" in payload:  # a growing generator: the stage and alpha it was exported at
+        source.update(stage=payload["stage"], alpha=payload["alpha"])
     repo.write_config(gen_dir, repo.onnx_model_config(
         gen_name, [latent], [image], max_batch_size, instances=instances,
         intra_op_threads=intra_op_threads))

@@ -18,6 +18,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 from ganforge.errors import GanforgeError, UsageError
@@ -48,6 +49,10 @@ def cmd_train(args) -> int:
         return train_from_args(args)
     if args.resume:
         raise UsageError(f"--resume: not supported for {args.model}; only for progan")
+    if args.model == "denoiser":
+        return _train_denoiser(args)
+    if args.model == "inpainter":
+        return _train_inpainter(args)
     from ganforge.training.gan import DCGANConfig
     from ganforge.training.loop import TrainConfig, train_dcgan
 
@@ -56,12 +61,43 @@ def cmd_train(args) -> int:
                           d_dropout=args.d_dropout)
     except ValueError as exc:
         raise UsageError(f"network: {exc}") from None
-    cfg = TrainConfig(data=args.data, n_images=args.n_images, steps=args.steps,
-                      batch_size=args.batch_size, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
+    cfg = TrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
+                      batch_size=args.batch_size or 64, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
                       label_smoothing=args.label_smoothing, instance_noise=args.instance_noise,
                       sample_every=args.sample_every, network=net)
     _writable_dir(args.out)
     summary = train_dcgan(cfg, args.out, progress=not args.quiet)
+    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
+          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    return 0
+
+
+def _train_denoiser(args) -> int:
+    from ganforge.training.autoencoders import DenoiserConfig, DenoiserTrainConfig, train_denoiser
+
+    if not 0 <= args.sigma_min <= args.sigma_max:
+        raise UsageError(f"--sigma-min/--sigma-max: {args.sigma_min}/{args.sigma_max} is not allowed; "
+                         f"need 0 <= min <= max (0-255 scale)")
+    cfg = DenoiserTrainConfig(data=args.data or "photos", steps=args.steps,
+                              batch_size=args.batch_size or 32,
+                              patch=args.patch, sigma=(args.sigma_min, args.sigma_max), lr=args.lr or 1e-3,
+                              seed=args.seed, network=DenoiserConfig(width=args.width or 48, depth=args.depth))
+    _writable_dir(args.out)
+    summary = train_denoiser(cfg, args.out, progress=not args.quiet)
+    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
+          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    return 0
+
+
+def _train_inpainter(args) -> int:
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+
+    cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
+                             tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
+                             lr=args.lr or 5e-4, seed=args.seed,
+                             network=ContextEncoderConfig(width=args.width or 24))
+    _writable_dir(args.out)
+    summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
           f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
     return 0
@@ -74,11 +110,11 @@ def cmd_export(args) -> int:
         from ganforge.export.tensorrt import export_tensorrt  # GPU machines only
 
         return export_tensorrt(args)
-    from ganforge.export.triton import export_generator
+    from ganforge.export.triton import export_run
 
-    summary = export_generator(args.run, args.repository, name=args.name,
-                               max_batch_size=args.max_batch_size, version=args.version,
-                               instances=args.instances, intra_op_threads=args.threads)
+    summary = export_run(args.run, args.repository, name=args.name,
+                         max_batch_size=args.max_batch_size, version=args.version,
+                         instances=args.instances, intra_op_threads=args.threads, tile=args.tile)
     print(f"exported {summary['model']} to {summary['repository']} "
           f"(parity max abs diff {summary['parity']['max_abs_diff']} grey levels)")
     return 0
@@ -92,35 +128,49 @@ def cmd_serve(args) -> int:
     opts = ServerOptions(model_repository=Path(args.model_repository), grpc_port=args.grpc_port,
                          http_port=args.http_port, metrics_port=args.metrics_port,
                          exit_timeout_s=args.exit_timeout, startup_timeout_s=args.startup_timeout,
-                         log_verbose=args.log_verbose)
+                         log_verbose=args.log_verbose,
+                         restricted_key=_key_value(args.restricted_key, "--restricted-key"),
+                         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_ca=args.tls_ca)
     server = LocalServer(opts, stream=sys.stderr if args.verbose else None)
     stop = {"sig": None}
 
-    def forward(sig, _frame):
+    def on_signal(sig, _frame):  # the main thread drains and stops; a second signal forces it
+        if stop["sig"] is not None:
+            server.signal(signal.SIGKILL)
         stop["sig"] = sig
-        server.signal(signal.SIGTERM)
 
-    signal.signal(signal.SIGINT, forward)
-    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
     server.start()
     from ganforge.serving.client import Client
 
-    with Client(server.grpc_url) as c:
+    with Client(server.grpc_url, **server.client_kwargs()) as c:
         names = [m["name"] for m in c.models()]
     print(f"serving {len(names)} models from {opts.model_repository}: {', '.join(names)}")
-    print(f"  gRPC     {server.grpc_url}")
+    print(f"  gRPC     {server.grpc_url}" + (" (TLS" + (", client certificates required)" if opts.tls_ca else ")") if opts.tls_cert else ""))
     print(f"  HTTP     {server.http_url}")
     print(f"  metrics  {server.metrics_url}")
     print("Ctrl-C to stop", flush=True)
-    code = server.wait()
-    server.stop()
-    if stop["sig"] is not None:
-        print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
-        return 0
-    print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
-    for line in server.errors()[-5:]:
-        print(f"  {line}", file=sys.stderr)
-    return 1
+    while server.proc.poll() is None and stop["sig"] is None:
+        time.sleep(0.1)
+    if stop["sig"] is None:
+        code = server.stop()
+        print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
+        for line in server.errors()[-5:]:
+            print(f"  {line}", file=sys.stderr)
+        return 1
+    code = server.stop()  # drain pending requests, then Triton's own graceful exit
+    print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
+    return 0
+
+
+def _key_value(text: str | None, flag: str) -> tuple[str, str] | None:
+    if text is None:
+        return None
+    key, sep, value = (part.strip() for part in text.partition("="))
+    if not sep or not key or not value:
+        raise UsageError(f"{flag}: {text!r} is not allowed; expected KEY=VALUE, e.g. x-ganforge-key=s3cret")
+    return key.lower(), value
 
 
 # -- client verbs -----------------------------------------------------------------------------
@@ -128,7 +178,11 @@ def cmd_serve(args) -> int:
 def _client(args):
     from ganforge.serving.client import Client
 
-    return Client(args.url, timeout=args.timeout)
+    kv = _key_value(getattr(args, "key", None), "--key")
+    tls = bool(args.tls_ca or args.tls_cert)
+    return Client(args.url, timeout=args.timeout, ssl=tls, root_certificates=args.tls_ca,
+                  private_key=args.tls_key, certificate_chain=args.tls_cert,
+                  key=kv)
 
 
 def cmd_models(args) -> int:
@@ -154,6 +208,69 @@ def cmd_generate(args) -> int:
     grid = save_grid(images, out / f"seed{args.seed}_grid.png")
     print(f"wrote {len(paths)} images and a grid to {out} ({grid.name})")
     return 0
+
+
+MAX_PIXELS = 50_000_000  # per image read by denoise / inpaint (a 8000x6000 photo is 48 M)
+
+
+def _output_path(path: str, flag: str = "-o") -> Path:
+    out = Path(path)
+    _writable_dir(str(out.parent), flag)
+    return out
+
+
+def cmd_denoise(args) -> int:
+    from ganforge.images import read_image, write_image
+
+    image = read_image(args.input, max_pixels=args.max_pixels)
+    out = _output_path(args.output)
+    with _client(args) as c:
+        result = c.denoise(args.model, image)
+    write_image(out, result)
+    print(f"denoised {args.input} ({image.shape[1]}x{image.shape[0]}) with {args.model} -> {out}")
+    return 0
+
+
+def cmd_inpaint(args) -> int:
+    from ganforge.images import read_image, write_image
+    from ganforge.masks import dilate, to_binary
+
+    image = read_image(args.input, max_pixels=args.max_pixels)
+    mask = dilate(to_binary(_read_mask(args.mask), str(args.mask)), args.dilate)
+    if mask.shape != image.shape[:2]:
+        raise UsageError(f"--mask: size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
+                         f"{image.shape[1]}x{image.shape[0]}")
+    out = _output_path(args.output)
+    share = float((mask > 0).mean())
+    if share == 0:
+        write_image(out, image)
+        print(f"mask {args.mask} has no hole: {args.input} written unchanged to {out}")
+        return 0
+    if share == 1:
+        raise UsageError(f"--mask: every pixel of {args.mask} is a hole; there is nothing to inpaint from")
+    with _client(args) as c:
+        result = c.inpaint(args.model, image, mask)
+    write_image(out, result)
+    print(f"inpainted {100 * share:.1f}% of {args.input} ({image.shape[1]}x{image.shape[0]}) "
+          f"with {args.model} -> {out}")
+    return 0
+
+
+def _read_mask(path: str):
+    import numpy as np
+    from PIL import Image, UnidentifiedImageError
+
+    from ganforge.errors import DataError
+
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "L")
+            return np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"--mask: {path}: no such file") from None
+    except (UnidentifiedImageError, OSError) as exc:
+        raise DataError(f"--mask: {path}: not a readable image ({exc})") from None
 
 
 def cmd_bench(args) -> int:
@@ -196,11 +313,13 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan", "progan"], help="model family")
-    t.add_argument("--data", default="shapes", help="'shapes', 'photos' or a folder of images")
+    t.add_argument("model", choices=["dcgan", "progan", "denoiser", "inpainter"],
+                   help="model family (inpainter: the context encoder)")
+    t.add_argument("--data", default=None,
+                   help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise)")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--batch-size", type=int, default=None, help="default 64 (dcgan), 32 (denoiser), 16 (inpainter)")
     t.add_argument("--n-images", type=int, default=8192, help="training pool size")
     t.add_argument("--z-dim", type=int, default=64)
     t.add_argument("--ngf", type=int, default=32)
@@ -214,8 +333,18 @@ def build_parser() -> Parser:
     t.add_argument("--sample-every", type=int, default=100)
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--quiet", action="store_true", help="no progress line")
+    t.add_argument("--patch", type=int, default=48, help="denoiser: training crop side")
+    t.add_argument("--sigma-min", type=float, default=5.0, help="denoiser: noise sigma range, 0-255")
+    t.add_argument("--sigma-max", type=float, default=55.0)
+    t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter: Adam learning rate "
+                   "(default 1e-3 / 5e-4)")
+    t.add_argument("--width", type=int, default=None, help="denoiser / inpainter: feature maps of the first "
+                   "layer (default 48 / 24)")
+    t.add_argument("--depth", type=int, default=8, help="denoiser: conv layers")
+    t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
+    t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
+    t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
-    t.add_argument("--lr", type=float, default=1e-3, help="progan: Adam learning rate")
     t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
     t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
     t.set_defaults(fn=cmd_train)
@@ -225,7 +354,9 @@ def build_parser() -> Parser:
     e.add_argument("--repository", default="model_repository", help="Triton model repository")
     e.add_argument("--name", default=None, help="model name (default <kind>_<data>)")
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
-    e.add_argument("--max-batch-size", type=int, default=64)
+    e.add_argument("--max-batch-size", type=int, default=None,
+                   help="largest batch Triton forms (default 64 for generators, 16 for image models)")
+    e.add_argument("--tile", type=int, default=128, help="image models: the tile side the model takes")
     e.add_argument("--version", type=int, default=1)
     e.add_argument("--instances", type=int, default=1)
     e.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
@@ -240,11 +371,22 @@ def build_parser() -> Parser:
     s.add_argument("--startup-timeout", type=float, default=180.0)
     s.add_argument("--log-verbose", type=int, default=0)
     s.add_argument("--verbose", action="store_true", help="echo Triton's log")
+    s.add_argument("--restricted-key", metavar="KEY=VALUE", default=None,
+                   help="require this header for the model-repository and shared-memory protocols")
+    s.add_argument("--tls-cert", type=Path, default=None, help="server certificate (PEM): gRPC over TLS")
+    s.add_argument("--tls-key", type=Path, default=None, help="server private key (PEM)")
+    s.add_argument("--tls-ca", type=Path, default=None,
+                   help="CA (PEM) that client certificates must chain to: mutual TLS")
     s.set_defaults(fn=cmd_serve)
 
     def client_args(q):
         q.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
         q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+        q.add_argument("--key", metavar="KEY=VALUE", default=None,
+                       help="header for a server started with --restricted-key")
+        q.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the server: TLS")
+        q.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
+        q.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
 
     m = sub.add_parser("models", help="list the models a server serves")
     client_args(m)
@@ -259,6 +401,24 @@ def build_parser() -> Parser:
     g.add_argument("--out", required=True, help="folder for the PNGs")
     g.set_defaults(fn=cmd_generate)
 
+    dn = sub.add_parser("denoise", help="denoise an image of any size with a served denoiser")
+    client_args(dn)
+    dn.add_argument("input", help="image file")
+    dn.add_argument("-o", "--output", required=True, help="output image file")
+    dn.add_argument("--model", default="denoiser_photos")
+    dn.add_argument("--max-pixels", type=_int_arg(1), default=MAX_PIXELS)
+    dn.set_defaults(fn=cmd_denoise)
+
+    ip = sub.add_parser("inpaint", help="inpaint an image of any size where a mask is white")
+    client_args(ip)
+    ip.add_argument("input", help="image file")
+    ip.add_argument("--mask", required=True, help="mask image, same size: white (>= 50%%) = hole")
+    ip.add_argument("-o", "--output", required=True, help="output image file")
+    ip.add_argument("--model", default="inpainter_photos")
+    ip.add_argument("--dilate", type=_int_arg(0), default=0, help="grow the hole by N pixels")
+    ip.add_argument("--max-pixels", type=_int_arg(1), default=MAX_PIXELS)
+    ip.set_defaults(fn=cmd_inpaint)
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (ganforge bench NAME --help)")
     b.add_argument("name", help="benchmark name, e.g. serve, modes, denoise")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
@@ -266,7 +426,7 @@ def build_parser() -> Parser:
 
     d = sub.add_parser("demo", help="train, export, serve and generate, end to end")
     d.add_argument("--out", default="demo-out")
-    d.add_argument("--steps", type=int, default=600)
+    d.add_argument("--steps", type=int, default=1000)
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -1,17 +1,21 @@
 """`make demo`: train a small DCGAN on procedural shapes, export it, serve it from the real
-tritonserver, ask for images over gRPC, write them to disk."""
+tritonserver beside the models shipped in model_repository/, ask for images over gRPC, write
+them to disk."""
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
 import numpy as np
 
+SHIPPED = Path(__file__).resolve().parent.parent / "model_repository"
 
-def run_demo(out: Path, steps: int = 600) -> int:
+
+def run_demo(out: Path, steps: int = 1000) -> int:
     from ganforge.export.triton import export_generator
-    from ganforge.images import save_grid
+    from ganforge.images import save_grid, write_image
     from ganforge.serving.client import Client
     from ganforge.serving.server import LocalServer, ServerOptions, free_port
     from ganforge.training.loop import TrainConfig, train_dcgan
@@ -25,32 +29,44 @@ def run_demo(out: Path, steps: int = 600) -> int:
     print(f"      {summary['seconds']} s; training samples {summary['samples']}")
 
     print(f"[2/4] exporting to ONNX + Triton model directories -> {repository}", flush=True)
-    exported = export_generator(run, repository, name="dcgan_shapes", log=lambda m: print("      " + m))
+    if repository.exists():
+        shutil.rmtree(repository)
+    exported = export_generator(run, repository, name="dcgan_demo", log=lambda m: print("      " + m))
+    shipped = []
+    if SHIPPED.is_dir():  # serve the trained models of model_repository/ beside the demo's
+        for d in sorted(SHIPPED.iterdir()):
+            if (d / "config.pbtxt").is_file():
+                shutil.copytree(d, repository / d.name)
+                shipped.append(d.name)
+        print(f"      + the shipped models: {', '.join(shipped)}")
 
     print("[3/4] starting tritonserver (nvidia-pytriton's binary, ganforge's onnxruntime backend)",
           flush=True)
     opts = ServerOptions(model_repository=repository, grpc_port=free_port(),
                          http_port=free_port(), metrics_port=free_port())
+    images_dir.mkdir(parents=True, exist_ok=True)
+    grids = []
     with LocalServer(opts) as server:
         print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}")
-        print("[4/4] generating over gRPC: model dcgan_shapes, seed 42, count 16", flush=True)
         with Client(server.grpc_url) as client:
-            images = client.generate("dcgan_shapes", seed=42, count=16)
-            again = client.generate("dcgan_shapes", seed=42, count=16)
-            other = client.generate("dcgan_shapes", seed=7, count=16)
-            latent_images = client.generate_from_latent(
-                "dcgan_shapes_generator", np.random.default_rng(0).standard_normal((4, 64), np.float32))
-    images_dir.mkdir(parents=True, exist_ok=True)
-    for i, img in enumerate(images):
-        from ganforge.images import write_image
-        write_image(images_dir / f"seed42_{i:03d}.png", img)
-    grid = save_grid(images, images_dir / "seed42_grid.png", nrow=4)
-    save_grid(other, images_dir / "seed7_grid.png", nrow=4)
-    print(f"      seed 42 twice: byte-identical = {np.array_equal(images, again)}; "
-          f"seed 7 differs = {not np.array_equal(images, other)}; "
-          f"raw generator answered {latent_images.shape[0]} latents")
+            models = ["dcgan_demo"] + (["dcgan_shapes"] if "dcgan_shapes" in shipped else [])
+            for model in models:
+                print(f"[4/4] generating over gRPC: model {model}, seed 42, count 16", flush=True)
+                images = client.generate(model, seed=42, count=16)
+                again = client.generate(model, seed=42, count=16)
+                other = client.generate(model, seed=7, count=16)
+                for i, img in enumerate(images):
+                    write_image(images_dir / f"{model}_seed42_{i:03d}.png", img)
+                grids.append(save_grid(images, images_dir / f"{model}_seed42_grid.png", nrow=4))
+                save_grid(other, images_dir / f"{model}_seed7_grid.png", nrow=4)
+                print(f"      seed 42 twice: byte-identical = {np.array_equal(images, again)}; "
+                      f"seed 7 differs = {not np.array_equal(images, other)}")
+            z = np.random.default_rng(0).standard_normal((4, 64), np.float32)
+            raw = client.generate_from_latent("dcgan_demo_generator", z)
+            print(f"      raw generator (latent -> image) answered {raw.shape[0]} latents")
     print(f"      export parity torch vs ONNX Runtime: max abs diff "
           f"{exported['parity']['max_abs_diff']} grey levels")
-    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s. Generated images: {images_dir}/ "
-          f"(grid: {grid})")
+    print(f"\ndemo done in {time.perf_counter() - t0:.0f} s. Generated images: {images_dir}/")
+    for g in grids:
+        print(f"  {g}")
     return 0

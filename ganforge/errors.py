@@ -10,7 +10,8 @@
           ├── ServerUnavailable   nothing answers at the URL (refused, down, restarting)
           ├── Timeout             the deadline passed before an answer
           ├── ModelNotFound       the server does not serve that model or version
-          └── InvalidArgument     the server rejected the request's content
+          ├── InvalidArgument     the server rejected the request's content
+          └── PermissionDenied    a restricted protocol without its key, or TLS refused
 
 Messages name the field, the bad value and what is allowed. The CLI prints them as one
 `Error: …` line.
@@ -60,4 +61,8 @@ class ModelNotFound(ServerError):
 
 
 class InvalidArgument(ServerError):
+    pass
+
+
+class PermissionDenied(ServerError):
     pass

@@ -5,5 +5,15 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
 
-$GF train dcgan --data shapes --steps 3000 --seed 0 --out runs/dcgan_shapes
+$GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-dim 64 --ngf 32 \
+    --ndf 32 --resolution 64 --lr-g 0.0002 --lr-d 0.0002 --label-smoothing 0.1 --instance-noise 0.1 \
+    --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
+
+$GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+    --lr 0.001 --width 48 --depth 8 --seed 0 --out runs/denoiser_photos
+$GF export runs/denoiser_photos --repository model_repository --name denoiser_photos --tile 128
+
+$GF train inpainter --data photos --steps 1200 --batch-size 16 --tile 64 --lambda-rec 0.999 \
+    --lambda-adv 0.001 --lr 0.0005 --width 24 --seed 0 --out runs/inpainter_photos
+$GF export runs/inpainter_photos --repository model_repository --name inpainter_photos --tile 64

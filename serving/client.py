@@ -10,10 +10,12 @@ Nothing here imports torch.
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
-from ganforge.errors import (GanforgeError, InvalidArgument, ModelNotFound, ServerError,
-                             ServerUnavailable, Timeout, UsageError)
+from ganforge.errors import (GanforgeError, InvalidArgument, ModelNotFound, PermissionDenied,
+                             ServerError, ServerUnavailable, Timeout, UsageError)
 from ganforge.serving.sampler import SEED_MAX
 
 # Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
@@ -25,6 +27,9 @@ def map_error(exc: Exception, model: str | None = None, url: str = "") -> Ganfor
     status = str(getattr(exc, "status", lambda: "")() or "")
     msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
     low = msg.lower()
+    if "protocol is restricted" in low or "PERMISSION_DENIED" in status or "UNAUTHENTICATED" in status:
+        return PermissionDenied(f"permission denied by {url}: {msg} (a server started with "
+                                f"--restricted-key needs that key: --key KEY=VALUE)")
     if "UNAVAILABLE" in status:
         return ServerUnavailable(f"server unavailable at {url}: {msg}")
     if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in low:
@@ -61,15 +66,26 @@ class Client:
         timeout: seconds per request before Timeout is raised (None: wait forever).
         ssl: use TLS; `root_certificates`, `private_key`, `certificate_chain` are PEM file paths
             (the last two for mutual TLS).
+        headers: extra gRPC metadata sent with every request.
+        key: (KEY, VALUE) for a server started with `--restricted-key KEY=VALUE`; sent as
+            Triton's `triton-grpc-protocol-KEY` header.
     """
 
     def __init__(self, url: str = "localhost:8001", timeout: float | None = 60.0, ssl: bool = False,
                  root_certificates: str | None = None, private_key: str | None = None,
-                 certificate_chain: str | None = None):
+                 certificate_chain: str | None = None, headers: dict[str, str] | None = None,
+                 key: tuple[str, str] | None = None):
         import tritonclient.grpc as grpcclient
 
         self._grpc = grpcclient
         self.url, self.timeout = url, timeout
+        self.headers = dict(headers or {})
+        if key is not None:
+            self.headers[f"triton-grpc-protocol-{key[0]}"] = key[1]
+        for flag, path in (("root_certificates", root_certificates), ("private_key", private_key),
+                           ("certificate_chain", certificate_chain)):
+            if path is not None and not os.path.isfile(path):
+                raise UsageError(f"{flag}: {path} is not a file")
         self._configs: dict[str, dict] = {}
         self._client = grpcclient.InferenceServerClient(
             url, ssl=ssl, root_certificates=root_certificates, private_key=private_key,
@@ -90,7 +106,8 @@ class Client:
     def config(self, model: str) -> dict:
         """The model's config.pbtxt as a dict (cached per client)."""
         if model not in self._configs:
-            resp = self._call(self._client.get_model_config, model, as_json=True, model=model)
+            resp = self._call(self._client.get_model_config, model, as_json=True,
+                              headers=self.headers, model=model)
             self._configs[model] = resp["config"]
         return self._configs[model]
 
@@ -106,20 +123,21 @@ class Client:
             reqs.append(t)
         outs = [self._grpc.InferRequestedOutput(o) for o in outputs]
         result = self._call(self._client.infer, model, reqs, outputs=outs,
-                            client_timeout=self.timeout, model=model)
+                            client_timeout=self.timeout, headers=self.headers, model=model)
         return {o: result.as_numpy(o) for o in outputs}
 
     # -- API -----------------------------------------------------------------------------------
 
     def is_ready(self) -> bool:
         try:
-            return bool(self._client.is_server_ready(client_timeout=self.timeout))
+            return bool(self._client.is_server_ready(headers=self.headers, client_timeout=self.timeout))
         except Exception:
             return False
 
     def models(self) -> list[dict]:
         """Every model in the server's repository: name, version, state."""
-        index = self._call(self._client.get_model_repository_index, as_json=True)
+        index = self._call(self._client.get_model_repository_index, as_json=True,
+                           headers=self.headers)
         return [{"name": m.get("name"), "version": m.get("version", ""), "state": m.get("state", ""),
                  "reason": m.get("reason", "")} for m in index.get("models", [])]
 
@@ -163,6 +181,45 @@ class Client:
         if not 1 <= latent.shape[0] <= max_batch:
             raise UsageError(f"latent: batch {latent.shape[0]} is not allowed; must be in [1, {max_batch}]")
         return self.infer(model, {"latent": latent}, ["image"])["image"]
+
+    def _image_model(self, model: str, inputs: set[str]) -> tuple[int, int, str]:
+        """(tile, max_batch_size, output name) of an image model taking exactly `inputs`."""
+        cfg = self.config(model)
+        names = {i["name"] for i in cfg.get("input", [])}
+        if names != inputs:
+            raise UsageError(f"model {model!r} takes inputs {sorted(names)}; this call needs a model "
+                             f"taking {sorted(inputs)}")
+        image = next(i for i in cfg["input"] if i["name"] == "image")
+        return int(image["dims"][0]), max(int(cfg.get("max_batch_size", 1)), 1), cfg["output"][0]["name"]
+
+    def denoise(self, model: str, image: np.ndarray, overlap: int | None = None,
+                margin: int | None = None) -> np.ndarray:
+        """Denoise an (H, W, 3) uint8 image of any size: tiles of the model's size, overlapping
+        and blended (serving/tiles.py), sent in batches of the model's max_batch_size.
+        Defaults: overlap min(32, tile/2), margin min(10, overlap/2 - 1) pixels."""
+        from ganforge.serving.tiles import run_tiled
+
+        tile, max_batch, out = self._image_model(model, {"image"})
+        overlap = overlap if overlap is not None else min(32, tile // 2)
+        margin = margin if margin is not None else min(10, overlap // 2 - 1)
+        return run_tiled(np.asarray(image), tile, lambda b: self.infer(model, {"image": b}, [out])[out],
+                         max_batch, overlap=overlap, margin=margin)
+
+    def inpaint(self, model: str, image: np.ndarray, mask: np.ndarray, dilate: int = 0) -> np.ndarray:
+        """Inpaint an (H, W, 3) uint8 image of any size where `mask` ((H, W), 255 = hole) says.
+
+        Windows around each hole are sent as tiles (serving/inpaint.py); pixels outside the
+        hole come back byte-identical. A mask without a hole returns the image unchanged.
+        """
+        from ganforge.masks import dilate as grow
+        from ganforge.masks import to_binary
+        from ganforge.serving.inpaint import inpaint_image
+
+        tile, max_batch, out = self._image_model(model, {"image", "mask"})
+        m = grow(to_binary(mask), dilate)
+        return inpaint_image(np.asarray(image), m, tile,
+                             lambda im, mk: self.infer(model, {"image": im, "mask": mk}, [out])[out],
+                             max_batch)
 
     def close(self) -> None:
         self._client.close()

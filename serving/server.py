@@ -85,6 +85,43 @@ def server_env() -> dict[str, str]:
     return env
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: ask Linux to SIGTERM tritonserver when its launcher dies, so a
+    killed `ganforge serve` never leaves a server holding the ports."""
+    import ctypes
+
+    PR_SET_PDEATHSIG = 1
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except OSError:
+        pass
+
+
+class _HttpHealth:
+    """Readiness through Triton's HTTP health endpoints (used when gRPC speaks TLS)."""
+
+    def __init__(self, url: str):
+        self.base = f"http://{url}"
+
+    def _ok(self, path: str) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.base + path, timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def is_server_ready(self) -> bool:
+        return self._ok("/v2/health/ready")
+
+    def is_model_ready(self, name: str) -> bool:
+        return self._ok(f"/v2/models/{name}/ready")
+
+    def close(self) -> None:
+        pass
+
+
 def port_free(port: int, host: str = "0.0.0.0") -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -110,7 +147,34 @@ class ServerOptions:
     exit_timeout_s: int = 30          # drain in-flight requests this long on SIGTERM
     startup_timeout_s: float = 180.0  # model loading + warmup
     log_verbose: int = 0
+    # Security: a header `key: value` that clients must send to use the model-repository and
+    # shared-memory protocols (gRPC) / APIs (HTTP); None leaves them open on a local machine.
+    restricted_key: tuple[str, str] | None = None
+    # TLS on gRPC: PEM files. With tls_ca too, clients must present a certificate signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
     extra_args: list[str] = field(default_factory=list)
+
+    def security_args(self) -> list[str]:
+        args = []
+        if self.restricted_key is not None:
+            key, value = self.restricted_key
+            args += [f"--grpc-restricted-protocol=model-repository,shared-memory:{key}={value}",
+                     f"--http-restricted-api=model-repository,shared-memory:{key}={value}"]
+        if self.tls_cert or self.tls_key or self.tls_ca:
+            if not (self.tls_cert and self.tls_key):
+                raise UsageError("--tls-cert and --tls-key: both are needed to serve TLS "
+                                 f"(got cert={self.tls_cert}, key={self.tls_key})")
+            for flag, path in (("--tls-cert", self.tls_cert), ("--tls-key", self.tls_key),
+                               ("--tls-ca", self.tls_ca)):
+                if path is not None and not Path(path).is_file():
+                    raise UsageError(f"{flag}: {path} is not a file")
+            args += ["--grpc-use-ssl=true", f"--grpc-server-cert={Path(self.tls_cert).resolve()}",
+                     f"--grpc-server-key={Path(self.tls_key).resolve()}"]
+            if self.tls_ca:
+                args += ["--grpc-use-ssl-mutual=true", f"--grpc-root-cert={Path(self.tls_ca).resolve()}"]
+        return args
 
 
 class LocalServer:
@@ -152,6 +216,7 @@ class LocalServer:
                 "--exit-on-error=true",
                 f"--exit-timeout-secs={o.exit_timeout_s}",
                 f"--log-verbose={o.log_verbose}",
+                *o.security_args(),
                 *o.extra_args]
 
     def preflight(self) -> dict:
@@ -185,17 +250,33 @@ class LocalServer:
         backend_dir = build_backend_dir(Path(self._tmp.name))
         self.proc = subprocess.Popen(self.command(backend_dir), env=server_env(),
                                      stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                     start_new_session=True)
+                                     start_new_session=True, preexec_fn=_die_with_parent)
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._wait_ready(set(configs))
         return self
 
+    def client_kwargs(self) -> dict:
+        """What a Client needs to talk to this server (TLS files, the restricted-protocol header)."""
+        o = self.options
+        kw: dict = {}
+        if o.tls_cert:
+            kw["ssl"] = True
+            kw["root_certificates"] = str(o.tls_ca or o.tls_cert)
+        if o.restricted_key is not None:
+            kw["key"] = o.restricted_key
+        return kw
+
     def _wait_ready(self, models: set[str]) -> None:
         import tritonclient.grpc as grpcclient
 
         deadline = time.monotonic() + self.options.startup_timeout_s
-        client = grpcclient.InferenceServerClient(self.grpc_url)
+        o = self.options
+        if o.tls_cert:
+            # Readiness over plain HTTP: gRPC with mutual TLS would need a client certificate.
+            client = _HttpHealth(self.http_url)
+        else:
+            client = grpcclient.InferenceServerClient(self.grpc_url)
         try:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
@@ -216,6 +297,36 @@ class LocalServer:
         raise ServerStartError(f"tritonserver was not ready after {self.options.startup_timeout_s:.0f} s; "
                                f"last log lines:\n  " + "\n  ".join(list(self.log_tail)[-8:]))
 
+    def pending_requests(self) -> int | None:
+        """Requests accepted but not answered yet, over all models (Triton's
+        nv_inference_pending_request_count); None when the metrics endpoint does not answer."""
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(self.metrics_url, timeout=2) as r:
+                text = r.read().decode()
+        except OSError:
+            return None
+        return int(sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+                       if line.startswith("nv_inference_pending_request_count{")))
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until no request is pending (three quiet polls in a row) or `timeout` passes.
+
+        Triton's own SIGTERM handling stops every model's scheduler at once, which also refuses
+        the later steps of ensemble requests already in flight ("scheduler for model has stopped
+        accepting new inference requests"): draining first lets those finish.
+        """
+        deadline = time.monotonic() + timeout
+        quiet = 0
+        while time.monotonic() < deadline and self.proc is not None and self.proc.poll() is None:
+            pending = self.pending_requests()
+            quiet = quiet + 1 if pending == 0 else 0
+            if quiet >= 3 or pending is None:
+                return pending == 0
+            time.sleep(0.05)
+        return False
+
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.send_signal(sig)
@@ -224,11 +335,14 @@ class LocalServer:
         assert self.proc is not None
         return self.proc.wait(timeout)
 
-    def stop(self, timeout: float | None = None) -> int | None:
-        """SIGTERM (Triton drains in-flight requests for exit_timeout_s), then SIGKILL."""
+    def stop(self, timeout: float | None = None, drain: bool = True) -> int | None:
+        """Drain pending requests, then SIGTERM (Triton finishes what is executing, up to
+        exit_timeout_s), then SIGKILL if it is still there."""
         if self.proc is None:
             return None
         if self.proc.poll() is None:
+            if drain:
+                self.drain(self.options.exit_timeout_s)
             self.proc.send_signal(signal.SIGTERM)
             try:
                 self.proc.wait(timeout if timeout is not None else self.options.exit_timeout_s + 10)

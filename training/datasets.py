@@ -27,7 +27,14 @@ COLOURS = {
 }
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field",
                   "immunohistochemistry", "retina", "colorwheel", "camera", "coins", "moon",
-                  "brick", "grass", "gravel")
+                  "brick", "grass", "gravel", "motorcycle_left")
+# Photos whose files ship in scikit-image's wheel but have no loader function of their own.
+_SKIMAGE_FILES = {"motorcycle_left": "motorcycle_left.png"}
+# The split for image-to-image models (denoising, inpainting): whole photos held out, never
+# cropped for training. Natural colour scenes on both sides.
+TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
+                "motorcycle_left", "camera", "coins", "moon", "brick", "grass", "gravel")
+HELD_OUT_PHOTOS = ("chelsea", "coffee")
 
 
 @dataclass(frozen=True)
@@ -123,7 +130,12 @@ def skimage_photos(names: tuple[str, ...] | list[str] = SKIMAGE_PHOTOS) -> list[
     for name in names:
         if name not in SKIMAGE_PHOTOS:
             raise DataError(f"unknown scikit-image photo {name!r}; allowed: {', '.join(SKIMAGE_PHOTOS)}")
-        photos.append(to_rgb(getattr(skdata, name)(), f"skimage.data.{name}"))
+        if name in _SKIMAGE_FILES:
+            from pathlib import Path as _P
+
+            photos.append(read_image(_P(skdata.__file__).parent / _SKIMAGE_FILES[name]))
+        else:
+            photos.append(to_rgb(getattr(skdata, name)(), f"skimage.data.{name}"))
     return photos
 
 

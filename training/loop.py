@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +63,39 @@ class TrainConfig:
                 raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
+def train_command(kind: str, train: dict, out: str | Path) -> str:
+    """The full `ganforge train` command line that reproduces a run from its recorded settings:
+    every flag explicit, so later changes of defaults do not change what it means."""
+    net = train["network"]
+    if kind == "dcgan":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]),
+                 ("--batch-size", train["batch_size"]), ("--n-images", train["n_images"]),
+                 ("--z-dim", net["z_dim"]), ("--ngf", net["ngf"]), ("--ndf", net["ndf"]),
+                 ("--resolution", net["resolution"]), ("--lr-g", train["lr_g"]), ("--lr-d", train["lr_d"]),
+                 ("--label-smoothing", train["label_smoothing"]),
+                 ("--instance-noise", train["instance_noise"]), ("--d-dropout", net["d_dropout"]),
+                 ("--sample-every", train["sample_every"])]
+    elif kind == "denoiser":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--patch", train["patch"]), ("--sigma-min", train["sigma"][0]),
+                 ("--sigma-max", train["sigma"][1]), ("--lr", train["lr"]), ("--width", net["width"]),
+                 ("--depth", net["depth"])]
+    elif kind == "inpainter":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
+                 ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
+    elif kind == "progan":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
+                 ("--resolution", net["resolution"]), ("--lr", train["lr"]),
+                 ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
+                 ("--sample-every", train["sample_every"])]
+    else:
+        raise ValueError(f"no train command for kind {kind!r}")
+    flags += [("--seed", train["seed"]), ("--out", str(out))]
+    return " ".join(["ganforge", "train", kind, *(f"{k} {v}" for k, v in flags)])
+
+
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     """uint8 NHWC -> float NCHW in [-1, 1]."""
     return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
@@ -93,7 +125,6 @@ class GANTrainer:
         self.fixed_z = torch.from_numpy(
             np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
         self.step = 0
-        self.command = " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None
 
     def real_batch(self) -> torch.Tensor:
         idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
@@ -147,7 +178,7 @@ class GANTrainer:
     def save(self) -> Path:
         return save_checkpoint(
             self.out / "checkpoint.pt", "dcgan", self.cfg.network, {"G": self.G, "D": self.D},
-            step=self.step, data=self.cfg.data, seed=self.cfg.seed, command=self.command,
+            step=self.step, data=self.cfg.data, seed=self.cfg.seed,
             train=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
 
 

@@ -498,8 +498,8 @@ def train_from_args(args) -> int:
         net = ProGANConfig(z_dim=args.z_dim, resolution=args.resolution)
     except ValueError as exc:
         raise UsageError(f"network: {exc}") from None
-    cfg = ProGANTrainConfig(data=args.data, n_images=args.n_images, steps=args.steps,
-                            batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
+                            batch_size=args.batch_size or 32, lr=args.lr or 1e-3, seed=args.seed,
                             stable_images=args.stable_images, fade_images=args.fade_images,
                             sample_every=args.sample_every, network=net)
     if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():

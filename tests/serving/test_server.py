@@ -185,3 +185,20 @@ def test_cli_models_lists_every_model_ready(server):
     assert rows[0].split() == ["MODEL", "VERSION", "STATE"]
     assert sorted(row.split()[0] for row in rows[1:]) == ["tiny", "tiny_generator", "tiny_sampler"]
     assert all(row.split()[2] == "READY" for row in rows[1:])
+
+
+def test_client_verbs_run_without_torch(server, tmp_path):
+    """The inference path never imports torch: generate and models work with torch unimportable."""
+    import subprocess
+    import sys
+
+    code = ("import sys; sys.modules['torch'] = None\n"
+            "from ganforge.cli import main\n"
+            f"rc = main(['generate', '--url', '{server.grpc_url}', '--model', 'tiny', '--seed', '1',"
+            f" '--count', '2', '--out', r'{tmp_path}'])\n"
+            f"rc |= main(['models', '--url', '{server.grpc_url}'])\n"
+            "assert 'torch' not in sys.modules or sys.modules['torch'] is None\n"
+            "sys.exit(rc)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "seed1_grid.png").is_file()

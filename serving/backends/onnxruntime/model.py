@@ -7,7 +7,8 @@ Per model instance: one InferenceSession built in `initialize`. Per `execute`: t
 inputs are checked one by one (a bad one gets its own INVALID_ARG answer), the good ones are
 concatenated along the batch axis, run once, and the outputs split back in request order.
 
-Config parameters read (string values): `intra_op_thread_count`, `inter_op_thread_count`.
+Config parameters read (string values): `intra_op_thread_count`, `inter_op_thread_count`,
+`allow_spinning` ("0" or "1", ONNX Runtime's session.intra_op.allow_spinning).
 """
 
 import json
@@ -38,6 +39,10 @@ class TritonPythonModel:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = int(params.get("intra_op_thread_count") or 0)
         opts.inter_op_num_threads = int(params.get("inter_op_thread_count") or 0)
+        # ORT's intra-op threads spin while waiting for work; beside Triton's own threads on a
+        # small CPU that spinning steals the cores the gRPC frontend needs.
+        opts.add_session_config_entry("session.intra_op.allow_spinning",
+                                      params.get("allow_spinning", "1"))
         providers = ["CPUExecutionProvider"]
         if args.get("model_instance_kind") == "GPU" and "CUDAExecutionProvider" in ort.get_available_providers():
             providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}))
@@ -63,6 +68,8 @@ class TritonPythonModel:
                 expected = ", ".join(map(str, dims))
                 raise ValueError(f"input '{name}': shape {list(a.shape)} is not allowed; expected "
                                  + (f"[batch, {expected}]" if self.max_batch_size > 0 else f"[{expected}]"))
+            if a.dtype.kind == "f" and not np.isfinite(a).all():
+                raise ValueError(f"input '{name}': contains NaN or infinite values; send finite numbers")
             if self.max_batch_size <= 0:
                 batch = 0
             elif batch is None:

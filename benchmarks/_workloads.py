@@ -1,0 +1,85 @@
+"""Requests for each kind of served model, built from the model's own config: shared by the
+serving benchmark and the load test. numpy only (no torch)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from ganforge.serving.repository import read_config
+
+
+@dataclass
+class Workload:
+    """One model and how to build a request of `batch` items for it."""
+
+    kind: str            # generate | generator | denoise | inpaint
+    model: str
+    inputs: dict         # name -> (dtype, dims without batch)
+    max_batch: int
+    onnx_path: str | None = None
+
+    def request(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        if self.kind == "generate":
+            return {"seed": np.array([rng.integers(0, 2**62)], np.int64),
+                    "count": np.array([batch], np.int32)}
+        out = {}
+        for name, (dtype, dims) in self.inputs.items():
+            shape = (batch, *dims)
+            if name == "mask":
+                m = np.zeros(shape, np.uint8)
+                h, w = dims[0], dims[1]
+                m[:, h // 4: 3 * h // 4, w // 4: 3 * w // 4] = 255
+                out[name] = m
+            elif dtype == np.uint8:
+                out[name] = rng.integers(0, 256, shape, dtype=np.uint8)
+            else:
+                out[name] = rng.standard_normal(shape).astype(dtype)
+        return out
+
+
+DTYPES = {"TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8, "TYPE_INT64": np.int64, "TYPE_INT32": np.int32}
+
+
+def discover(repository) -> dict[str, Workload]:
+    """Workloads for every servable model of a repository, keyed by kind (first model of each)."""
+    from pathlib import Path
+
+    from google.protobuf.json_format import MessageToDict
+
+    found: dict[str, Workload] = {}
+    for d in sorted(Path(repository).iterdir()):
+        if not (d / "config.pbtxt").is_file():
+            continue
+        cfg = MessageToDict(read_config(d / "config.pbtxt"), preserving_proto_field_name=True)
+        inputs = {i["name"]: (DTYPES[i["data_type"]], [int(x) for x in i["dims"]]) for i in cfg.get("input", [])}
+        names = set(inputs)
+        onnx = d / "1" / "model.onnx"
+        mb = int(cfg.get("max_batch_size", 0))
+        if cfg.get("platform") == "ensemble" and names == {"seed", "count"}:
+            kind = "generate"
+        elif names == {"latent"}:
+            kind = "generator"
+        elif names == {"image", "mask"}:
+            kind = "inpaint"
+        elif names == {"image"}:
+            kind = "denoise"
+        else:
+            continue
+        found.setdefault(kind, Workload(kind, d.name, inputs, mb, str(onnx) if onnx.is_file() else None))
+    return found
+
+
+def percentiles(latencies_s: list[float]) -> dict:
+    if not latencies_s:
+        return {"p50_ms": None, "p95_ms": None, "p99_ms": None}
+    a = np.asarray(latencies_s) * 1000
+    return {f"p{q}_ms": round(float(np.percentile(a, q)), 3) for q in (50, 95, 99)}
+
+
+def timed(fn, *args) -> float:
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0

@@ -1,0 +1,361 @@
+"""`ganforge bench serve`: the cost of serving, measured side by side in one run.
+
+    ganforge bench serve --json serve.json [--png serve.png] [--repository model_repository]
+                         [--url HOST:PORT] [--quick]
+
+For each kind of model in the repository (generation by seed, raw generator, denoising,
+inpainting), on the same ONNX file and machine:
+  * in-process ONNX Runtime at batch 1/4/16/64 (the peer: what a user would do without a server);
+  * the local embedded Triton over gRPC at batch 1/4/16/64 (concurrency 1 and 2);
+  * batch-1 requests at client concurrency 1/4/16/32/64 with dynamic batching on, and off (a
+    copy of the model whose config has no dynamic_batching, served beside it);
+  * any other server given with --url, for the models it serves.
+Throughput is images/s; latency p50/p95/p99 per request. Also the ceiling: the model's FLOPs per
+image (counted from the ONNX graph) and this machine's measured float32 matmul throughput.
+
+JSON keys: `served_vs_inprocess_ratio` (served batch 16, best of concurrency 1-2, over
+in-process batch 16), `dynamic_batching_ratio` (batch-1 requests at concurrency 32, served,
+over in-process batch 16), `p99_over_p50_at_c32`, per-kind tables, `ceiling`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ganforge.benchmarks._workloads import Workload, discover, percentiles
+
+BATCHES = (1, 4, 16, 64)
+CONCURRENCY = (1, 4, 16, 32, 64)
+
+
+# -- the ceiling ------------------------------------------------------------------------------
+
+def onnx_macs_per_image(path: str) -> int:
+    """Multiply-accumulates of Conv / ConvTranspose / MatMul / Gemm for one image (batch 1)."""
+    import onnx
+    from onnx import shape_inference
+
+    model = onnx.load(path)
+    for inp in model.graph.input:
+        dims = inp.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].Clear()
+            dims[0].dim_value = 1
+    model = shape_inference.infer_shapes(model, data_prop=True)
+    shapes = {}
+    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
+        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
+    for init in model.graph.initializer:
+        shapes[init.name] = list(init.dims)
+    macs = 0
+    for node in model.graph.node:
+        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
+            w = shapes.get(node.input[1])
+            ref = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
+            if not w or not ref or 0 in ref:
+                continue
+            groups = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
+            k = int(np.prod(w[2:]))
+            if node.op_type == "Conv":   # out elems x (Cin/groups x k)
+                macs += int(np.prod(ref)) * (w[1] * k)
+            else:                        # in elems x (Cout/groups x k); weight (Cin, Cout/groups, k)
+                macs += int(np.prod(ref)) * (w[1] * k)
+            del groups
+        elif node.op_type in ("MatMul", "Gemm"):
+            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
+            if a and b and 0 not in a and 0 not in b:
+                macs += int(np.prod(a)) * b[-1]
+    return macs
+
+
+def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
+    """This machine's float32 matmul throughput (FLOP/s), numpy/BLAS on all cores."""
+    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
+    b = a.copy()
+    a @ b
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
+
+
+# -- the peers --------------------------------------------------------------------------------
+
+def run_for(seconds: float, fn, min_iters: int = 3) -> list[float]:
+    lat, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(lat) < min_iters:
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    return lat
+
+
+class InProcess:
+    """The peer: the same ONNX file in this process with ONNX Runtime (same sampler for
+    generation by seed)."""
+
+    def __init__(self, w: Workload, onnx_path: str):
+        import onnxruntime as ort
+
+        self.w = w
+        self.sess = ort.InferenceSession(onnx_path, providers=["CPUExecutionProvider"])
+        self.rng = np.random.default_rng(0)
+
+    def measure(self, batch: int, seconds: float) -> dict:
+        from ganforge.serving.sampler import sample_latents
+
+        if self.w.kind == "generate":
+            z_dim = self.sess.get_inputs()[0].shape[1]
+            fn = lambda: self.sess.run(None, {"latent": sample_latents(int(self.rng.integers(1 << 40)), batch, z_dim)})
+        else:
+            feed = self.w.request(batch, self.rng)
+            fn = lambda: self.sess.run(None, feed)
+        fn()  # warm
+        lat = run_for(seconds, fn)
+        return {"images_per_s": round(batch * len(lat) / sum(lat), 2), **percentiles(lat)}
+
+
+def inprocess(w: Workload, onnx_path: str, seconds: float) -> dict:
+    peer = InProcess(w, onnx_path)
+    return {b: peer.measure(b, seconds) for b in BATCHES if b <= w.max_batch_for_bench}
+
+
+def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, rounds: int) -> dict:
+    """The headline ratios, measured in alternating rounds (in-process b16, served b16,
+    served batch-1 at concurrency 32) so that load from elsewhere on a shared machine hits both
+    sides alike; the median over rounds is reported with every round's value."""
+    peer = InProcess(w, onnx_path)
+    b16 = min(16, w.max_batch_for_bench)
+    served_ratio, dyn_ratio, p99_p50 = [], [], []
+    for _ in range(rounds):
+        ip = peer.measure(b16, seconds)["images_per_s"]
+        s16 = max(served(url, w.model, w, b16, c, seconds)["images_per_s"] for c in (1, 2))
+        c32 = served(url, w.model, w, 1, 32, seconds)
+        served_ratio.append(round(s16 / ip, 3))
+        dyn_ratio.append(round(c32["images_per_s"] / ip, 3))
+        p99_p50.append(round(c32["p99_ms"] / c32["p50_ms"], 2))
+    med = lambda xs: float(np.median(xs))
+    return {"served_vs_inprocess_ratio": med(served_ratio), "served_vs_inprocess_rounds": served_ratio,
+            "dynamic_batching_ratio": med(dyn_ratio), "dynamic_batching_rounds": dyn_ratio,
+            "p99_over_p50_at_c32": med(p99_p50), "p99_over_p50_rounds": p99_p50}
+
+
+def served(url: str, model: str, w: Workload, batch: int, concurrency: int, seconds: float) -> dict:
+    """`concurrency` requests kept in flight for `seconds` with tritonclient's asyncio gRPC
+    client on one event loop: the cheapest client for the shared CPU (measured here: 64 Python
+    threads with blocking clients cost the server about half its throughput at concurrency 32)."""
+
+    return asyncio.run(_served(url, model, w, batch, concurrency, seconds))
+
+
+async def _served(url, model, w, batch, concurrency, seconds) -> dict:
+    import tritonclient.grpc as grpcclient
+    import tritonclient.grpc.aio as aioclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    from ganforge.serving.client import MAX_MESSAGE_BYTES
+
+    client = aioclient.InferenceServerClient(
+        url, channel_args=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+    rng = np.random.default_rng(batch * 1000 + concurrency)
+
+    def make_inputs():
+        out = []
+        for name, array in w.request(batch, rng).items():
+            t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+            t.set_data_from_numpy(array)
+            out.append(t)
+        return out
+
+    lat: list[float] = []
+    errors: list[str] = []
+    try:
+        per_worker = [make_inputs() for _ in range(concurrency)]
+        await client.infer(model, per_worker[0])  # warm the channel
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(inputs):
+            while time.perf_counter() < stop_at:
+                t = time.perf_counter()
+                try:
+                    result = await client.infer(model, inputs)
+                    result.as_numpy("image")
+                    lat.append(time.perf_counter() - t)
+                except Exception as exc:  # counted and reported, never hidden
+                    errors.append(str(exc)[:200])
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in per_worker))
+        elapsed = time.perf_counter() - t0
+    finally:
+        await client.close()
+    return {"images_per_s": round(batch * len(lat) / elapsed, 2), "requests": len(lat),
+            "errors": len(errors), **percentiles(lat)}
+
+
+def without_dynamic_batching(repository: Path, w: Workload, dest: Path) -> str:
+    """Copy the model directory under `<model>_nobatch` with dynamic_batching removed."""
+    from ganforge.serving import repository as repo
+
+    src = repository / w.model
+    name = f"{w.model}_nobatch"
+    shutil.copytree(src, dest / name)
+    (dest / name / "manifest.json").unlink(missing_ok=True)
+    cfg = repo.read_config(dest / name / "config.pbtxt")
+    cfg.name = name
+    cfg.ClearField("dynamic_batching")
+    repo.write_config(dest / name, cfg)
+    return name
+
+
+def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[str],
+                     rounds: int) -> dict:
+    from ganforge.serving.server import LocalServer, ServerOptions, free_port
+
+    workloads = discover(repository)
+    if not workloads:
+        raise SystemExit(f"Error: --repository: no servable models in {repository}")
+    tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-"))
+    try:
+        for d in repository.iterdir():
+            if d.is_dir() and (d / "config.pbtxt").is_file():
+                shutil.copytree(d, tmp / d.name)
+        nobatch = {}
+        for kind, w in workloads.items():
+            if w.kind != "generate" and w.max_batch > 0:
+                nobatch[kind] = without_dynamic_batching(repository, w, tmp)
+        opts = ServerOptions(model_repository=tmp, grpc_port=free_port(), http_port=free_port(),
+                             metrics_port=free_port())
+        results: dict = {"kinds": {}}
+        with LocalServer(opts) as server:
+            targets = {"embedded": server.grpc_url, **{f"url:{u}": u for u in urls}}
+            for kind, w in workloads.items():
+                gen_onnx = w.onnx_path or str(repository / f"{w.model}_generator" / "1" / "model.onnx")
+                w.max_batch_for_bench = 64 if kind == "generate" else w.max_batch
+                print(f"[{kind}] {w.model}: in-process ONNX Runtime", flush=True)
+                row = {"model": w.model, "inprocess": inprocess(w, gen_onnx, seconds)}
+                for label, url in targets.items():
+                    print(f"[{kind}] {w.model}: served ({label})", flush=True)
+                    by_batch = {}
+                    for b in BATCHES:
+                        if b > w.max_batch_for_bench:
+                            continue
+                        runs = [served(url, w.model, w, b, c, seconds) for c in ((1, 2) if not quick else (2,))]
+                        best = max(runs, key=lambda r: r["images_per_s"])
+                        by_batch[b] = {**best, "concurrency": (1, 2)[runs.index(best)] if not quick else 2}
+                    conc = {}
+                    for c in CONCURRENCY:
+                        conc[c] = served(url, w.model, w, 1, c, seconds)
+                    row[label] = {"by_batch": by_batch, "batch1_by_concurrency": conc}
+                    if kind in nobatch and label == "embedded":
+                        print(f"[{kind}] {w.model}: served, dynamic batching off", flush=True)
+                        row["embedded_no_dynamic_batching"] = {
+                            "batch1_by_concurrency": {c: served(url, nobatch[kind], w, 1, c, seconds)
+                                                      for c in CONCURRENCY}}
+                print(f"[{kind}] {w.model}: headline ratios, {rounds} interleaved rounds", flush=True)
+                row["headline"] = interleaved_ratios(server.grpc_url, w, gen_onnx, seconds, rounds)
+                macs = onnx_macs_per_image(gen_onnx)
+                row["macs_per_image"] = macs
+                results["kinds"][kind] = row
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return results
+
+
+def summarise(results: dict, flops: float) -> dict:
+    summary = {}
+    for kind, row in results["kinds"].items():
+        ip16 = row["inprocess"].get(16, row["inprocess"][max(row["inprocess"])])["images_per_s"]
+        emb = row["embedded"]
+        s16 = emb["by_batch"].get(16, emb["by_batch"][max(emb["by_batch"])])["images_per_s"]
+        c32 = emb["batch1_by_concurrency"][32]
+        best_ip = max(v["images_per_s"] for v in row["inprocess"].values())
+        head = row["headline"]
+        summary[kind] = {
+            "served_vs_inprocess_ratio": head["served_vs_inprocess_ratio"],
+            "dynamic_batching_ratio": head["dynamic_batching_ratio"],
+            "p99_over_p50_at_c32": head["p99_over_p50_at_c32"],
+            "rounds": {k: v for k, v in head.items() if k.endswith("_rounds")},
+            "inprocess_batch16_images_per_s": ip16,
+            "served_batch16_images_per_s": s16,
+            "served_batch1_c32_images_per_s": c32["images_per_s"],
+            "gflop_per_image": round(2 * row["macs_per_image"] / 1e9, 4),
+            "fraction_of_matmul_peak_inprocess_best": round(best_ip * 2 * row["macs_per_image"] / flops, 3),
+        }
+        if "embedded_no_dynamic_batching" in row:
+            off = row["embedded_no_dynamic_batching"]["batch1_by_concurrency"][32]["images_per_s"]
+            summary[kind]["dynamic_batching_speedup_at_c32"] = round(c32["images_per_s"] / off, 2) if off else None
+    return summary
+
+
+def plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    kinds = list(results["kinds"])
+    fig, axes = plt.subplots(1, len(kinds), figsize=(5 * len(kinds), 4), squeeze=False)
+    for ax, kind in zip(axes[0], kinds):
+        row = results["kinds"][kind]
+        xs = list(CONCURRENCY)
+        ax.plot(xs, [row["embedded"]["batch1_by_concurrency"][c]["images_per_s"] for c in xs], "o-",
+                label="served, batch-1 requests, dynamic batching")
+        if "embedded_no_dynamic_batching" in row:
+            ax.plot(xs, [row["embedded_no_dynamic_batching"]["batch1_by_concurrency"][c]["images_per_s"]
+                         for c in xs], "s--", label="served, no dynamic batching")
+        ip = row["inprocess"]
+        ax.axhline(ip.get(16, ip[max(ip)])["images_per_s"], color="k", ls=":", label="in-process ORT, batch 16")
+        ax.axhline(ip[1]["images_per_s"], color="grey", ls=":", label="in-process ORT, batch 1")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("client concurrency")
+        ax.set_ylabel("images/s")
+        ax.set_title(f"{kind}: {row['model']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def run(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="ganforge bench serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--repository", default="model_repository", type=Path)
+    p.add_argument("--url", action="append", default=[], help="another Triton server to measure too")
+    p.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
+    p.add_argument("--quick", action="store_true", help="1 s per measurement")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the ratios (5; quick 3)")
+    p.add_argument("--json", default="serve.json")
+    p.add_argument("--png", default=None)
+    a = p.parse_args(argv)
+    seconds = a.seconds or (1.0 if a.quick else 3.0)
+    t0 = time.perf_counter()
+    flops = matmul_flops()
+    rounds = a.rounds or (3 if a.quick else 5)
+    results = bench_repository(a.repository, seconds, a.quick, a.url, rounds)
+    results["ceiling"] = {"matmul_gflops": round(flops / 1e9, 1)}
+    results["summary"] = summarise(results, flops)
+    # the top-level keys the docs quote: generation by seed, the product's main path
+    main = results["summary"].get("generate") or next(iter(results["summary"].values()))
+    for key in ("served_vs_inprocess_ratio", "dynamic_batching_ratio", "p99_over_p50_at_c32"):
+        results[key] = main[key]
+    results["seconds_per_measurement"] = seconds
+    results["wall_s"] = round(time.perf_counter() - t0, 1)
+    Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
+    png = Path(a.png) if a.png else Path(a.json).with_suffix(".png")
+    plot(results, png)
+    print(f"\n{'kind':<10} {'served/in-process b16':>22} {'dyn.batch ratio c32':>20} {'p99/p50 c32':>12} {'GFLOP/img':>10}")
+    for kind, s in results["summary"].items():
+        print(f"{kind:<10} {s['served_vs_inprocess_ratio']:>22} {s['dynamic_batching_ratio']:>20} "
+              f"{s['p99_over_p50_at_c32']!s:>12} {s['gflop_per_image']:>10}")
+    print(f"matmul ceiling {results['ceiling']['matmul_gflops']} GFLOP/s; wall {results['wall_s']} s; "
+          f"wrote {a.json} and {png}")
+    return 0

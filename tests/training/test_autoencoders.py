@@ -1,0 +1,84 @@
+import numpy as np
+import pytest
+import torch
+
+from ganforge import masks
+from ganforge.errors import DataError
+from ganforge.training.autoencoders import (PCA, AEConfig, AutoEncoder, Denoiser, DenoiserConfig,
+                                            gaussian_noise, masked_mse, random_mask,
+                                            reconstruction_error, salt_and_pepper)
+
+
+def test_pca_reconstruction_error_equals_the_sum_of_discarded_eigenvalues():
+    rng = np.random.default_rng(0)
+    Y = rng.standard_normal((200, 12)) @ rng.standard_normal((12, 12))
+    for k in (1, 4, 8, 12):
+        pca = PCA.fit(Y, k)
+        E = reconstruction_error(Y, pca.reconstruct(Y))
+        # E = (P - 1) * sum of the eigenvalues of the sample covariance left out
+        assert E == pytest.approx((len(Y) - 1) * pca.eigenvalues[k:].sum(), rel=1e-9, abs=1e-9)
+    assert reconstruction_error(Y, PCA.fit(Y, 12).reconstruct(Y)) == pytest.approx(0, abs=1e-12)
+
+
+def test_autoencoder_maps_patterns_through_a_k_dimensional_code():
+    ae = AutoEncoder(AEConfig(input_dim=48, code_dim=5, hidden=16))
+    y = torch.randn(7, 48)
+    assert ae.G(y).shape == (7, 5) and ae(y).shape == (7, 48)
+
+
+def test_masked_loss_ignores_the_known_region():
+    target = torch.zeros(2, 3, 8, 8)
+    mask = torch.zeros(2, 1, 8, 8)
+    mask[:, :, 2:4, 2:4] = 1
+    pred = torch.randn(2, 3, 8, 8) * 10
+    pred_hole_right = pred * (1 - mask)            # hole exactly right, known region wildly wrong
+    assert float(masked_mse(pred_hole_right, target, mask)) == 0.0
+    pred_hole_wrong = pred_hole_right + mask * 1.0
+    assert float(masked_mse(pred_hole_wrong, target, mask)) == pytest.approx(1.0)
+
+
+def test_corruption_processes_are_seeded():
+    x = torch.rand(4, 3, 16, 16) * 2 - 1
+    g = lambda: torch.Generator().manual_seed(7)
+    assert torch.equal(gaussian_noise(x, 25.0, g()), gaussian_noise(x, 25.0, g()))
+    assert torch.equal(gaussian_noise(x, (5.0, 50.0), g()), gaussian_noise(x, (5.0, 50.0), g()))
+    assert torch.equal(salt_and_pepper(x, 0.2, g()), salt_and_pepper(x, 0.2, g()))
+    assert torch.equal(random_mask(x.shape, 0.5, g(), patch=4), random_mask(x.shape, 0.5, g(), patch=4))
+    assert not torch.equal(gaussian_noise(x, 25.0, g()), gaussian_noise(x, 25.0, torch.Generator().manual_seed(8)))
+    # sigma on the 0-255 scale: the noise std in [-1, 1] units is 2 * sigma / 255
+    big = torch.zeros(1, 3, 256, 256)
+    assert float(gaussian_noise(big, 25.0, g()).std()) == pytest.approx(50 / 255, rel=0.02)
+    ratio = float(random_mask((8, 1, 64, 64), 0.3, g()).mean())
+    assert ratio == pytest.approx(0.3, abs=0.02)
+
+
+def test_masks_are_seeded_and_cover_what_they_say():
+    assert np.array_equal(masks.strokes(64, 64, 3), masks.strokes(64, 64, 3))
+    assert not np.array_equal(masks.strokes(64, 64, 3), masks.strokes(64, 64, 4))
+    assert (masks.centre(64, 64) > 0).mean() == pytest.approx(0.25)
+    for kind in ("centre", "blocks", "strokes"):
+        m = masks.make(kind, 48, 64, 1)
+        assert m.shape == (48, 64) and set(np.unique(m)) <= {0, 255} and m.any()
+    with pytest.raises(DataError, match="mask kind: 'star' is not allowed"):
+        masks.make("star", 8, 8)
+
+
+def test_mask_images_of_any_format_become_binary():
+    grey = np.array([[0, 127, 128, 255]], np.uint8)
+    assert masks.to_binary(grey).tolist() == [[0, 0, 255, 255]]
+    deep = np.array([[0, 40000]], np.uint16)
+    assert masks.to_binary(deep).tolist() == [[0, 255]]
+    rgba = np.zeros((1, 2, 4), np.uint8)
+    rgba[0, :, :3] = 255
+    rgba[0, 1, 3] = 255          # only the opaque white pixel is a hole
+    assert masks.to_binary(rgba).tolist() == [[0, 255]]
+
+
+def test_the_denoiser_is_fully_convolutional_and_learns_the_residual():
+    net = Denoiser(DenoiserConfig(width=4, depth=3)).eval()
+    for h, w in ((17, 23), (64, 40)):
+        x = torch.rand(1, 3, h, w)
+        assert net(x).shape == (1, 3, h, w)
+    with torch.no_grad():
+        x = torch.rand(2, 3, 8, 8)
+        assert torch.allclose(net(x), x - net.body(x))

@@ -1,0 +1,279 @@
+"""From PCA to denoising: the linear baseline, the autoencoder as nonlinear PCA, corruption
+processes q0(x, x̂), denoising / masked autoencoders and a convolutional denoiser.
+
+    PCA          Y' = W Wᵀ (Y − μ) + μ, W the top-k principal directions (numpy SVD)
+    AE           Y' = H(G(Y)): encoder G to a k-dim code, decoder H back
+    error        E = Σ_p Σ_i (Y_i − Y'_i)²_p   (sum over patterns p and components i)
+    DAE / MAE    argmin E_{q0(x, x̂)} L_H(x, g(f(x̂))), x̂ a corrupted x (noise, masking)
+
+The denoiser is fully convolutional (any image size) and learns the residual (the noise), as
+in DnCNN (Zhang et al., 2017).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ganforge.errors import UsageError
+from ganforge.images import save_grid
+from ganforge.progress import Progress
+from ganforge.training import datasets
+from ganforge.training.gan import CONFIGS, save_checkpoint
+
+# ---------------------------------------------------------------------------------------------
+# PCA, the linear baseline
+
+
+@dataclass
+class PCA:
+    mean: np.ndarray        # (D,)
+    components: np.ndarray  # (k, D), orthonormal rows
+    eigenvalues: np.ndarray  # (D',) all eigenvalues of the sample covariance, descending
+
+    @classmethod
+    def fit(cls, Y: np.ndarray, k: int) -> "PCA":
+        """Y: (P, D) patterns. Eigen-decomposition of the covariance through the SVD of Y − μ."""
+        Y = np.asarray(Y, np.float64)
+        mean = Y.mean(0)
+        _, s, vt = np.linalg.svd(Y - mean, full_matrices=False)
+        return cls(mean=mean, components=vt[:k], eigenvalues=s ** 2 / (len(Y) - 1))
+
+    def encode(self, Y: np.ndarray) -> np.ndarray:
+        return (np.asarray(Y, np.float64) - self.mean) @ self.components.T
+
+    def decode(self, codes: np.ndarray) -> np.ndarray:
+        return codes @ self.components + self.mean
+
+    def reconstruct(self, Y: np.ndarray) -> np.ndarray:
+        return self.decode(self.encode(Y))
+
+
+def reconstruction_error(Y: np.ndarray, Y_rec: np.ndarray) -> float:
+    """E = Σ_p Σ_i (Y_i − Y'_i)²_p."""
+    return float(((np.asarray(Y, np.float64) - np.asarray(Y_rec, np.float64)) ** 2).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Corruption processes q0(x, x̂): torch, seeded through the generator passed in
+
+
+def gaussian_noise(x: torch.Tensor, sigma: float | tuple[float, float], gen: torch.Generator) -> torch.Tensor:
+    """x in [-1, 1]; sigma on the 0-255 scale, one value or a (low, high) range per image."""
+    if isinstance(sigma, tuple):
+        s = torch.empty(x.shape[0], 1, 1, 1).uniform_(sigma[0], sigma[1], generator=gen)
+    else:
+        s = torch.full((x.shape[0], 1, 1, 1), float(sigma))
+    return x + torch.randn(x.shape, generator=gen) * (s * 2.0 / 255.0)
+
+
+def salt_and_pepper(x: torch.Tensor, ratio: float, gen: torch.Generator) -> torch.Tensor:
+    r = torch.rand(x.shape[0], 1, *x.shape[2:], generator=gen)
+    out = x.clone()
+    out = torch.where(r < ratio / 2, torch.full_like(x, -1.0), out)
+    return torch.where((r >= ratio / 2) & (r < ratio), torch.full_like(x, 1.0), out)
+
+
+def random_mask(shape: tuple[int, ...], ratio: float, gen: torch.Generator, patch: int = 1) -> torch.Tensor:
+    """(B, 1, H, W) mask, 1 = hidden, over pixels (patch=1) or patch×patch blocks."""
+    b, _, h, w = shape
+    gh, gw = -(-h // patch), -(-w // patch)
+    m = (torch.rand(b, 1, gh, gw, generator=gen) < ratio).float()
+    if patch > 1:
+        m = m.repeat_interleave(patch, 2).repeat_interleave(patch, 3)[:, :, :h, :w]
+    return m
+
+
+def masked(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Hide the masked pixels (set to 0, the middle grey of [-1, 1])."""
+    return x * (1 - mask)
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the masked (hidden) pixels only; the known region adds nothing."""
+    m = mask.expand_as(pred)
+    return ((pred - target) ** 2 * m).sum() / m.sum().clamp(min=1.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Networks
+
+
+@dataclass(frozen=True)
+class AEConfig:
+    """A fully connected autoencoder on flattened patches: nonlinear PCA."""
+
+    input_dim: int = 3 * 16 * 16   # D, the flattened pattern size
+    code_dim: int = 32             # k, the bottleneck
+    hidden: int = 512              # width of the hidden layer on each side
+
+
+class AutoEncoder(nn.Module):
+    def __init__(self, cfg: AEConfig):
+        super().__init__()
+        self.cfg = cfg
+        # patterns are centred and scaled with the training set's statistics, as PCA centres
+        self.register_buffer("mean", torch.zeros(cfg.input_dim))
+        self.register_buffer("scale", torch.ones(()))
+        self.G = nn.Sequential(nn.Linear(cfg.input_dim, cfg.hidden), nn.ReLU(True),
+                               nn.Linear(cfg.hidden, cfg.code_dim))            # encoder: (B, D) -> (B, k)
+        self.H = nn.Sequential(nn.Linear(cfg.code_dim, cfg.hidden), nn.ReLU(True),
+                               nn.Linear(cfg.hidden, cfg.input_dim))            # decoder: (B, k) -> (B, D)
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return self.H(self.G((y - self.mean) / self.scale)) * self.scale + self.mean
+
+
+@dataclass(frozen=True)
+class DenoiserConfig:
+    channels: int = 3       # image channels
+    width: int = 48         # feature maps per hidden layer
+    depth: int = 8          # conv layers in all (receptive field 2*depth+1 pixels)
+    residual: bool = True   # predict the noise and subtract it (DnCNN)
+
+
+class Denoiser(nn.Module):
+    """(B, C, H, W) in [-1, 1] -> (B, C, H, W), any H and W."""
+
+    def __init__(self, cfg: DenoiserConfig):
+        super().__init__()
+        self.cfg = cfg
+        layers: list[nn.Module] = [nn.Conv2d(cfg.channels, cfg.width, 3, padding=1), nn.ReLU(True)]
+        for _ in range(cfg.depth - 2):
+            layers += [nn.Conv2d(cfg.width, cfg.width, 3, padding=1), nn.ReLU(True)]
+        layers.append(nn.Conv2d(cfg.width, cfg.channels, 3, padding=1))
+        self.body = nn.Sequential(*layers)   # state size. C x H x W throughout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.body(x)
+        return x - y if self.cfg.residual else y
+
+
+CONFIGS["ae"] = AEConfig
+CONFIGS["denoiser"] = DenoiserConfig
+
+
+# ---------------------------------------------------------------------------------------------
+# Training the denoiser
+
+
+@dataclass
+class DenoiserTrainConfig:
+    data: str = "photos"                 # 'photos' (the training split) or a folder of images
+    steps: int = 2000
+    batch_size: int = 32
+    patch: int = 48                      # training crop side
+    sigma: tuple[float, float] = (5.0, 55.0)  # Gaussian noise range, 0-255 scale
+    lr: float = 1e-3
+    seed: int = 0
+    threads: int = 0
+    log_every: int = 25
+    network: DenoiserConfig = field(default_factory=DenoiserConfig)
+
+
+def training_photos(data: str) -> list[np.ndarray]:
+    if data == "photos":
+        return datasets.skimage_photos(datasets.TRAIN_PHOTOS)
+    if Path(data).is_dir():
+        return datasets.folder_photos(data)
+    raise UsageError(f"--data: {data!r} is neither 'photos' nor an existing folder")
+
+
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
+    mse = float(((a.astype(np.float64) - b.astype(np.float64)) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
+
+
+def train_denoiser(cfg: DenoiserTrainConfig, out: str | Path, progress: bool = True) -> dict:
+    """Train the convolutional denoiser on noisy crops; write checkpoint, metrics, samples."""
+    out = Path(out)
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.patch < 8:
+        raise UsageError(f"denoiser: steps {cfg.steps}, batch size {cfg.batch_size}, patch {cfg.patch} "
+                         f"not allowed; need steps >= 1, batch size >= 1, patch >= 8")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    photos = training_photos(cfg.data)
+    pool = datasets.random_crops(photos, max(4096, cfg.batch_size), cfg.patch, cfg.seed, scale=(0.05, 0.5))
+    net = Denoiser(cfg.network)
+    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
+    rng = np.random.default_rng(cfg.seed)
+    (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    bar = Progress(cfg.steps, "train denoiser", unit="step", enabled=progress)
+    t0 = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as metrics:
+        for step in range(1, cfg.steps + 1):
+            x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            noisy = gaussian_noise(x, cfg.sigma, gen)
+            loss = F.mse_loss(net(noisy), x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            sched.step()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                # PSNR in grey levels of the clean vs denoised batch
+                p = 10 * np.log10(4.0 / max(float(loss.detach()), 1e-12))
+                metrics.write(json.dumps({"step": step, "loss": float(loss.detach()), "psnr": round(p, 3),
+                                          "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+                metrics.flush()
+            bar.update(1, status=f"loss {float(loss.detach()):.5f}")
+    bar.close()
+    net.eval()
+    ckpt = save_checkpoint(out / "checkpoint.pt", "denoiser", cfg.network, {"net": net}, step=cfg.steps,
+                           data=cfg.data, seed=cfg.seed, train=json.loads(json.dumps(asdict(cfg))))
+    # a picture: held-out crops, noisy at sigma 25, denoised
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, 96, seed=1)
+    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
+    noisy = gaussian_noise(x, 25.0, torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        den = net(noisy)
+    to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    save_grid(np.concatenate([held, to8(noisy), to8(den)]), out / "samples.png", nrow=8)
+    return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
+            "seconds": round(time.perf_counter() - t0, 1), "loss": float(loss.detach())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder as nonlinear PCA, trained on E
+
+
+def train_autoencoder(Y: np.ndarray, code_dim: int, steps: int = 1500, batch_size: int = 256,
+                      hidden: int = 512, lr: float = 1e-3, seed: int = 0) -> AutoEncoder:
+    """Fit Y' = H(G(Y)) to (P, D) patterns by minimising E (per batch, mean over patterns)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    Yt = torch.from_numpy(np.asarray(Y, np.float32))
+    ae = AutoEncoder(AEConfig(input_dim=Yt.shape[1], code_dim=code_dim, hidden=hidden))
+    ae.mean.copy_(Yt.mean(0))
+    ae.scale.fill_(float((Yt - Yt.mean(0)).std()))
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        y = Yt[rng.integers(0, len(Yt), batch_size)]
+        loss = ((ae(y) - y) ** 2).sum(dim=1).mean()   # E per pattern
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return ae.eval()
+
+
+def patches(photos: list[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size*size*3) patterns in [0, 1] from random crops (no resizing)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size * size * 3), np.float32)
+    for i in range(n):
+        ph = photos[int(rng.integers(len(photos)))]
+        y, x = int(rng.integers(0, ph.shape[0] - size + 1)), int(rng.integers(0, ph.shape[1] - size + 1))
+        out[i] = ph[y:y + size, x:x + size].reshape(-1) / 255.0
+    return out

@@ -1,0 +1,171 @@
+"""The context encoder for inpainting (Pathak et al., 2016), as in the course:
+
+    L_rec = ‖M ⊙ (x − F((1−M) ⊙ x))‖²          (masked L2: the hole only)
+    L_adv = max_D E[log D(x) + log(1 − D(F((1−M) ⊙ x)))]
+    L     = λ_rec L_rec + λ_adv L_adv,  λ_rec = 0.999, λ_adv = 0.001
+
+F, the generator, is fed the masked image (and the mask), not noise. Here F is a convolutional
+encoder-decoder with dilated convolutions at the bottleneck (a receptive field wider than the
+holes, as in Iizuka et al. 2017), so it runs on any tile size; D is a DCGAN-style discriminator
+on the completed image. The s_G / s_D scores of the adversarial part are logged like a GAN's.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ganforge import masks as maskgen
+from ganforge.errors import UsageError
+from ganforge.images import save_grid
+from ganforge.progress import Progress
+from ganforge.training import datasets
+from ganforge.training.autoencoders import masked_mse, training_photos
+from ganforge.training.gan import CONFIGS, save_checkpoint
+
+
+@dataclass(frozen=True)
+class ContextEncoderConfig:
+    width: int = 24            # feature maps after the first conv (x2 per downsampling)
+    dilations: tuple[int, ...] = (2, 4, 8, 2)   # bottleneck dilated 3x3 convs
+    d_width: int = 32          # discriminator filters in its first block
+
+
+class ContextEncoder(nn.Module):
+    """F: (masked image (B, 3, T, T) in [-1, 1], mask (B, 1, T, T)) -> image (B, 3, T, T)."""
+
+    def __init__(self, cfg: ContextEncoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.width
+        act = lambda: nn.ELU(inplace=True)
+        self.encode = nn.Sequential(
+            nn.Conv2d(4, c, 5, padding=2), act(),                           # c x T x T
+            nn.Conv2d(c, 2 * c, 3, stride=2, padding=1), act(),             # 2c x T/2 x T/2
+            nn.Conv2d(2 * c, 4 * c, 3, stride=2, padding=1), act(),         # 4c x T/4 x T/4
+        )
+        self.context = nn.Sequential(*[m for d in cfg.dilations for m in
+                                       (nn.Conv2d(4 * c, 4 * c, 3, padding=d, dilation=d), act())])
+        self.decode = nn.Sequential(
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(4 * c, 2 * c, 3, padding=1), act(),  # 2c x T/2
+            nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * c, c, 3, padding=1), act(),      # c x T
+            nn.Conv2d(c, 3, 3, padding=1), nn.Tanh(),                                                   # 3 x T x T
+        )
+
+    def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
+
+
+class Critic(nn.Module):
+    """D: completed image (B, 3, T, T) -> logit (B,)."""
+
+    def __init__(self, cfg: ContextEncoderConfig):
+        super().__init__()
+        c = cfg.d_width
+        self.main = nn.Sequential(
+            nn.Conv2d(3, c, 4, 2, 1), nn.LeakyReLU(0.2, True),                            # c x T/2
+            nn.Conv2d(c, 2 * c, 4, 2, 1), nn.BatchNorm2d(2 * c), nn.LeakyReLU(0.2, True),  # 2c x T/4
+            nn.Conv2d(2 * c, 4 * c, 4, 2, 1), nn.BatchNorm2d(4 * c), nn.LeakyReLU(0.2, True),  # 4c x T/8
+            nn.Conv2d(4 * c, 1, 3, 1, 1), nn.AdaptiveAvgPool2d(1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x).view(x.shape[0])
+
+
+CONFIGS["inpainter"] = ContextEncoderConfig
+
+
+@dataclass
+class InpaintTrainConfig:
+    data: str = "photos"
+    steps: int = 2000
+    batch_size: int = 16
+    tile: int = 64
+    lambda_rec: float = 0.999
+    lambda_adv: float = 0.001
+    lr: float = 5e-4
+    seed: int = 0
+    threads: int = 0
+    log_every: int = 25
+    network: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
+
+
+def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Known pixels from x, hole pixels from the prediction."""
+    return x * (1 - m) + pred * m
+
+
+def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True) -> dict:
+    out = Path(out)
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.tile < 16 or cfg.tile % 4:
+        raise UsageError(f"inpainter: steps {cfg.steps}, batch size {cfg.batch_size}, tile {cfg.tile} "
+                         f"not allowed; need steps >= 1, batch >= 2, tile a multiple of 4 >= 16")
+    if not (cfg.lambda_rec >= 0 and cfg.lambda_adv >= 0 and cfg.lambda_rec + cfg.lambda_adv > 0):
+        raise UsageError(f"--lambda-rec/--lambda-adv: {cfg.lambda_rec}/{cfg.lambda_adv} not allowed; "
+                         f"both >= 0, not both 0")
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    pool = datasets.random_crops(training_photos(cfg.data), 4096, cfg.tile, cfg.seed, scale=(0.1, 0.6))
+    mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
+    G, D = ContextEncoder(cfg.network), Critic(cfg.network)
+    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
+    (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    bar = Progress(cfg.steps, "train inpainter", unit="step", enabled=progress)
+    t0 = time.perf_counter()
+    with open(out / "metrics.jsonl", "w") as metrics:
+        for step in range(1, cfg.steps + 1):
+            x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]
+            pred = G(x * (1 - m), m)
+            fake = completed(x, pred, m)
+            # D step: real photos -> 1, completions -> 0
+            opt_D.zero_grad(set_to_none=True)
+            d_real, d_fake = D(x), D(fake.detach())
+            loss_D = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
+                      + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
+            loss_D.backward()
+            opt_D.step()
+            # F step: masked L2 over the hole + the adversarial term
+            opt_G.zero_grad(set_to_none=True)
+            l_rec = masked_mse(pred, x, m)
+            d_gen = D(fake)
+            l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+            loss = cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv
+            loss.backward()
+            opt_G.step()
+            if step % cfg.log_every == 0 or step == cfg.steps:
+                p_real = torch.sigmoid(d_real.detach()).mean().item()
+                p_fake = torch.sigmoid(d_fake.detach()).mean().item()
+                metrics.write(json.dumps({
+                    "step": step, "l_rec": float(l_rec.detach()), "l_adv": float(l_adv.detach()),
+                    "loss_D": float(loss_D.detach()),
+                    "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
+                    "hole_psnr": round(10 * np.log10(4.0 / max(float(l_rec.detach()), 1e-12)), 3),
+                    "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+                metrics.flush()
+            bar.update(1, status=f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
+    bar.close()
+    G.eval()
+    ckpt = save_checkpoint(out / "checkpoint.pt", "inpainter", cfg.network, {"net": G, "D": D},
+                           step=cfg.steps, data=cfg.data, seed=cfg.seed,
+                           train=json.loads(json.dumps(asdict(cfg))))
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, cfg.tile, seed=1)
+    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 5000 + i) for i in range(8)])).float().div(255)[:, None]
+    with torch.no_grad():
+        fill = completed(x, G(x * (1 - m), m), m)
+    to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    save_grid(np.concatenate([held, to8(x * (1 - m)), to8(fill)]), out / "samples.png", nrow=8)
+    return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
+            "seconds": round(time.perf_counter() - t0, 1), "l_rec": float(l_rec.detach())}
