@@ -52,6 +52,28 @@ def default_name(payload: dict) -> str:
     return re.sub(r"[^a-z0-9_]+", "_", f"{payload['kind']}_{data}".lower()).strip("_")
 
 
+def _dcgan_generator(payload: dict) -> torch.nn.Module:
+    return build_dcgan(payload)[0]
+
+
+def _progan_generator(payload: dict) -> torch.nn.Module:
+    from ganforge.training.progan import Upsampled, build_progan
+
+    return Upsampled(build_progan(payload)[0]).eval()  # its recorded stage, at full resolution
+
+
+# checkpoint kind -> G (eval mode, z (B, z_dim) -> image (B, C, R, R) in [-1, 1]) from a payload
+GENERATORS = {"dcgan": _dcgan_generator, "progan": _progan_generator}
+
+
+def build_generator(payload: dict) -> tuple[torch.nn.Module, object]:
+    """The generator of any generator checkpoint kind, and its config dataclass (which has
+    z_dim, resolution and channels)."""
+    from ganforge.training.gan import config_from_checkpoint
+
+    return GENERATORS[payload["kind"]](payload), config_from_checkpoint(payload)
+
+
 def _quiet_exporter():
     """torch.onnx's dynamo exporter logs every skipped optional op; keep export output short."""
     for name in ("torch.onnx", "torch._dynamo", "torch.export", "onnxscript"):
@@ -90,13 +112,13 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     _quiet_exporter()
     payload = load_checkpoint(run)
     kind = payload.get("kind")
-    if kind == "dcgan":
+    if kind in GENERATORS:
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
                                 version=version, instances=instances,
                                 intra_op_threads=intra_op_threads, ort_trt=ort_trt, log=log)
     if ort_trt:
         raise UsageError(f"--ort-trt: {kind!r} models have no TensorRT-provider export yet; "
-                         f"allowed for generators (dcgan)")
+                         f"allowed for generators (dcgan, progan)")
     if kind in ("denoiser", "inpainter"):
         from ganforge.export.image import export_image_model
         from ganforge.training.gan import CONFIGS
@@ -142,7 +164,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         UsageError: a bad name, batch size or version.
     """
     _quiet_exporter()
-    payload = load_checkpoint(run, kinds=("dcgan",))
+    payload = load_checkpoint(run, kinds=tuple(GENERATORS))
     name = name or default_name(payload)
     if not re.fullmatch(r"[A-Za-z][A-Za-z0-9_\-]{0,63}", name):
         raise UsageError(f"--name: {name!r} is not allowed; use 1-64 letters, digits, '_' or '-', "
@@ -151,8 +173,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         raise UsageError(f"--max-batch-size: {max_batch_size} is not allowed; must be in [1, 1024]")
     if version < 1:
         raise UsageError(f"--version: {version} is not allowed; must be >= 1")
-    G, _ = build_dcgan(payload)
-    cfg = G.cfg
+    G, cfg = build_generator(payload)
     module = UInt8Images(G).eval()
     repository = Path(repository)
     gen_name, sampler_name = f"{name}_generator", f"{name}_sampler"
@@ -176,6 +197,8 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
             f"(allowed {MAX_PARITY_DIFF}); the model was written to {onnx_path} for inspection")
 
     source = source_info(payload)
+    if "stage" in payload:  # a growing generator: the stage and alpha it was exported at
+        source.update(stage=payload["stage"], alpha=payload["alpha"])
     gen_cfg = repo.onnx_model_config(gen_name, [latent], [image], max_batch_size,
                                      instances=instances, intra_op_threads=intra_op_threads)
     if ort_trt:

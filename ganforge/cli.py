@@ -47,6 +47,11 @@ def _writable_dir(path: str, flag: str = "--out") -> Path:
 def cmd_train(args) -> int:
     from ganforge.training.monitor import Thresholds
 
+    if args.model == "progan":
+        from ganforge.training.progan import train_from_args
+        return train_from_args(args)
+    if args.resume:
+        raise UsageError(f"--resume: not supported for {args.model}; only for progan")
     thresholds = Thresholds.parse(args.thresholds or "")
     if args.model == "mlpgan":
         return _train_mlpgan(args, thresholds)
@@ -367,7 +372,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan", "mlpgan", "denoiser", "inpainter"],
+    t.add_argument("model", choices=["dcgan", "progan", "mlpgan", "denoiser", "inpainter"],
                    help="model family (inpainter: the context encoder; mlpgan: 2-D mixtures)")
     t.add_argument("--data", default=None,
                    help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise); "
@@ -405,6 +410,9 @@ def build_parser() -> Parser:
     t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
     t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
     t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
+    t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
+    t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
+    t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
     t.set_defaults(fn=cmd_train)
 
     dr = sub.add_parser("doctor", help="print the training doctor's report of a run")

@@ -115,6 +115,12 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
                  ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
+    elif kind == "progan":
+        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
+                 ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
+                 ("--resolution", net["resolution"]), ("--lr", train["lr"]),
+                 ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
+                 ("--sample-every", train["sample_every"])]
     else:
         raise ValueError(f"no train command for kind {kind!r}")
     flags += [("--seed", train["seed"]), ("--out", str(out))]

@@ -1,0 +1,160 @@
+"""`ganforge bench progan`: Progressive GAN vs DCGAN, quality (shapes-classifier FD) against
+training wall time, side by side in one run on the same data.
+
+The two arms alternate in short slices (`--slice` seconds of training each, in turn) so both
+see the same load on a shared machine; each arm's clock counts only its own training time.
+Every `--eval-every` seconds of an arm's training, its G (eval mode) draws `--n-fd` images from
+fixed latents and the Fréchet distance to held-out real shapes is measured (not timed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ganforge.training import datasets, metrics
+from ganforge.training.gan import DCGANConfig
+from ganforge.training.loop import GANTrainer, TrainConfig
+from ganforge.training.progan import ProGANConfig, ProGANTrainConfig, ProGANTrainer
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ganforge bench progan", description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--plot", help="PNG path (default: the JSON path with .png)")
+    p.add_argument("--quick", action="store_true",
+                   help="32 px, 150 s per arm, 500 FD samples: a few minutes in all")
+    p.add_argument("--resolution", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=900, help="training seconds per arm")
+    p.add_argument("--eval-every", type=float, default=60, help="training seconds between FDs")
+    p.add_argument("--slice", type=float, default=5, help="seconds per turn before switching arm")
+    p.add_argument("--n-fd", type=int, default=1000, help="samples per FD (generated and real)")
+    p.add_argument("--n-images", type=int, default=4096, help="training pool (shapes, seed 0)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--phase-images", type=int, default=3200,
+                   help="ProGAN images per fade-in and per stable phase")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache-dir", help="where the FD classifier is cached")
+    return p
+
+
+class Arm:
+    def __init__(self, name: str, trainer, generate, z: torch.Tensor):
+        self.name, self.trainer, self.generate, self.z = name, trainer, generate, z
+        self.clock, self.steps = 0.0, 0
+        self.seconds: list[float] = []
+        self.fd: list[float] = []
+
+    def train_for(self, seconds: float) -> None:
+        t0 = time.perf_counter()
+        while time.perf_counter() - t0 < seconds:
+            self.trainer.train_step()
+            self.steps += 1
+        self.clock += time.perf_counter() - t0
+
+
+def run(argv: list[str]) -> int:
+    parser = _parser()
+    if "--quick" in argv:  # the quick size's defaults; flags given explicitly still win
+        parser.set_defaults(resolution=32, seconds=150, eval_every=15, n_fd=500, n_images=2048,
+                            phase_images=1600)
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t_start = time.perf_counter()
+    classifier, accuracy = metrics.load_classifier(args.cache_dir)
+    real = datasets.shapes(args.n_fd, args.resolution, seed=10_000).images  # held out
+    real_f = metrics.features(classifier, real)
+    images = datasets.load_images("shapes", args.n_images, args.resolution, 0)
+    z = torch.from_numpy(np.random.default_rng(99).standard_normal((args.n_fd, 64)).astype(np.float32))
+
+    dc = GANTrainer(TrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
+                                label_smoothing=0.1, instance_noise=0.1,
+                                network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path("."))
+    pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
+                                         stable_images=args.phase_images,
+                                         fade_images=args.phase_images,
+                                         network=ProGANConfig(z_dim=64, resolution=args.resolution)),
+                       Path("."), images=images)
+
+    def dc_generate(zz):
+        dc.G.eval()
+        with torch.no_grad():
+            out = torch.cat([dc.G(zz[i:i + 256]) for i in range(0, len(zz), 256)])
+        dc.G.train()
+        return out
+
+    def pg_generate(zz):
+        return torch.cat([pg.generate(zz[i:i + 256]) for i in range(0, len(zz), 256)])
+
+    arms = [Arm("dcgan", dc, dc_generate, z), Arm("progan", pg, pg_generate, z)]
+
+    def evaluate(arm: Arm) -> None:
+        fake = arm.generate(arm.z).clamp(-1, 1)
+        arm.seconds.append(round(arm.clock, 2))
+        arm.fd.append(round(metrics.frechet_distance(metrics.features(classifier, fake), real_f), 3))
+        extra = f" stage side {pg.cfg.network.side(pg.stage)} a={pg.alpha:.2f}" if arm.name == "progan" else ""
+        print(f"{arm.name:6s} {arm.clock:7.1f} s  step {arm.steps:5d}  FD {arm.fd[-1]:8.2f}{extra}", flush=True)
+
+    for arm in arms:
+        evaluate(arm)
+    next_eval = {a.name: args.eval_every for a in arms}
+    while any(a.clock < args.seconds for a in arms):
+        for arm in arms:  # alternate turns: both arms see the same machine load
+            if arm.clock >= args.seconds:
+                continue
+            arm.train_for(min(args.slice, next_eval[arm.name] - arm.clock, args.seconds - arm.clock))
+            if arm.clock >= next_eval[arm.name] or arm.clock >= args.seconds:
+                evaluate(arm)
+                next_eval[arm.name] = arm.clock + args.eval_every
+
+    dcg, prg = arms
+    target = dcg.fd[-1]
+
+    def time_to(arm: Arm, fd: float) -> float | None:
+        return next((s for s, f in zip(arm.seconds, arm.fd) if f <= fd), None)
+
+    t_dc, t_pg = time_to(dcg, target), time_to(prg, target)
+    result = {
+        "dcgan": {"seconds": dcg.seconds, "fd": dcg.fd, "steps": dcg.steps},
+        "progan": {"seconds": prg.seconds, "fd": prg.fd, "steps": prg.steps,
+                   "final_stage_side": pg.cfg.network.side(pg.stage), "final_alpha": pg.alpha},
+        "dcgan_final_fd": target,
+        "seconds_to_dcgan_final": {"dcgan": t_dc, "progan": t_pg},
+        "speedup_to_dcgan_final": round(t_dc / t_pg, 3) if t_dc and t_pg else None,
+        "final_fd_at_equal_time": {"seconds": args.seconds, "dcgan": dcg.fd[-1], "progan": prg.fd[-1]},
+        "settings": {k: v for k, v in vars(args).items() if k not in ("json", "plot")},
+        "classifier_accuracy": accuracy,
+        "cpu_count": os.cpu_count(),
+        "load_average": os.getloadavg(),
+        "total_wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    plot = Path(args.plot or Path(args.json).with_suffix(".png"))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm in arms:
+        ax.plot(arm.seconds, arm.fd, marker="o", label=arm.name)
+    ax.axhline(target, color="grey", ls="--", lw=1, label="DCGAN final FD")
+    ax.set_xlabel("training wall time per arm (s)")
+    ax.set_ylabel("FD (shapes classifier features)")
+    ax.set_yscale("log")
+    ax.set_title(f"{args.resolution} px shapes, {args.threads} threads, arms interleaved")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"DCGAN final FD {target}; seconds to reach it: DCGAN {t_dc}, ProGAN {t_pg}; "
+          f"speedup {result['speedup_to_dcgan_final']}; final FDs at {args.seconds} s: "
+          f"DCGAN {dcg.fd[-1]}, ProGAN {prg.fd[-1]}")
+    print(f"wrote {args.json} and {plot}")
+    return 0

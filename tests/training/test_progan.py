@@ -1,0 +1,155 @@
+"""Progressive GAN: fade-in, growth, equalized LR, pixel norm, minibatch stddev, resume."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ganforge.training.gan import load_checkpoint
+from ganforge.training.progan import (Discriminator, EqualizedConv2d, EqualizedLinear, Generator,
+                                      MinibatchStd, PixelNorm, ProGANConfig, ProGANTrainConfig,
+                                      ProGANTrainer, build_progan, schedule, train_progan)
+
+TINY = ProGANConfig(z_dim=8, resolution=16, fmap_base=64, fmap_max=16, fmap_min=8)
+
+
+def tiny_train(**kw) -> ProGANTrainConfig:
+    base = dict(steps=12, batch_size=8, n_images=32, stable_images=24, fade_images=32, r1_every=4,
+                sample_every=100, log_every=1, checkpoint_every=100, threads=2, network=TINY)
+    return ProGANTrainConfig(**{**base, **kw})
+
+
+def test_fade_in_at_alpha_0_is_the_upsampled_lower_stage_and_at_alpha_1_the_new_block():
+    torch.manual_seed(0)
+    G = Generator(TINY).eval()
+    z = torch.randn(4, TINY.z_dim)
+    with torch.no_grad():
+        low = G(z, stage=1, alpha=1.0)                                  # (4, 3, 8, 8)
+        faded0 = G(z, stage=2, alpha=0.0)
+        faded1 = G(z, stage=2, alpha=1.0)
+        new = G.to_rgb[2](G.blocks[2](G.blocks[1](G.blocks[0](z))))
+        half = G(z, stage=2, alpha=0.5)
+    assert low.shape == (4, 3, 8, 8) and faded0.shape == (4, 3, 16, 16)
+    torch.testing.assert_close(faded0, F.interpolate(low, scale_factor=2, mode="nearest"))
+    torch.testing.assert_close(faded1, new)
+    torch.testing.assert_close(half, 0.5 * (faded0 + faded1))
+    assert not torch.allclose(faded0, faded1)
+
+
+def test_d_fade_in_at_alpha_0_sees_the_downsampled_image_through_the_old_from_rgb():
+    torch.manual_seed(0)
+    D = Discriminator(TINY).eval()
+    x = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(D(x, stage=2, alpha=0.0), D(F.avg_pool2d(x, 2), stage=1, alpha=1.0))
+        assert not torch.allclose(D(x, stage=2, alpha=1.0), D(x, stage=2, alpha=0.0))
+
+
+def test_schedule_walks_stable_fade_stable_and_stays_on_the_last_stage():
+    args = (3, 100, 50)  # 3 stages, 100 stable, 50 fade
+    assert schedule(0, *args) == (0, 1.0)
+    assert schedule(99, *args) == (0, 1.0)
+    assert schedule(100, *args) == (1, 0.0)
+    assert schedule(125, *args) == (1, 0.5)
+    assert schedule(150, *args) == (1, 1.0)
+    assert schedule(250, *args) == (2, 0.0)
+    assert schedule(10_000, *args) == (2, 1.0)
+
+
+def test_equalized_lr_scales_weights_by_he_constant_at_run_time():
+    lin = EqualizedLinear(3, 2)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 2.0, 3.0], [-1.0, 0.0, 1.0]]))
+        lin.bias.copy_(torch.tensor([0.5, -0.5]))
+    x = torch.tensor([[1.0, 1.0, 1.0]])
+    c = math.sqrt(2) / math.sqrt(3)
+    torch.testing.assert_close(lin(x), torch.tensor([[6 * c + 0.5, 0 * c - 0.5]]))
+    conv = EqualizedConv2d(2, 1, 3, gain=1.0)
+    assert conv.scale == pytest.approx(1 / math.sqrt(18))
+    with torch.no_grad():
+        conv.weight.fill_(1.0)
+        conv.bias.zero_()
+    y = conv(torch.ones(1, 2, 3, 3))
+    assert float(y[0, 0, 1, 1].detach()) == pytest.approx(18 / math.sqrt(18))   # centre sees all 18 taps
+    assert float(y[0, 0, 0, 0].detach()) == pytest.approx(8 / math.sqrt(18))    # corner: 2 x 2 x 2 taps
+    # the stored weights are N(0, 1): the scale lives in the forward pass, not the init
+    big = EqualizedConv2d(64, 64, 3)
+    assert float(big.weight.std()) == pytest.approx(1.0, abs=0.05)
+
+
+def test_pixel_norm_divides_each_pixel_by_its_rms_over_channels():
+    x = torch.tensor([3.0, 4.0]).view(1, 2, 1, 1)
+    rms = math.sqrt((9 + 16) / 2)
+    torch.testing.assert_close(PixelNorm(eps=0.0)(x), torch.tensor([3 / rms, 4 / rms]).view(1, 2, 1, 1))
+    y = PixelNorm()(torch.randn(2, 5, 4, 4) * 7)
+    torch.testing.assert_close(y.pow(2).mean(1), torch.ones(2, 4, 4), atol=1e-4, rtol=1e-4)
+
+
+def test_minibatch_std_appends_the_group_std_averaged_over_features():
+    x = torch.zeros(8, 2, 2, 2)
+    x[:4, 0] = torch.tensor([0.0, 2.0, 0.0, 2.0]).view(4, 1, 1)  # group 0: samples 0..3
+    out = MinibatchStd(group=4, eps=0.0)(x)
+    assert out.shape == (8, 3, 2, 2)
+    torch.testing.assert_close(out[:, :2], x)
+    # groups are (b, b+2, b+4, b+6) over slot b % 2: slot 0 holds samples 0, 2, 4, 6 -> values
+    # (0, 0, 0, 0) in channel 0; slot 1 holds 1, 3, 5, 7 -> (2, 2, 0, 0): std 1 in channel 0 and 0
+    # in channel 1, averaged over 2 channels -> 0.5
+    expect = torch.tensor([0.0, 0.5] * 4).view(8, 1, 1, 1).expand(8, 1, 2, 2)
+    torch.testing.assert_close(out[:, 2:], expect)
+    assert MinibatchStd(4)(torch.randn(6, 2, 4, 4)).shape == (6, 3, 4, 4)  # 6 % 4: groups of 3
+
+
+def test_growing_keeps_the_trained_weights(tmp_path):
+    trainer = ProGANTrainer(tiny_train(), tmp_path)
+    for _ in range(3):
+        trainer.train_step()
+    assert trainer.stage == 0
+    before = {k: v.clone() for k, v in trainer.G.state_dict().items()}
+    z = torch.randn(4, TINY.z_dim)
+    with torch.no_grad():
+        low = trainer.G(z, stage=0, alpha=1.0)
+    trainer._set_stage()                                  # 3 x 8 = 24 images shown: stage 1
+    assert (trainer.stage, trainer.alpha) == (1, 0.0)
+    for k, v in trainer.G.state_dict().items():
+        torch.testing.assert_close(v, before[k], msg=k)
+    with torch.no_grad():
+        grown = trainer.G(z)
+    torch.testing.assert_close(grown, F.interpolate(low, scale_factor=2, mode="nearest"))
+    assert before["blocks.0.conv1.weight"].abs().sum() > 0
+
+
+def test_resume_mid_stage_continues_from_the_recorded_stage_and_alpha(tmp_path):
+    full = tmp_path / "full"
+    train_progan(tiny_train(steps=8), full, progress=False)
+    cut = tmp_path / "cut"
+    train_progan(tiny_train(steps=5), cut, progress=False)
+    payload = load_checkpoint(cut, kinds=("progan",))
+    assert (payload["stage"], payload["alpha"], payload["shown"]) == (1, 0.5, 40)   # mid fade-in
+    G, _ = build_progan(payload)
+    assert (G.stage, G.alpha) == (1, 0.5)
+    summary = train_progan(tiny_train(steps=8), cut, resume=True, progress=False)
+    assert summary["resumed_from"] == 5 and summary["steps"] == 8
+    a, b = load_checkpoint(full), load_checkpoint(cut)
+    assert (a["stage"], a["alpha"], a["shown"]) == (b["stage"], b["alpha"], b["shown"])
+    for k, v in a["state"]["G"].items():          # resumed run == uninterrupted run
+        torch.testing.assert_close(b["state"]["G"][k], v, msg=k)
+    lines = (cut / "metrics.jsonl").read_text().splitlines()
+    assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
+
+
+def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
+    from tests.conftest import run_cli
+
+    out = tmp_path / "run"
+    r = run_cli("train", "progan", "--resume", "--out", str(out), "--resolution", "8")
+    assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_cli("train", "progan", "--data", "shapes", "--resolution", "8", "--steps", "3",
+                "--batch-size", "4", "--n-images", "16", "--stable-images", "4",
+                "--fade-images", "4", "--z-dim", "8", "--out", str(out), "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert "stage 1, 8 px" in r.stdout
+    assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
