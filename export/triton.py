@@ -93,12 +93,17 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
                                 version=version, instances=instances,
                                 intra_op_threads=intra_op_threads, log=log)
-    if kind in ("denoiser", "inpainter"):
+    if kind == "pix2pix" and payload["config"].get("task") != "inpaint":
+        raise UsageError(f"export: {payload['path']} holds a pix2pix model for task "
+                         f"{payload['config'].get('task')!r}; only task 'inpaint' has a served contract")
+    if kind in ("denoiser", "inpainter", "pix2pix"):
         from ganforge.export.image import export_image_model
         from ganforge.training.gan import CONFIGS
 
         if kind == "denoiser":
             from ganforge.training.autoencoders import Denoiser as Net
+        elif kind == "pix2pix":
+            from ganforge.training.pix2pix import UNet as Net
         else:
             from ganforge.training.inpainting import ContextEncoder as Net
         if version < 1:
