@@ -6,6 +6,9 @@ A run directory holds:
     metrics.jsonl     one JSON object per logged step
     samples/          PNG grids of G's output for a fixed set of latents
     samples.png       the last grid
+    scores.png        s_G and s_D over steps, the doctor's diagnoses marked
+    doctor.md         the doctor's report: diagnoses, evidence, remedies, interventions
+    doctor.json       the same, as data
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.gan import (DCGANConfig, Discriminator, Generator, init_weights,
                                    save_checkpoint)
+from ganforge.training.monitor import DOCTOR_MODES, Doctor, Monitor, Thresholds, write_run_report
 
 
 @dataclass
@@ -46,6 +50,9 @@ class TrainConfig:
     log_every: int = 10           # steps between metrics lines
     checkpoint_every: int = 500   # steps between checkpoints (and always at the end)
     threads: int = 0              # torch intra-op threads; 0 = all cores
+    doctor: str = "report"        # 'auto' (diagnose and remedy), 'report' (diagnose), 'off'
+    doctor_every: int = 50        # steps between s_G / s_D measurements on the held-out batch
+    thresholds: Thresholds = field(default_factory=Thresholds)
     network: DCGANConfig = field(default_factory=DCGANConfig)
 
     def validate(self) -> None:
@@ -57,6 +64,8 @@ class TrainConfig:
             "--lr-d": (self.lr_d, self.lr_d > 0, "> 0"),
             "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
             "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
+            "--doctor": (self.doctor, self.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
+            "--doctor-every": (self.doctor_every, self.doctor_every >= 1, ">= 1"),
         }
         for name, (value, ok, allowed) in checks.items():
             if not ok:
@@ -118,6 +127,11 @@ class GANTrainer:
         self.images = datasets.load_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
         self.fixed_z = torch.from_numpy(
             np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
+        # the doctor's fixed held-out batch: real images outside the training pool, and latents
+        held = datasets.load_images(cfg.data, 64, net.resolution, cfg.seed + 7919)
+        self.held_real = to_tensor(held)
+        self.held_z = torch.from_numpy(
+            np.random.default_rng(cfg.seed + 2).standard_normal((64, net.z_dim)).astype(np.float32))
         self.step = 0
 
     def real_batch(self) -> torch.Tensor:
@@ -161,6 +175,29 @@ class GANTrainer:
             "D_fake": float(torch.sigmoid(logit_fake.detach()).mean()),
         }
 
+    # -- Tunable (the doctor's auto remedies) --
+    def knobs(self) -> dict:
+        k = {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
+             "lr_g": self.opt_G.param_groups[0]["lr"], "lr_d": self.opt_D.param_groups[0]["lr"]}
+        if self.cfg.network.d_dropout:  # D has dropout layers only when built with them
+            k["d_dropout"] = self._d_dropout
+        return k
+
+    @property
+    def _d_dropout(self) -> float:
+        return next((m.p for m in self.D.modules() if isinstance(m, torch.nn.Dropout2d)), 0.0)
+
+    def set_knob(self, name: str, value: float) -> None:
+        if name in ("label_smoothing", "instance_noise"):
+            setattr(self.cfg, name, value)
+        elif name in ("lr_g", "lr_d"):
+            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
+                g["lr"] = value
+        elif name == "d_dropout":
+            self.D.set_dropout(value)
+        else:
+            raise KeyError(name)
+
     @torch.no_grad()
     def samples(self) -> np.ndarray:
         self.G.eval()
@@ -188,13 +225,26 @@ def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dic
     (out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
     trainer = GANTrainer(cfg, out)
     bar = Progress(cfg.steps, "train dcgan", unit="step", enabled=progress)
+    monitor = Monitor(trainer.held_real, trainer.held_z, cfg.thresholds, every=cfg.doctor_every,
+                      total_steps=cfg.steps)
+    doctor = Doctor(monitor, cfg.doctor, log=(lambda m: print("\n" + m, file=sys.stderr)) if progress else None)
+    net = cfg.network
     t0 = time.perf_counter()
     last: dict = {}
     with open(out / "metrics.jsonl", "w") as metrics:
         for _ in range(cfg.steps):
             last = trainer.train_step()
             s = trainer.step
-            if s % cfg.log_every == 0 or s == cfg.steps:
+            if cfg.doctor != "off" and monitor.due(s):
+                found = doctor.observe(s, trainer.D, trainer.G, trainer,
+                                       {"ndf": net.ndf, "ngf": net.ngf, "z_dim": net.z_dim})
+                last.update({k: v for k, v in monitor.last.items() if k != "step"})
+                if found:
+                    last["diagnoses"] = [d.failure for d in found]
+                last["seconds"] = round(time.perf_counter() - t0, 3)
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            elif s % cfg.log_every == 0 or s == cfg.steps:
                 last["seconds"] = round(time.perf_counter() - t0, 3)
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -206,6 +256,9 @@ def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dic
     bar.close()
     ckpt = trainer.save()
     grid_path = save_grid(trainer.samples(), out / "samples.png", nrow=8)
+    if cfg.doctor != "off":
+        write_run_report(out, monitor, doctor, title=f"dcgan on {cfg.data}, {trainer.step} steps")
     return {"checkpoint": str(ckpt), "samples": str(grid_path), "steps": trainer.step,
             "seconds": round(time.perf_counter() - t0, 1), "loss_D": last.get("loss_D"),
-            "loss_G": last.get("loss_G")}
+            "loss_G": last.get("loss_G"), "diagnoses": [d.failure for d in monitor.diagnoses],
+            "interventions": len(doctor.interventions)}
