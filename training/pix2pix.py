@@ -9,6 +9,10 @@ Two offline tasks, both from crops of the same photos:
   G then has the context encoder's signature `G(masked_image, mask)`, so it exports, serves and
   is benchmarked exactly like the context encoder.
 - `edges`: condition = the photo's edge map (Sobel magnitude, thresholded), target = the photo.
+
+The training doctor (training/monitor.py) watches the adversarial part: s_G / s_D of the
+PatchGAN (averaged over its patches) on a fixed held-out batch, in metrics.jsonl, scores.png and
+doctor.md.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from ganforge.training import datasets
 from ganforge.training.autoencoders import training_photos
 from ganforge.training.gan import CONFIGS, save_checkpoint
 from ganforge.training.loop import to_tensor, to_uint8
+from ganforge.training.monitor import Doctor, Monitor, write_run_report
 
 TASKS = ("inpaint", "edges")
 
@@ -153,6 +158,7 @@ class Pix2PixTrainConfig:
     seed: int = 0
     threads: int = 0
     log_every: int = 25
+    doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
     network: Pix2PixConfig = field(default_factory=Pix2PixConfig)
 
 
@@ -169,6 +175,52 @@ def condition_batch(task: str, x: torch.Tensor, m: torch.Tensor | None, edges: t
     if task == "inpaint":
         return torch.cat([x * (1 - m), m], dim=1)
     return edges
+
+
+def _doctor(cfg: Pix2PixTrainConfig):
+    """The monitor on a fixed held-out batch: real = held-out crops; its `z` = their conditions;
+    D judges (condition, image) pairs, so the D it sees is bound to the held-out conditions."""
+    net = cfg.network
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 32, cfg.tile, seed=cfg.seed + 7919)
+    x = to_tensor(held)
+    if net.task == "inpaint":
+        m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 9000 + i) for i in range(32)])).float().div(255)[:, None]
+        c = torch.cat([x * (1 - m), m], dim=1)
+    else:
+        m = None
+        c = torch.from_numpy(edge_map(held)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+    monitor = Monitor(x, c, every=cfg.doctor_every, total_steps=cfg.steps)
+
+    def G_held(G):
+        return _Completion(G, x, m)
+
+    def D_held(D):
+        return _Bound(D, c)
+    return monitor, Doctor(monitor, "report"), D_held, G_held
+
+
+class _Bound(nn.Module):
+    """D with its condition fixed: image -> patch logits (a Module, so the monitor can restore
+    its batch-norm statistics after measuring)."""
+
+    def __init__(self, D: nn.Module, c: torch.Tensor):
+        super().__init__()
+        self.D, self.c = D, c
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        return self.D(self.c, image)
+
+
+class _Completion(nn.Module):
+    """G on the held-out conditions, composited for inpainting (a Module: see `_Bound`)."""
+
+    def __init__(self, G: nn.Module, x: torch.Tensor, m: torch.Tensor | None):
+        super().__init__()
+        self.G, self.x, self.m = G, x, m
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        y = self.G.translate(z)
+        return y if self.m is None else self.x * (1 - self.m) + y * self.m
 
 
 def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = True) -> dict:
@@ -192,6 +244,7 @@ def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = Tru
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    monitor, doctor, D_held, G_held = _doctor(cfg)
     bar = Progress(cfg.steps, f"train pix2pix ({net.task})", unit="step", enabled=progress)
     t0 = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as metrics:
@@ -221,16 +274,22 @@ def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = Tru
             loss = l_adv + cfg.lambda_l1 * l_l1
             loss.backward()
             opt_G.step()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or monitor.due(step):
                 p_real = torch.sigmoid(d_real.detach()).mean().item()
                 p_fake = torch.sigmoid(d_fake.detach()).mean().item()
-                metrics.write(json.dumps({
-                    "step": step, "l_l1": float(l_l1.detach()), "l_adv": float(l_adv.detach()),
-                    "loss_D": float(loss_D.detach()), "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
-                    "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+                rec = {"step": step, "l_l1": float(l_l1.detach()), "l_adv": float(l_adv.detach()),
+                       "loss_D": float(loss_D.detach()), "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake)}
+                if monitor.due(step):  # the doctor's held-out scores replace the batch's
+                    found = doctor.observe(step, D_held(D), G_held(G))
+                    rec.update({k: v for k, v in monitor.last.items() if k != "step"})
+                    if found:
+                        rec["diagnoses"] = [d.failure for d in found]
+                rec["seconds"] = round(time.perf_counter() - t0, 2)
+                metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             bar.update(1, status=f"l1 {float(l_l1.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
     bar.close()
+    write_run_report(out, monitor, doctor, title=f"pix2pix ({net.task}) on {cfg.data}, {cfg.steps} steps")
     G.eval()
     ckpt = save_checkpoint(out / "checkpoint.pt", "pix2pix", net, {"net": G, "D": D},
                            step=cfg.steps, data=cfg.data, seed=cfg.seed, command=command(cfg, out),

@@ -95,3 +95,20 @@ def test_an_edges_model_trains_but_has_no_served_contract(tiny_p2p):
                   progress=False)
     with pytest.raises(UsageError, match="only task 'inpaint'"):
         export_run(tiny_p2p / "edges", tiny_p2p / "repo", name="edges", tile=32, log=lambda m: None)
+
+
+def test_the_doctor_watches_the_adversarial_part_of_both_inpainters(tmp_path):
+    import json
+
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+
+    train_pix2pix(Pix2PixTrainConfig(steps=2, batch_size=2, tile=32, n_images=8, threads=2, doctor_every=1,
+                                     network=Pix2PixConfig(**TINY)), tmp_path / "p2p", progress=False)
+    train_inpainter(InpaintTrainConfig(steps=2, batch_size=2, tile=32, threads=2, doctor_every=1,
+                                       network=ContextEncoderConfig(width=4, dilations=(2,), d_width=4)),
+                    tmp_path / "ce", progress=False)
+    for run in ("p2p", "ce"):
+        recs = [json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in recs] == [1, 2]
+        assert all(0 <= r["s_G"] <= 1 and 0 <= r["s_D"] <= 1 and "diversity" in r for r in recs)
+        assert (tmp_path / run / "scores.png").is_file() and (tmp_path / run / "doctor.md").is_file()
