@@ -120,13 +120,16 @@ class AutoEncoder(nn.Module):
     def __init__(self, cfg: AEConfig):
         super().__init__()
         self.cfg = cfg
+        # patterns are centred and scaled with the training set's statistics, as PCA centres
+        self.register_buffer("mean", torch.zeros(cfg.input_dim))
+        self.register_buffer("scale", torch.ones(()))
         self.G = nn.Sequential(nn.Linear(cfg.input_dim, cfg.hidden), nn.ReLU(True),
                                nn.Linear(cfg.hidden, cfg.code_dim))            # encoder: (B, D) -> (B, k)
         self.H = nn.Sequential(nn.Linear(cfg.code_dim, cfg.hidden), nn.ReLU(True),
                                nn.Linear(cfg.hidden, cfg.input_dim))            # decoder: (B, k) -> (B, D)
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return self.H(self.G(y))
+        return self.H(self.G((y - self.mean) / self.scale)) * self.scale + self.mean
 
 
 @dataclass(frozen=True)
@@ -238,3 +241,39 @@ def train_denoiser(cfg: DenoiserTrainConfig, out: str | Path, progress: bool = T
     save_grid(np.concatenate([held, to8(noisy), to8(den)]), out / "samples.png", nrow=8)
     return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
             "seconds": round(time.perf_counter() - t0, 1), "loss": float(loss.detach())}
+
+
+# ---------------------------------------------------------------------------------------------
+# The autoencoder as nonlinear PCA, trained on E
+
+
+def train_autoencoder(Y: np.ndarray, code_dim: int, steps: int = 1500, batch_size: int = 256,
+                      hidden: int = 512, lr: float = 1e-3, seed: int = 0) -> AutoEncoder:
+    """Fit Y' = H(G(Y)) to (P, D) patterns by minimising E (per batch, mean over patterns)."""
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    Yt = torch.from_numpy(np.asarray(Y, np.float32))
+    ae = AutoEncoder(AEConfig(input_dim=Yt.shape[1], code_dim=code_dim, hidden=hidden))
+    ae.mean.copy_(Yt.mean(0))
+    ae.scale.fill_(float((Yt - Yt.mean(0)).std()))
+    opt = torch.optim.Adam(ae.parameters(), lr=lr)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+    for _ in range(steps):
+        y = Yt[rng.integers(0, len(Yt), batch_size)]
+        loss = ((ae(y) - y) ** 2).sum(dim=1).mean()   # E per pattern
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    return ae.eval()
+
+
+def patches(photos: list[np.ndarray], n: int, size: int, seed: int) -> np.ndarray:
+    """(n, size*size*3) patterns in [0, 1] from random crops (no resizing)."""
+    rng = np.random.default_rng(seed)
+    out = np.empty((n, size * size * 3), np.float32)
+    for i in range(n):
+        ph = photos[int(rng.integers(len(photos)))]
+        y, x = int(rng.integers(0, ph.shape[0] - size + 1)), int(rng.integers(0, ph.shape[1] - size + 1))
+        out[i] = ph[y:y + size, x:x + size].reshape(-1) / 255.0
+    return out
