@@ -119,12 +119,17 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     if ort_trt:
         raise UsageError(f"--ort-trt: {kind!r} models have no TensorRT-provider export yet; "
                          f"allowed for generators (dcgan, progan)")
-    if kind in ("denoiser", "inpainter"):
+    if kind == "pix2pix" and payload["config"].get("task") != "inpaint":
+        raise UsageError(f"export: {payload['path']} holds a pix2pix model for task "
+                         f"{payload['config'].get('task')!r}; only task 'inpaint' has a served contract")
+    if kind in ("denoiser", "inpainter", "pix2pix"):
         from ganforge.export.image import export_image_model
         from ganforge.training.gan import CONFIGS
 
         if kind == "denoiser":
             from ganforge.training.autoencoders import Denoiser as Net
+        elif kind == "pix2pix":
+            from ganforge.training.pix2pix import UNet as Net
         else:
             from ganforge.training.inpainting import ContextEncoder as Net
         if version < 1:

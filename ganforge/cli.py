@@ -59,11 +59,13 @@ def cmd_train(args) -> int:
         return _train_denoiser(args)
     if args.model == "inpainter":
         return _train_inpainter(args)
+    if args.model == "pix2pix":
+        return _train_pix2pix(args)
     from ganforge.training.gan import DCGANConfig
     from ganforge.training.loop import TrainConfig, apply_preset, train_dcgan
 
     try:
-        net = DCGANConfig(z_dim=args.z_dim, ngf=args.ngf, ndf=args.ndf, resolution=args.resolution,
+        net = DCGANConfig(z_dim=args.z_dim, ngf=args.ngf or 32, ndf=args.ndf, resolution=args.resolution,
                           d_dropout=args.d_dropout)
     except ValueError as exc:
         raise UsageError(f"network: {exc}") from None
@@ -136,6 +138,22 @@ def _train_inpainter(args) -> int:
                              network=ContextEncoderConfig(width=args.width or 24))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
+    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
+          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    return 0
+
+
+def _train_pix2pix(args) -> int:
+    from ganforge.training.pix2pix import Pix2PixConfig, Pix2PixTrainConfig, train_pix2pix
+
+    if not 0 <= args.dropout < 1:
+        raise UsageError(f"--dropout: {args.dropout} is not allowed; must be in [0, 1)")
+    cfg = Pix2PixTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
+                             tile=args.tile, lambda_l1=args.lambda_l1, lr=args.lr or 2e-4, seed=args.seed,
+                             network=Pix2PixConfig(task=args.task, ngf=args.ngf or 16, ndf=args.ndf,
+                                                   dropout=args.dropout))
+    _writable_dir(args.out)
+    summary = train_pix2pix(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
           f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
     return 0
@@ -372,7 +390,7 @@ def build_parser() -> Parser:
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
     t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan", "progan", "mlpgan", "denoiser", "inpainter"],
+    t.add_argument("model", choices=["dcgan", "progan", "mlpgan", "denoiser", "inpainter", "pix2pix"],
                    help="model family (inpainter: the context encoder; mlpgan: 2-D mixtures)")
     t.add_argument("--data", default=None,
                    help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise); "
@@ -382,7 +400,7 @@ def build_parser() -> Parser:
     t.add_argument("--batch-size", type=int, default=None, help="default 64 (dcgan), 32 (denoiser), 16 (inpainter)")
     t.add_argument("--n-images", type=int, default=8192, help="training pool size")
     t.add_argument("--z-dim", type=int, default=64)
-    t.add_argument("--ngf", type=int, default=32)
+    t.add_argument("--ngf", type=int, default=None, help="generator filters (default 32 for dcgan, 16 for pix2pix)")
     t.add_argument("--ndf", type=int, default=32)
     t.add_argument("--resolution", type=int, default=64)
     t.add_argument("--lr-g", type=float, default=2e-4)
@@ -413,6 +431,10 @@ def build_parser() -> Parser:
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
     t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
     t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
+    t.add_argument("--task", choices=["inpaint", "edges"], default="inpaint",
+                   help="pix2pix: masked image -> image, or edge map -> image")
+    t.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 loss")
+    t.add_argument("--dropout", type=float, default=0.5, help="pix2pix: decoder dropout (the noise)")
     t.set_defaults(fn=cmd_train)
 
     dr = sub.add_parser("doctor", help="print the training doctor's report of a run")

@@ -7,7 +7,9 @@
 F, the generator, is fed the masked image (and the mask), not noise. Here F is a convolutional
 encoder-decoder with dilated convolutions at the bottleneck (a receptive field wider than the
 holes, as in Iizuka et al. 2017), so it runs on any tile size; D is a DCGAN-style discriminator
-on the completed image. The s_G / s_D scores of the adversarial part are logged like a GAN's.
+on the completed image. The training doctor (training/monitor.py) watches the adversarial part:
+s_G / s_D on a fixed held-out batch (held-out photos, fixed masks; its "latents" are the masked
+inputs), diagnoses in metrics.jsonl, scores.png and doctor.md in the run directory.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.autoencoders import masked_mse, training_photos
 from ganforge.training.gan import CONFIGS, save_checkpoint
+from ganforge.training.monitor import Doctor, Monitor, write_run_report
 
 
 @dataclass(frozen=True)
@@ -95,12 +98,27 @@ class InpaintTrainConfig:
     seed: int = 0
     threads: int = 0
     log_every: int = 25
+    doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
     network: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
 
 
 def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Known pixels from x, hole pixels from the prediction."""
     return x * (1 - m) + pred * m
+
+
+def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
+    """The monitor on a fixed held-out batch: real = held-out crops; its `z` = the masked inputs
+    (image and mask stacked), G_sample = the completion F gives for them."""
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 32, cfg.tile, seed=cfg.seed + 7919)
+    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 9000 + i) for i in range(32)])).float().div(255)[:, None]
+    monitor = Monitor(x, torch.cat([x * (1 - m), m], dim=1), every=cfg.doctor_every, total_steps=cfg.steps)
+    doctor = Doctor(monitor, "report")
+
+    def watched(G):
+        return lambda z: completed(x, G(z[:, :3], z[:, 3:]), z[:, 3:])
+    return monitor, doctor, watched
 
 
 def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True) -> dict:
@@ -121,6 +139,7 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
     (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    monitor, doctor, watched = _doctor(cfg, G, D)
     bar = Progress(cfg.steps, "train inpainter", unit="step", enabled=progress)
     t0 = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as metrics:
@@ -144,18 +163,24 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
             loss = cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv
             loss.backward()
             opt_G.step()
-            if step % cfg.log_every == 0 or step == cfg.steps:
+            if step % cfg.log_every == 0 or step == cfg.steps or monitor.due(step):
                 p_real = torch.sigmoid(d_real.detach()).mean().item()
                 p_fake = torch.sigmoid(d_fake.detach()).mean().item()
-                metrics.write(json.dumps({
-                    "step": step, "l_rec": float(l_rec.detach()), "l_adv": float(l_adv.detach()),
-                    "loss_D": float(loss_D.detach()),
-                    "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
-                    "hole_psnr": round(10 * np.log10(4.0 / max(float(l_rec.detach()), 1e-12)), 3),
-                    "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
+                rec = {"step": step, "l_rec": float(l_rec.detach()), "l_adv": float(l_adv.detach()),
+                       "loss_D": float(loss_D.detach()),
+                       "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
+                       "hole_psnr": round(10 * np.log10(4.0 / max(float(l_rec.detach()), 1e-12)), 3)}
+                if monitor.due(step):  # the doctor's held-out scores replace the batch's
+                    found = doctor.observe(step, D, watched(G))
+                    rec.update({k: v for k, v in monitor.last.items() if k != "step"})
+                    if found:
+                        rec["diagnoses"] = [d.failure for d in found]
+                rec["seconds"] = round(time.perf_counter() - t0, 2)
+                metrics.write(json.dumps(rec) + "\n")
                 metrics.flush()
             bar.update(1, status=f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
     bar.close()
+    write_run_report(out, monitor, doctor, title=f"context encoder on {cfg.data}, {cfg.steps} steps")
     G.eval()
     ckpt = save_checkpoint(out / "checkpoint.pt", "inpainter", cfg.network, {"net": G, "D": D},
                            step=cfg.steps, data=cfg.data, seed=cfg.seed,

@@ -1,0 +1,50 @@
+"""`ganforge bench inpaint`: hole-only metrics, JSON layout, classical and learned methods."""
+
+import json
+
+import numpy as np
+import pytest
+
+from ganforge.benchmarks import inpaint as bench
+from ganforge.training.pix2pix import Pix2PixConfig, Pix2PixTrainConfig, train_pix2pix
+from tests.conftest import run_cli
+
+
+def test_hole_metrics_ignore_the_known_region():
+    rng = np.random.default_rng(0)
+    ref = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hole = np.zeros((32, 32), bool)
+    hole[8:24, 8:24] = True
+    out = ref.copy()
+    out[~hole] = 0                       # wreck only the known region: the metrics do not move
+    assert bench.hole_psnr(out, ref, hole) == 99.0
+    out[hole] = np.clip(ref[hole].astype(int) + 16, 0, 255)
+    assert 20 < bench.hole_psnr(out, ref, hole) < 25
+
+
+def test_masks_of_each_setting_are_seeded_and_sized():
+    a, b = bench.make_masks("freeform", 3, 64), bench.make_masks("freeform", 3, 64)
+    assert np.array_equal(a, b) and not np.array_equal(a[0], a[1])
+    c = bench.make_masks("centre25", 2, 64)
+    assert (c[0] > 0).mean() == pytest.approx(0.25)
+
+
+def test_the_benchmark_writes_the_json_table_and_examples(tmp_path):
+    train_pix2pix(Pix2PixTrainConfig(steps=1, batch_size=2, tile=32, n_images=8, threads=2,
+                                     network=Pix2PixConfig(ngf=4, ndf=4, depth=5)), tmp_path / "p2p",
+                  progress=False)
+    out = tmp_path / "res" / "inpaint.json"
+    assert bench.run(["--json", str(out), "--n", "2", "--size", "32", "--model", f"pix2pix={tmp_path / 'p2p'}"]) == 0
+    results = json.loads(out.read_text())
+    assert set(results) == {"telea", "navier-stokes", "biharmonic", "pix2pix"}
+    for row in results.values():
+        assert set(row) == {"centre25", "freeform"}
+        assert all(set(v) == {"psnr", "ssim"} for v in row.values())
+    assert out.with_suffix(".png").stat().st_size > 0
+    assert "| biharmonic |" in out.with_suffix(".md").read_text()
+
+
+def test_a_bad_model_argument_is_one_error_line_and_exit_2(tmp_path):
+    r = run_cli("bench", "inpaint", "--json", str(tmp_path / "x.json"), "--model", "nolabel")
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "Error: --model: 'nolabel' is not allowed; expected LABEL=PATH"
