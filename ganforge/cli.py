@@ -73,7 +73,7 @@ def cmd_train(args) -> int:
                       batch_size=args.batch_size or 64, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
                       label_smoothing=args.label_smoothing, instance_noise=args.instance_noise,
                       sample_every=args.sample_every, network=net, doctor=args.doctor,
-                      doctor_every=args.doctor_every, thresholds=thresholds)
+                      doctor_every=args.doctor_every, thresholds=thresholds, threads=args.threads)
     if args.preset:
         cfg = apply_preset(cfg, args.preset)
     _writable_dir(args.out)
@@ -121,7 +121,8 @@ def _train_denoiser(args) -> int:
     cfg = DenoiserTrainConfig(data=args.data or "photos", steps=args.steps,
                               batch_size=args.batch_size or 32,
                               patch=args.patch, sigma=(args.sigma_min, args.sigma_max), lr=args.lr or 1e-3,
-                              seed=args.seed, network=DenoiserConfig(width=args.width or 48, depth=args.depth))
+                              seed=args.seed, threads=args.threads,
+                              network=DenoiserConfig(width=args.width or 48, depth=args.depth))
     _writable_dir(args.out)
     summary = train_denoiser(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -134,8 +135,8 @@ def _train_inpainter(args) -> int:
 
     cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
                              tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
-                             lr=args.lr or 5e-4, seed=args.seed,
-                             network=ContextEncoderConfig(width=args.width or 24))
+                             lr=args.lr or 5e-4, seed=args.seed, threads=args.threads,
+                             network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -150,6 +151,7 @@ def _train_pix2pix(args) -> int:
         raise UsageError(f"--dropout: {args.dropout} is not allowed; must be in [0, 1)")
     cfg = Pix2PixTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
                              tile=args.tile, lambda_l1=args.lambda_l1, lr=args.lr or 2e-4, seed=args.seed,
+                             threads=args.threads,
                              network=Pix2PixConfig(task=args.task, ngf=args.ngf or 16, ndf=args.ndf,
                                                    dropout=args.dropout))
     _writable_dir(args.out)
@@ -396,6 +398,7 @@ def build_parser() -> Parser:
                    help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise); "
                    "ring or grid for mlpgan")
     t.add_argument("--steps", type=int, default=1000)
+    t.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
     t.add_argument("--out", required=True, help="run directory")
     t.add_argument("--batch-size", type=int, default=None, help="default 64 (dcgan), 32 (denoiser), 16 (inpainter)")
     t.add_argument("--n-images", type=int, default=8192, help="training pool size")
@@ -428,6 +431,8 @@ def build_parser() -> Parser:
     t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
     t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
     t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
+    t.add_argument("--prefill", action="store_true",
+                   help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
     t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
     t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")

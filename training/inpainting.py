@@ -40,6 +40,36 @@ class ContextEncoderConfig:
     width: int = 24            # feature maps after the first conv (x2 per downsampling)
     dilations: tuple[int, ...] = (2, 4, 8, 2)   # bottleneck dilated 3x3 convs
     d_width: int = 32          # discriminator filters in its first block
+    prefill: bool = False      # fill the hole first (pull-push, then harmonic diffusion), learn a residual
+    diffuse: int = 32          # prefill: Jacobi iterations of the harmonic fill after pull-push
+
+
+def pull_push(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Fill the holes of `x` (B, C, H, W) from its known pixels (`known` (B, 1, H, W), 1 = known)
+    by pull-push (Gortler et al., 1996): pull = masked averages down a pyramid, push = each level's
+    holes filled from the level below, upsampled, blended by the level's known weight. Known
+    pixels come back unchanged; a hole's value is a smooth average of the nearest known ones."""
+    levels = []
+    v, w = x * known, known
+    while min(v.shape[-2:]) >= 2:
+        levels.append((v, w))
+        v, w = F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)
+    fill = v / w.clamp_min(1e-6)
+    for v, w in reversed(levels):
+        up = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        a = (w * 2).clamp(0, 1)   # a level's pixel counts as known when half its area is
+        fill = a * (v / w.clamp_min(1e-6)) + (1 - a) * up
+    return fill
+
+
+def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Pull-push, then `iterations` Jacobi steps of Laplace's equation inside the holes (each hole
+    pixel becomes the mean of its 3x3 neighbourhood; known pixels stay): the smooth membrane
+    inpainting of classical image processing, in a few convolutions an ONNX graph can hold."""
+    fill = pull_push(x, known)
+    for _ in range(iterations):
+        fill = known * x + (1 - known) * F.avg_pool2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return fill
 
 
 class ContextEncoder(nn.Module):
@@ -60,11 +90,20 @@ class ContextEncoder(nn.Module):
         self.decode = nn.Sequential(
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(4 * c, 2 * c, 3, padding=1), act(),  # 2c x T/2
             nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(2 * c, c, 3, padding=1), act(),      # c x T
-            nn.Conv2d(c, 3, 3, padding=1), nn.Tanh(),                                                   # 3 x T x T
+            nn.Conv2d(c, 3, 3, padding=1),                                                              # 3 x T x T
         )
+        if cfg.prefill:  # the residual starts at zero: an untrained network is pull-push itself
+            nn.init.zeros_(self.decode[-1].weight)
+            nn.init.zeros_(self.decode[-1].bias)
+        else:
+            self.decode.append(nn.Tanh())
 
     def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
+        if not self.cfg.prefill:
+            return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
+        coarse = harmonic_fill(masked_image, 1 - mask, self.cfg.diffuse)
+        residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
+        return (coarse + residual).clamp(-1, 1)
 
 
 class Critic(nn.Module):

@@ -115,6 +115,8 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
                  ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
+        if net.get("prefill"):
+            flags.append(("--prefill", ""))
     elif kind == "progan":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
@@ -124,7 +126,7 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
     else:
         raise ValueError(f"no train command for kind {kind!r}")
     flags += [("--seed", train["seed"]), ("--out", str(out))]
-    return " ".join(["ganforge", "train", kind, *(f"{k} {v}" for k, v in flags)])
+    return " ".join(["ganforge", "train", kind, *(f"{k} {v}".rstrip() for k, v in flags)])
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:

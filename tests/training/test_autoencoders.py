@@ -82,3 +82,32 @@ def test_the_denoiser_is_fully_convolutional_and_learns_the_residual():
     with torch.no_grad():
         x = torch.rand(2, 3, 8, 8)
         assert torch.allclose(net(x), x - net.body(x))
+
+
+def test_pull_push_and_harmonic_fill_keep_known_pixels_and_fill_flat_and_linear_images():
+    from ganforge.training.inpainting import harmonic_fill, pull_push
+
+    known = torch.ones(2, 1, 32, 32)
+    known[:, :, 8:20, 10:26] = 0
+    flat = torch.full((2, 3, 32, 32), 0.3)
+    for fill in (pull_push(flat * known, known), harmonic_fill(flat * known, known, 16)):
+        torch.testing.assert_close(fill, flat)  # a flat image is filled with its value, exactly
+    ramp = torch.linspace(-1, 1, 32).view(1, 1, 1, 32).expand(2, 3, 32, 32).contiguous()
+    fill = harmonic_fill(ramp * known, known, 400)
+    assert torch.equal(fill[known.expand_as(fill) > 0], ramp[known.expand_as(ramp) > 0])
+    # a linear ramp is harmonic: the membrane across the hole recovers it
+    assert float((fill - ramp).abs().max()) < 0.02
+    assert float((pull_push(ramp * known, known) - ramp).abs().max()) > 0.02  # pull-push alone is coarser
+
+
+def test_prefill_context_encoder_starts_as_the_harmonic_fill_and_learns_a_residual():
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, harmonic_fill
+
+    net = ContextEncoder(ContextEncoderConfig(width=8, dilations=(2,), prefill=True, diffuse=8))
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    m = torch.zeros(2, 1, 32, 32)
+    m[:, :, 10:20, 10:20] = 1
+    torch.testing.assert_close(net(x * (1 - m), m), harmonic_fill(x * (1 - m), 1 - m, 8).clamp(-1, 1))
+    loss = ((net(x * (1 - m), m) - x) ** 2 * m).mean()
+    loss.backward()
+    assert float(net.decode[-1].weight.grad.abs().sum()) > 0
