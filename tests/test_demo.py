@@ -19,3 +19,8 @@ def test_demo_trains_exports_serves_and_writes_generated_grids(tmp_path):
         grid = Image.open(out / "generated" / f"{model}_seed42_grid.png")
         assert grid.size == (4 * 66 + 2, 4 * 66 + 2)
     assert len(list((out / "generated").glob("dcgan_demo_seed42_0*.png"))) == 16
+    # the shipped denoiser and inpainter on a held-out photo
+    assert "known pixels byte-identical = True" in r.stdout
+    for name in ("photo_denoised.png", "photo_inpainted.png"):
+        assert Image.open(out / "generated" / name).size == (451, 300)
+        assert f"  {out / 'generated' / name}" in last
