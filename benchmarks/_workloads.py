@@ -19,6 +19,7 @@ class Workload:
     model: str
     inputs: dict         # name -> (dtype, dims without batch)
     max_batch: int
+    output: str = "image"  # the first declared output: "image", "denoised", "inpainted"
     onnx_path: str | None = None
 
     def request(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
@@ -68,7 +69,9 @@ def discover(repository) -> dict[str, Workload]:
             kind = "denoise"
         else:
             continue
-        found.setdefault(kind, Workload(kind, d.name, inputs, mb, str(onnx) if onnx.is_file() else None))
+        outputs = [o["name"] for o in cfg.get("output", [])] or ["image"]
+        found.setdefault(kind, Workload(kind, d.name, inputs, mb, outputs[0],
+                                        str(onnx) if onnx.is_file() else None))
     return found
 
 

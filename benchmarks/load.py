@@ -68,7 +68,7 @@ def run_load(url: str, repository: str, duration: float, concurrency: int,
                 req = w.request(batch, rng)
                 t0 = time.perf_counter()
                 try:
-                    c.infer(w.model, req, ["image"])
+                    c.infer(w.model, req, [w.output])
                     ok = True
                 except Exception as exc:  # every failure is counted and reported
                     ok = False
