@@ -19,13 +19,14 @@ Failure modes (each needs its condition on `patience` consecutive observations):
 
     d_dominates      s_D >= d_dom_s_D and s_G <= d_dom_s_G: D is sure of everything, G gets
                      no gradient
-    g_dominates      early (step <= early_fraction x total steps), s_G >= g_dom_s_G and
+    g_dominates      early (step <= early_fraction x total steps; in a run of phases, such as
+                     ProGAN's stages, within early_fraction of the phase), s_G >= g_dom_s_G and
                      s_D <= g_dom_s_D: D rates fakes at least as real as real images before it
                      has learnt anything (s_D <= ½ means exactly E[D(x)] <= E[D(G(z))])
     mode_collapse    (after collapse_after x total steps) diversity <= collapse_diversity, or duplicates >= collapse_duplicates,
                      or (labelled data) modes covered <= collapse_modes
 
-Interface, for any GAN loop (DCGAN here; Progressive GAN, the context encoder later):
+Interface, for any GAN loop (DCGAN, the MLP GAN, Progressive GAN, the context encoder, pix2pix):
 
     monitor = Monitor(real, z, Thresholds(), every=50, total_steps=cfg.steps,
                       mode_of=None)          # mode_of: samples (N, ...) ndarray -> mode index
@@ -39,6 +40,13 @@ Interface, for any GAN loop (DCGAN here; Progressive GAN, the context encoder la
 `D` maps a batch to logits (B,) or (B, 1); `G_sample` maps the held-out latents z to samples
 (any callable: a Generator, or `lambda z: G(z, alpha)` for a progressive G). For a context
 encoder, pass the masked inputs as `z` and the inpainting network as `G_sample`.
+
+A loop that trains in phases (Progressive GAN's stages) calls `monitor.new_phase(start, steps)`
+when a phase begins: every detector is re-armed (a streak from the previous phase does not
+count, and a failure still present is reported again, in the new phase) and "early" is judged
+from the phase's start over its length instead of the run's; `monitor.set_real(x)` replaces the
+held-out real batch (the same images brought to the stage's resolution and fade-in), and
+`observe(..., extra={"stage": ...})` adds fields to the record that the diagnoses carry.
 
 `Doctor(monitor, mode)` adds the remedies: mode "report" only diagnoses; "auto" also applies
 the remedies that can change on the fly to a `Tunable` trainer (see `Tunable`) and records the
@@ -200,8 +208,18 @@ class Diagnosis:
     def remedies(self) -> list[tuple[str, str]]:
         return REMEDIES[self.failure]
 
+    @property
+    def where(self) -> str:
+        """'step N', with the stage when the record has one: 'step N (stage 1, 8 px, alpha 0.50)'."""
+        e = self.evidence
+        if "stage" not in e:
+            return f"step {self.step}"
+        side = f", {e['side']} px" if "side" in e else ""
+        alpha = f", alpha {e['alpha']:.2f}" if "alpha" in e else ""
+        return f"step {self.step} (stage {e['stage']}{side}{alpha})"
+
     def render(self) -> str:
-        lines = [f"step {self.step}: {TITLES[self.failure]}", f"  evidence: {self.reason}",
+        lines = [f"{self.where}: {TITLES[self.failure]}", f"  evidence: {self.reason}",
                  "  remedies:"]
         lines += [f"    - {what} [{src}]" for what, src in self.remedies]
         return "\n".join(lines)
@@ -211,16 +229,24 @@ class Diagnosis:
                 "evidence": self.evidence}
 
 
-def check(record: dict, th: Thresholds, total_steps: int | None) -> dict[str, str]:
-    """Which failure conditions hold for one observation -> {failure: reason}."""
+def check(record: dict, th: Thresholds, total_steps: int | None,
+          phase: tuple[int, int | None] | None = None) -> dict[str, str]:
+    """Which failure conditions hold for one observation -> {failure: reason}. `phase`:
+    (steps done before the phase, its length in steps), when "early" is judged per phase."""
     out: dict[str, str] = {}
     s_G, s_D = record["s_G"], record["s_D"]
     if s_D >= th.d_dom_s_D and s_G <= th.d_dom_s_G:
         out["d_dominates"] = (f"s_D {s_D:.3f} >= {th.d_dom_s_D} and s_G {s_G:.3f} <= {th.d_dom_s_G}")
-    early = total_steps is None or record["step"] <= th.early_fraction * total_steps
+    if phase is not None:
+        start, length = phase
+        early = length is None or record["step"] - start <= th.early_fraction * length
+        when = f", {record['step'] - start} steps into its stage (early)"
+    else:
+        early = total_steps is None or record["step"] <= th.early_fraction * total_steps
+        when = " (early)"
     if early and s_G >= th.g_dom_s_G and s_D <= th.g_dom_s_D:
         out["g_dominates"] = (f"s_G {s_G:.3f} >= {th.g_dom_s_G} and s_D {s_D:.3f} <= {th.g_dom_s_D} "
-                              f"at step {record['step']} (early); diversity "
+                              f"at step {record['step']}{when}; diversity "
                               f"{record.get('diversity', float('nan')):.2f}")
     why = []
     if total_steps is not None and record["step"] < th.collapse_after * total_steps:
@@ -247,16 +273,39 @@ class Monitor:
             raise UsageError(f"monitor every: {every!r} is not allowed; must be >= 1")
         if (mode_of is None) != (n_modes is None):
             raise ValueError("mode_of and n_modes go together")
-        self.real, self.z = real.detach(), z.detach()
+        self.z = z.detach()
         self.th = thresholds or Thresholds()
         self.every, self.total_steps = every, total_steps
         self.mode_of, self.n_modes = mode_of, n_modes
-        self.real_features = features(self.real)
+        self.set_real(real)
         self.records: list[dict] = []
         self.diagnoses: list[Diagnosis] = []
         self.last: dict = {}
+        self.phase: tuple[int, int | None] | None = None
         self._streak = {f: 0 for f in FAILURES}
         self._active = {f: False for f in FAILURES}
+
+    @classmethod
+    def offline(cls, thresholds: Thresholds, total_steps: int | None) -> "Monitor":
+        """A monitor that only diagnoses records already measured (no batch, no networks)."""
+        mon = cls.__new__(cls)
+        mon.th, mon.total_steps, mon.every = thresholds, total_steps, 1
+        mon.records, mon.diagnoses, mon.last, mon.phase = [], [], {}, None
+        mon._streak = {f: 0 for f in FAILURES}
+        mon._active = {f: False for f in FAILURES}
+        return mon
+
+    def set_real(self, real: torch.Tensor) -> None:
+        """Replace the held-out real batch (e.g. the same images at a new stage's resolution)."""
+        self.real = real.detach()
+        self.real_features = features(self.real)
+
+    def new_phase(self, start: int, steps: int | None) -> None:
+        """A phase of training begins after `start` steps and lasts `steps` (a ProGAN stage):
+        every detector re-armed, "early" judged from the phase's start over its length."""
+        self.phase = (int(start), None if steps is None else int(steps))
+        for f in FAILURES:
+            self.rearm(f)
 
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
@@ -290,16 +339,20 @@ class Monitor:
                        modes_share=len(covered) / self.n_modes)
         return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items()}
 
-    def observe(self, step: int, D: Callable, G_sample: Callable) -> list[Diagnosis]:
+    def observe(self, step: int, D: Callable, G_sample: Callable,
+                extra: dict | None = None) -> list[Diagnosis]:
         """Measure, record and return the diagnoses that start at this step (a failure is
-        reported once when its condition has held `patience` times, again only after it cleared)."""
+        reported once when its condition has held `patience` times, again only after it cleared).
+        `extra`: fields added to the record (e.g. stage and alpha), carried by its diagnoses."""
         rec = self.measure(step, D, G_sample)
+        if extra:
+            rec.update(extra)
         self.records.append(rec)
         self.last = rec
         return self.diagnose(rec)
 
     def diagnose(self, rec: dict) -> list[Diagnosis]:
-        holds = check(rec, self.th, self.total_steps)
+        holds = check(rec, self.th, self.total_steps, self.phase)
         new = []
         for f in FAILURES:
             if f in holds:
@@ -314,10 +367,50 @@ class Monitor:
         self.diagnoses += new
         return new
 
+    def replay(self, records: list[dict], stages: list[dict] | None = None) -> "Monitor":
+        """Take in observations measured earlier (a resumed run's), as if observed now: the same
+        diagnoses and detector state, stage by stage when `stages` is given. Returns self."""
+        for r in records:
+            follow_stages(self, stages, r["step"])
+            self.records.append(r)
+            self.last = r
+            self.diagnose(r)
+        return self
+
     def rearm(self, failure: str) -> None:
         """Let a failure be reported again (after a remedy, to see whether it held)."""
         self._streak[failure] = 0
         self._active[failure] = False
+
+
+# Stages (Progressive GAN): each a dict {"stage", "side", "start", "end", "fade_end"}, the first
+# and last step trained at that stage (inclusive) and the last step of its fade-in (None: none).
+
+def stage_at(stages: list[dict] | None, step: int) -> dict | None:
+    """The stage that trained step `step`, or None."""
+    return next((s for s in stages or () if s["start"] <= step <= s["end"]), None)
+
+
+def stage_phase(span: dict) -> tuple[int, int]:
+    """A stage as a monitor phase: (steps done before it, its length in steps)."""
+    return span["start"] - 1, span["end"] - span["start"] + 1
+
+
+def follow_stages(monitor: "Monitor", stages: list[dict] | None, step: int) -> dict | None:
+    """Before observing `step`: start a new phase on `monitor` when `step` lies in a stage it has
+    not entered yet (the detectors re-armed, "early" judged from the stage's start). Returns
+    the stage."""
+    span = stage_at(stages, step)
+    if span is not None and monitor.phase != stage_phase(span):
+        monitor.new_phase(*stage_phase(span))
+    return span
+
+
+def rediagnose(records: list[dict], th: Thresholds, total_steps: int | None,
+               stages: list[dict] | None = None) -> "Monitor":
+    """Diagnose recorded observations again, stage by stage when `stages` is given: the same
+    diagnoses (and detector state) the live monitor reached on the same records."""
+    return Monitor.offline(th, total_steps).replay(records, stages)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -393,10 +486,10 @@ class Doctor:
         self.interventions: list[Intervention] = []
 
     def observe(self, step: int, D: Callable, G_sample: Callable, trainer: Tunable | None = None,
-                network: dict | None = None) -> list[Diagnosis]:
+                network: dict | None = None, extra: dict | None = None) -> list[Diagnosis]:
         """Monitor.observe, then (auto) remedies. `network`: the current config values of the
-        network (ndf, ngf, z_dim, pack...) for the restart decisions."""
-        found = self.monitor.observe(step, D, G_sample)
+        network (ndf, ngf, z_dim, pack...) for the restart decisions; `extra`: see Monitor.observe."""
+        found = self.monitor.observe(step, D, G_sample, extra)
         for d in found:
             self.log(d.render())
             if self.mode == "auto" and trainer is not None:
@@ -433,8 +526,9 @@ class Doctor:
 # Run reports: scores.png, doctor.md, doctor.json
 
 def plot_scores(records: list[dict], diagnoses: list[Diagnosis], path, title: str = "",
-                interventions: list[Intervention] = ()) -> None:
-    """s_G and s_D over steps, each diagnosis a labelled vertical line (matplotlib, Agg)."""
+                interventions: list[Intervention] = (), stages: list[dict] | None = None) -> None:
+    """s_G and s_D over steps, each diagnosis a labelled vertical line (matplotlib, Agg); with
+    `stages`, each stage's start a dotted line labelled with its side, fade-ins shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -452,6 +546,15 @@ def plot_scores(records: list[dict], diagnoses: list[Diagnosis], path, title: st
         ax.axvline(d.step, color=colours[d.failure], ls="--", lw=1)
         ax.text(d.step, 1.02, d.failure, rotation=90, va="bottom", ha="right", fontsize=7,
                 color=colours[d.failure])
+    if stages:
+        ax.set_xlim(stages[0]["start"] - 1, max(stages[-1]["end"], steps[-1] if steps else 0))
+    for span in stages or ():
+        if span["start"] > 1:
+            ax.axvline(span["start"], color="grey", ls=":", lw=1)
+        if span.get("fade_end"):
+            ax.axvspan(span["start"], span["fade_end"], color="grey", alpha=0.12, lw=0)
+        ax.text(span["start"], 0.04, f" {span['side']} px", fontsize=7, color="dimgrey",
+                va="bottom", ha="left")
     for i in {(i.step, i.action) for i in interventions}:
         ax.plot([i[0]], [0.02], marker="^", color="tab:red" if i[1] == "set" else "grey", ms=6)
     ax.set_ylim(0, 1.0)
@@ -464,17 +567,41 @@ def plot_scores(records: list[dict], diagnoses: list[Diagnosis], path, title: st
     plt.close(fig)
 
 
+def _stage_table(stages: list[dict], records: list[dict], diagnoses: list[dict]) -> list[str]:
+    lines = ["## Stages", "",
+             "Scores are measured at the stage and alpha being trained (the held-out real images "
+             "brought to the stage's side and blended as in training); each stage re-arms the "
+             "detectors and \"early\" is judged from the stage's start.", "",
+             "| stage | side | steps | fade-in | observations | last s_G | last s_D | diagnoses |",
+             "|---|---|---|---|---|---|---|---|"]
+    for span in stages:
+        inside = lambda step: span["start"] <= step <= span["end"]
+        obs = [r for r in records if inside(r["step"])]
+        found = [f"{d['failure']} (step {d['step']})" for d in diagnoses if inside(d["step"])]
+        fade = f"{span['start']}–{span['fade_end']}" if span.get("fade_end") else "-"
+        last = (f"{obs[-1]['s_G']:.3f} | {obs[-1]['s_D']:.3f}") if obs else "- | -"
+        lines.append(f"| {span['stage']} | {span['side']} px | {span['start']}–{span['end']} | {fade} | "
+                     f"{len(obs)} | {last} | {', '.join(found) or 'none'} |")
+    return lines + [""]
+
+
 def render_report(title: str, records: list[dict], diagnoses: list[dict],
-                  interventions: list[dict], mode: str) -> str:
+                  interventions: list[dict], mode: str, stages: list[dict] | None = None) -> str:
     lines = [f"# Training doctor report: {title}", "", f"Doctor mode: {mode}. "
              f"{len(records)} observations on a fixed held-out batch.", ""]
+    if stages:
+        lines += _stage_table(stages, records, diagnoses)
     if records:
         first, last = records[0], records[-1]
-        lines += ["| step | s_G | s_D | diversity | duplicates | modes |", "|---|---|---|---|---|---|"]
+        staged = "stage" in first
+        head = "| step | stage | alpha | s_G | s_D | diversity | duplicates | modes |" if staged else \
+            "| step | s_G | s_D | diversity | duplicates | modes |"
+        lines += [head, "|" + "---|" * (head.count("|") - 1)]
         picks = records if len(records) <= 12 else [records[i * (len(records) - 1) // 11] for i in range(12)]
         for r in picks:
             modes = f"{r['modes']}/{r['n_modes']}" if "modes" in r else "-"
-            lines.append(f"| {r['step']} | {r['s_G']:.3f} | {r['s_D']:.3f} | "
+            where = f" {r.get('stage', '-')} | {r.get('alpha', float('nan')):.2f} |" if staged else ""
+            lines.append(f"| {r['step']} |{where} {r['s_G']:.3f} | {r['s_D']:.3f} | "
                          f"{r.get('diversity', float('nan')):.3f} | {r.get('duplicates', float('nan')):.2f} | {modes} |")
         lines += ["", f"Final: s_G {last['s_G']:.3f}, s_D {last['s_D']:.3f} (first: s_G "
                   f"{first['s_G']:.3f}, s_D {first['s_D']:.3f}).", ""]
@@ -496,20 +623,25 @@ def render_report(title: str, records: list[dict], diagnoses: list[dict],
     return "\n".join(lines).rstrip() + "\n"
 
 
-def write_run_report(out, monitor: Monitor, doctor: Doctor, title: str = "") -> str:
-    """Write scores.png, doctor.json and doctor.md into run directory `out`; return the report."""
+def write_run_report(out, monitor: Monitor, doctor: Doctor, title: str = "",
+                     stages: list[dict] | None = None) -> str:
+    """Write scores.png, doctor.json and doctor.md into run directory `out`; return the report.
+    `stages` (Progressive GAN): the stages trained, shown in the report and on the plot."""
     import json
     from pathlib import Path
 
     out = Path(out)
     diagnoses = [d.to_json() for d in monitor.diagnoses]
     interventions = [dataclasses.asdict(i) for i in doctor.interventions]
-    plot_scores(monitor.records, monitor.diagnoses, out / "scores.png", title, doctor.interventions)
+    plot_scores(monitor.records, monitor.diagnoses, out / "scores.png", title, doctor.interventions,
+                stages)
     data = {"title": title, "mode": doctor.mode, "thresholds": dataclasses.asdict(monitor.th),
             "diagnoses": diagnoses, "interventions": interventions,
             "restart": doctor.restart_config()}
+    if stages:
+        data["stages"] = stages
     (out / "doctor.json").write_text(json.dumps(data, indent=2) + "\n")
-    text = render_report(title, monitor.records, diagnoses, interventions, doctor.mode)
+    text = render_report(title, monitor.records, diagnoses, interventions, doctor.mode, stages)
     (out / "doctor.md").write_text(text)
     return text
 
@@ -565,16 +697,11 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
         diagnoses = saved.get("diagnoses")
     else:
         th, diagnoses = thresholds, None
-    if diagnoses is None:  # re-diagnose from the recorded scores
-        total = records[-1]["step"]
-        mon = Monitor.__new__(Monitor)
-        mon.th, mon.total_steps, mon.diagnoses = th, total, []
-        mon._streak = {f: 0 for f in FAILURES}
-        mon._active = {f: False for f in FAILURES}
-        for r in records:
-            mon.diagnose(r)
-        diagnoses = [d.to_json() for d in mon.diagnoses]
-    return render_report(title, records, diagnoses, saved.get("interventions", []), mode)
+    stages = saved.get("stages")
+    if diagnoses is None:  # re-diagnose from the recorded scores (stage by stage for ProGAN)
+        total = stages[-1]["end"] if stages else records[-1]["step"]
+        diagnoses = [d.to_json() for d in rediagnose(records, th, total, stages).diagnoses]
+    return render_report(title, records, diagnoses, saved.get("interventions", []), mode, stages)
 
 
 GAN_KINDS = ("dcgan", "mlpgan", "progan", "inpainter", "pix2pix")

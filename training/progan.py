@@ -10,8 +10,18 @@ scaled by He's constant at run time), pixel-wise feature normalisation in G and 
 standard deviation channel in D (groups of 4).
 
 A run directory is laid out as training/loop.py's (checkpoint.pt, train.json, metrics.jsonl,
-samples/); the checkpoint also records images shown, the stage, alpha and the optimizer
-states, so `--resume` continues mid-stage.
+samples/, scores.png, doctor.md, doctor.json); the checkpoint also records images shown, the
+stage, alpha, the optimizer states and the doctor's knobs, so `--resume` continues mid-stage.
+
+The training doctor (training/monitor.py) runs per stage: every `doctor_every` steps and at the
+last step of each stage, s_G and s_D are measured on a fixed held-out batch (64 real images at
+full resolution, brought to the current stage's side and blended at the current alpha exactly
+as the training batches are, and 64 fixed latents through G at the current stage and alpha).
+Each stage is a phase of the monitor: its detectors are re-armed when a stage begins and "G
+dominates early" is judged from the stage's start; mode collapse is judged after
+`collapse_after` of the whole run, as for every GAN (only the run's start is random). In auto
+mode the on-the-fly remedies (label smoothing, instance noise, the learning rates; D has no
+dropout) go through `knobs()` / `set_knob()`; a larger z_dim is a restart decision.
 """
 
 from __future__ import annotations
@@ -36,6 +46,8 @@ from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint, save_checkpoint
 from ganforge.training.loop import to_tensor, to_uint8
+from ganforge.training.monitor import (DOCTOR_MODES, Doctor, Intervention, Monitor, Thresholds,
+                                       follow_stages, write_run_report)
 
 
 @dataclass(frozen=True)
@@ -296,6 +308,11 @@ class ProGANTrainConfig:
     log_every: int = 10           # steps between metrics lines
     checkpoint_every: int = 500   # steps between checkpoints (and always at the end)
     threads: int = 0              # torch intra-op threads; 0 = all cores
+    label_smoothing: float = 0.0  # real target 1 - this (the doctor's knob; Salimans et al., 2016)
+    instance_noise: float = 0.0   # std of Gaussian noise on D's inputs (the doctor's knob)
+    doctor: str = "report"        # 'auto' (diagnose and remedy), 'report' (diagnose), 'off'
+    doctor_every: int = 50        # steps between s_G / s_D measurements (and each stage's last step)
+    thresholds: Thresholds = field(default_factory=Thresholds)
     network: ProGANConfig = field(default_factory=ProGANConfig)
 
     def validate(self) -> None:
@@ -308,6 +325,10 @@ class ProGANTrainConfig:
             "--fade-images": (self.fade_images, self.fade_images >= 1, ">= 1"),
             "--r1-gamma": (self.r1_gamma, self.r1_gamma >= 0, ">= 0"),
             "--r1-every": (self.r1_every, self.r1_every >= 1, ">= 1"),
+            "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
+            "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
+            "--doctor": (self.doctor, self.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
+            "--doctor-every": (self.doctor_every, self.doctor_every >= 1, ">= 1"),
         }
         for name, (value, ok, allowed) in checks.items():
             if not ok:
@@ -325,6 +346,41 @@ def schedule(shown: int, n_stages: int, stable_images: int, fade_images: int) ->
             return stage, t / fade_images
         t -= fade_images + stable_images
     return stage, 1.0
+
+
+def stage_spans(cfg: ProGANTrainConfig, steps: int | None = None,
+                resumed: tuple[int, int] = (0, 0)) -> list[dict]:
+    """The stages a run of `steps` (default cfg.steps) trains, as the doctor reports them:
+    {"stage", "side", "start", "end", "fade_end"}, the first and last step trained at the stage
+    (steps count from 1; step s trains at the schedule of the images shown before it) and the
+    last step of its fade-in (None for stage 0). `resumed`: (step, images shown) of the
+    checkpoint a resumed run continues from; the steps before it showed the same number of
+    images each, the steps after it `cfg.batch_size`."""
+    steps = cfg.steps if steps is None else steps
+    net, B = cfg.network, cfg.batch_size
+    step0, shown0 = resumed
+    b0 = shown0 // step0 if step0 else B
+    spans: list[dict] = []
+    for s in range(1, steps + 1):
+        shown = (s - 1) * b0 if s <= step0 else shown0 + (s - 1 - step0) * B
+        stage, alpha = schedule(shown, net.n_stages, cfg.stable_images, cfg.fade_images)
+        if not spans or spans[-1]["stage"] != stage:
+            spans.append({"stage": stage, "side": net.side(stage), "start": s, "end": s, "fade_end": None})
+        spans[-1]["end"] = s
+        if alpha < 1.0:
+            spans[-1]["fade_end"] = s
+    return spans
+
+
+def to_stage(x: torch.Tensor, side: int, alpha: float) -> torch.Tensor:
+    """Full-resolution reals (B, C, R, R) brought to the stage's side and, during a fade-in,
+    blended like G's output: the lower-resolution version, upsampled, towards the sharp one."""
+    if x.shape[-1] != side:
+        x = F.adaptive_avg_pool2d(x, side)                           # (B, C, s, s)
+    if alpha < 1.0:
+        low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
+        x = lerp(low, x, alpha)
+    return x
 
 
 class ProGANTrainer:
@@ -346,6 +402,12 @@ class ProGANTrainer:
         self.images = images
         self.fixed_z = torch.from_numpy(
             np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
+        # the doctor's fixed held-out batch: real images outside the training pool (full
+        # resolution; `held_at_stage` brings them to the stage) and latents
+        held = datasets.load_images(cfg.data, 64, net.resolution, cfg.seed + 7919)
+        self.held_real = to_tensor(held)                              # (64, C, R, R)
+        self.held_z = torch.from_numpy(
+            np.random.default_rng(cfg.seed + 2).standard_normal((64, net.z_dim)).astype(np.float32))
         self.step, self.shown = 0, 0
         self._set_stage()
         self.command = " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None
@@ -372,13 +434,14 @@ class ProGANTrainer:
         flip = self.rng.random(len(idx)) < 0.5
         batch[flip] = batch[flip, :, ::-1]
         x = to_tensor(batch)                                          # (B, C, R, R)
-        side = self.cfg.network.side(self.stage)
-        if x.shape[-1] != side:
-            x = F.adaptive_avg_pool2d(x, side)                       # (B, C, s, s)
-        if self.alpha < 1.0:
-            low = F.interpolate(F.avg_pool2d(x, 2), scale_factor=2, mode="nearest")
-            x = lerp(low, x, self.alpha)
-        return x
+        return to_stage(x, self.cfg.network.side(self.stage), self.alpha)
+
+    def held_at_stage(self) -> torch.Tensor:
+        """The doctor's held-out reals at the current stage and alpha, as a training batch is."""
+        return to_stage(self.held_real, self.cfg.network.side(self.stage), self.alpha)
+
+    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.cfg.instance_noise * torch.randn_like(x) if self.cfg.instance_noise else x
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -391,9 +454,13 @@ class ProGANTrainer:
         r1 = cfg.r1_gamma > 0 and self.step % cfg.r1_every == 0
         if r1:
             x.requires_grad_(True)
-        logit_real = self.D(x)
-        logit_fake = self.D(fake.detach())
-        loss_D = F.softplus(-logit_real).mean() + F.softplus(logit_fake).mean()
+        logit_real = self.D(self._noisy(x))
+        logit_fake = self.D(self._noisy(fake.detach()))
+        loss_real = F.softplus(-logit_real).mean()                   # -log D(x): real target 1
+        if cfg.label_smoothing:                                      # real target 1 - smoothing
+            ls = cfg.label_smoothing
+            loss_real = (1 - ls) * loss_real + ls * F.softplus(logit_real).mean()
+        loss_D = loss_real + F.softplus(logit_fake).mean()
         if r1:
             (grad,) = torch.autograd.grad(logit_real.sum(), x, create_graph=True)
             penalty = grad.pow(2).sum(dim=(1, 2, 3)).mean()
@@ -402,7 +469,7 @@ class ProGANTrainer:
         self.opt_D.step()
 
         self.opt_G.zero_grad(set_to_none=True)
-        loss_G = F.softplus(-self.D(fake)).mean()
+        loss_G = F.softplus(-self.D(self._noisy(fake))).mean()
         loss_G.backward()
         self.opt_G.step()
         self.step += 1
@@ -412,6 +479,20 @@ class ProGANTrainer:
                 "loss_D": float(loss_D.detach()), "loss_G": float(loss_G.detach()),
                 "D_real": float(torch.sigmoid(logit_real.detach()).mean()),
                 "D_fake": float(torch.sigmoid(logit_fake.detach()).mean())}
+
+    # -- Tunable (the doctor's auto remedies); D has no dropout, so no d_dropout knob --
+    def knobs(self) -> dict:
+        return {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
+                "lr_g": self.opt_G.param_groups[0]["lr"], "lr_d": self.opt_D.param_groups[0]["lr"]}
+
+    def set_knob(self, name: str, value: float) -> None:
+        if name in ("label_smoothing", "instance_noise"):
+            setattr(self.cfg, name, value)
+        elif name in ("lr_g", "lr_d"):
+            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
+                g["lr"] = value
+        else:
+            raise KeyError(name)
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -433,6 +514,8 @@ class ProGANTrainer:
             optim={"G": self.opt_G.state_dict(), "D": self.opt_D.state_dict()},
             rng=json.loads(json.dumps(self.rng.bit_generator.state)),
             torch_rng=torch.get_rng_state(), data=self.cfg.data, seed=self.cfg.seed,
+            knobs={"label_smoothing": self.cfg.label_smoothing,
+                   "instance_noise": self.cfg.instance_noise},
             command=self.command, train=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
 
     def restore(self, payload: dict) -> None:
@@ -443,7 +526,9 @@ class ProGANTrainer:
         self.G.load_state_dict(payload["state"]["G"])
         self.D.load_state_dict(payload["state"]["D"])
         self.opt_G.load_state_dict(payload["optim"]["G"])
-        self.opt_D.load_state_dict(payload["optim"]["D"])
+        self.opt_D.load_state_dict(payload["optim"]["D"])   # with the learning rates in force
+        for name, value in payload.get("knobs", {}).items():  # as the doctor left them
+            setattr(self.cfg, name, value)
         self.step, self.shown = int(payload["step"]), int(payload["shown"])
         self.rng.bit_generator.state = payload["rng"]
         torch.set_rng_state(payload["torch_rng"])
@@ -462,10 +547,17 @@ def train_progan(cfg: ProGANTrainConfig, out: str | Path, resume: bool = False,
         raise UsageError(f"--out: cannot create {out} ({exc.strerror})") from exc
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     trainer = ProGANTrainer(cfg, out)
+    monitor = Monitor(trainer.held_at_stage(), trainer.held_z, cfg.thresholds, every=cfg.doctor_every,
+                      total_steps=cfg.steps)
+    doctor = Doctor(monitor, cfg.doctor, log=(lambda m: print("\n" + m, file=sys.stderr)) if progress else None)
     if resume:
         trainer.restore(load_checkpoint(out, kinds=("progan",)))
     else:
         (out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+    spans = stage_spans(cfg, max(cfg.steps, trainer.step), resumed=(trainer.step, trainer.shown))
+    stage_ends = {span["end"] for span in spans}
+    if resume and cfg.doctor != "off":
+        _resume_doctor(out, doctor, spans, trainer.step)
     start = trainer.step
     bar = Progress(max(cfg.steps - start, 0), "train progan", unit="step", enabled=progress)
     t0 = time.perf_counter()
@@ -474,7 +566,20 @@ def train_progan(cfg: ProGANTrainConfig, out: str | Path, resume: bool = False,
         while trainer.step < cfg.steps:
             last = trainer.train_step()
             s = trainer.step
-            if s % cfg.log_every == 0 or s == cfg.steps:
+            if cfg.doctor != "off" and (monitor.due(s) or s in stage_ends):
+                # D and G at the stage and alpha step s trained at; the held reals likewise
+                follow_stages(monitor, spans, s)
+                monitor.set_real(trainer.held_at_stage())
+                found = doctor.observe(s, trainer.D, trainer.G, trainer, {"z_dim": cfg.network.z_dim},
+                                       extra={"stage": last["stage"], "side": last["side"],
+                                              "alpha": last["alpha"]})
+                last.update({k: v for k, v in monitor.last.items() if k != "step"})
+                if found:
+                    last["diagnoses"] = [d.failure for d in found]
+                last["seconds"] = round(time.perf_counter() - t0, 3)
+                metrics.write(json.dumps(last) + "\n")
+                metrics.flush()
+            elif s % cfg.log_every == 0 or s == cfg.steps:
                 last["seconds"] = round(time.perf_counter() - t0, 3)
                 metrics.write(json.dumps(last) + "\n")
                 metrics.flush()
@@ -487,9 +592,38 @@ def train_progan(cfg: ProGANTrainConfig, out: str | Path, resume: bool = False,
     bar.close()
     ckpt = trainer.save()
     grid_path = save_grid(trainer.samples(), out / "samples.png", nrow=8)
+    if cfg.doctor != "off":
+        write_run_report(out, monitor, doctor, stages=spans,
+                         title=f"progan on {cfg.data}, {trainer.step} steps, {cfg.network.resolution} px")
     return {"checkpoint": str(ckpt), "samples": str(grid_path), "steps": trainer.step,
             "resumed_from": start if resume else None, "stage": trainer.stage,
-            "alpha": trainer.alpha, "seconds": round(time.perf_counter() - t0, 1)}
+            "alpha": trainer.alpha, "seconds": round(time.perf_counter() - t0, 1),
+            "diagnoses": [(d.failure, d.evidence.get("stage")) for d in monitor.diagnoses],
+            "interventions": len(doctor.interventions)}
+
+
+def _resume_doctor(out: Path, doctor: Doctor, spans: list[dict], step: int) -> None:
+    """Carry the doctor over a resume: the observations metrics.jsonl recorded up to the
+    checkpoint's step are taken in again, stage by stage (the same diagnoses and detector state
+    as if the run had not stopped), and the interventions doctor.json recorded up to it."""
+    records = []
+    metrics = out / "metrics.jsonl"
+    if metrics.is_file():
+        for line in metrics.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(row, dict) and "s_G" in row and row.get("step", step + 1) <= step:
+                records.append({k: v for k, v in row.items() if k != "diagnoses"})
+    doctor.monitor.replay(records, spans)
+    saved = out / "doctor.json"
+    if saved.is_file():
+        try:
+            past = json.loads(saved.read_text()).get("interventions", [])
+            doctor.interventions += [Intervention(**i) for i in past if i["step"] <= step]
+        except (json.JSONDecodeError, TypeError, KeyError):
+            pass  # a damaged report: the interventions before the resume are not carried over
 
 
 def train_from_args(args) -> int:
@@ -501,11 +635,17 @@ def train_from_args(args) -> int:
     cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
                             batch_size=args.batch_size or 32, lr=args.lr or 1e-3, seed=args.seed,
                             stable_images=args.stable_images, fade_images=args.fade_images,
-                            sample_every=args.sample_every, network=net)
+                            sample_every=args.sample_every, network=net, doctor=args.doctor,
+                            doctor_every=args.doctor_every,
+                            thresholds=Thresholds.parse(args.thresholds or ""))
     if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
         raise UsageError(f"--resume: {args.out} holds no checkpoint.pt to continue from")
     summary = train_progan(cfg, args.out, resume=args.resume, progress=not args.quiet)
     print(f"trained to step {summary['steps']} (stage {summary['stage']}, "
           f"{cfg.network.side(summary['stage'])} px, alpha {summary['alpha']:.2f}) in "
           f"{summary['seconds']} s; checkpoint {summary['checkpoint']}; samples {summary['samples']}")
+    if cfg.doctor != "off":
+        found = ", ".join(f"{f} (stage {st})" for f, st in summary["diagnoses"]) or "none"
+        print(f"doctor ({cfg.doctor}): diagnoses {found}; {summary['interventions']} interventions; "
+              f"report {Path(args.out) / 'doctor.md'}")
     return 0
