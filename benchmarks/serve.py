@@ -24,6 +24,7 @@ import argparse
 import asyncio
 import json
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -189,7 +190,8 @@ async def _served(url, model, w, batch, concurrency, seconds) -> dict:
                 t = time.perf_counter()
                 try:
                     result = await client.infer(model, inputs)
-                    result.as_numpy("image")
+                    if result.as_numpy(w.output) is None:
+                        raise RuntimeError(f"{model}: no output {w.output!r} in the response")
                     lat.append(time.perf_counter() - t)
                 except Exception as exc:  # counted and reported, never hidden
                     errors.append(str(exc)[:200])
@@ -200,7 +202,7 @@ async def _served(url, model, w, batch, concurrency, seconds) -> dict:
     finally:
         await client.close()
     return {"images_per_s": round(batch * len(lat) / elapsed, 2), "requests": len(lat),
-            "errors": len(errors), **percentiles(lat)}
+            "errors": len(errors), **({"error_messages": errors[:3]} if errors else {}), **percentiles(lat)}
 
 
 def without_dynamic_batching(repository: Path, w: Workload, dest: Path) -> str:
@@ -347,6 +349,8 @@ def run(argv: list[str]) -> int:
     main = results["summary"].get("generate") or next(iter(results["summary"].values()))
     for key in ("served_vs_inprocess_ratio", "dynamic_batching_ratio", "p99_over_p50_at_c32"):
         results[key] = main[key]
+    failed = [m for m in _measurements(results) if m.get("errors")]
+    results["errors"] = sum(m["errors"] for m in failed)
     results["seconds_per_measurement"] = seconds
     results["wall_s"] = round(time.perf_counter() - t0, 1)
     Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
@@ -358,4 +362,20 @@ def run(argv: list[str]) -> int:
               f"{s['p99_over_p50_at_c32']!s:>12} {s['gflop_per_image']:>10}")
     print(f"matmul ceiling {results['ceiling']['matmul_gflops']} GFLOP/s; wall {results['wall_s']} s; "
           f"wrote {a.json} and {png}")
+    if failed:
+        print(f"Error: {results['errors']} served requests failed, e.g. {failed[0]['error_messages'][0]}; "
+              f"the figures above are not valid", file=sys.stderr)
+        return 1
     return 0
+
+
+def _measurements(results: dict):
+    """Every served measurement of a result tree (the dicts that count requests)."""
+    stack = [results["kinds"]]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if "requests" in node and "errors" in node:
+                yield node
+            else:
+                stack.extend(node.values())

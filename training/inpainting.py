@@ -15,6 +15,7 @@ inputs), diagnoses in metrics.jsonl, scores.png and doctor.md in the run directo
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from dataclasses import asdict, dataclass, field
@@ -134,6 +135,8 @@ class InpaintTrainConfig:
     lambda_rec: float = 0.999
     lambda_adv: float = 0.001
     lr: float = 5e-4
+    lr_floor: float = 0.05     # cosine decay of both learning rates to this fraction at the last step
+    clip: float = 1.0          # F's gradient-norm clip (0 = off): one bad batch cannot throw it off
     seed: int = 0
     threads: int = 0
     log_every: int = 25
@@ -177,6 +180,8 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     G, D = ContextEncoder(cfg.network), Critic(cfg.network)
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
+    decay = lambda i: cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
+    schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_G, opt_D)]
     (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     monitor, doctor, watched = _doctor(cfg, G, D)
     bar = Progress(cfg.steps, "train inpainter", unit="step", enabled=progress)
@@ -201,7 +206,11 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
             l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
             loss = cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv
             loss.backward()
+            if cfg.clip > 0:
+                torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.clip)
             opt_G.step()
+            for sched in schedules:
+                sched.step()
             if step % cfg.log_every == 0 or step == cfg.steps or monitor.due(step):
                 p_real = torch.sigmoid(d_real.detach()).mean().item()
                 p_fake = torch.sigmoid(d_fake.detach()).mean().item()
