@@ -349,6 +349,12 @@ class LocalServer:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        # Backend stubs live in the server's process group (start_new_session): when the server
+        # died without shutting them down (SIGKILL, a crash), they would outlive it.
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
         if self._reader is not None:
             self._reader.join(timeout=5)
         if self._tmp is not None:

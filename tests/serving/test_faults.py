@@ -3,6 +3,7 @@ server is reported unavailable (never a hang), SIGTERM drains in-flight requests
 mixed load at concurrency 64 from another process runs without errors or memory growth."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,22 @@ from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
 REPO = ROOT / "model_repository"
+
+
+def live_in_group(pgid: int) -> list[str]:
+    """Processes of a process group that are still running (zombies awaiting their reaper are
+    dead already)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            text = stat.read_text()
+        except OSError:
+            continue
+        name, rest = text[text.index("(") + 1: text.rindex(")")], text[text.rindex(")") + 2:].split()
+        state, group = rest[0], int(rest[2])
+        if group == pgid and state != "Z":
+            found.append(f"{stat.parent.name} {name} {state}")
+    return found
 
 
 def start(exit_timeout_s=30):
@@ -47,7 +64,9 @@ def test_a_killed_server_is_reported_unavailable_not_a_hang():
     killed_at = time.monotonic()
     server.proc.send_signal(signal.SIGKILL)
     assert done.wait(15), "the client hung after the server died"
+    group = server.proc.pid
     server.stop()
+    assert live_in_group(group) == [], "backend stubs outlived the killed server"
     (when, exc), = errors
     assert isinstance(exc, ServerUnavailable), repr(exc)
     assert str(exc).startswith(f"server unavailable at {server.grpc_url}")
