@@ -225,4 +225,5 @@ def load_images(data: str, n: int, size: int = 64, seed: int = 0) -> np.ndarray:
         return random_crops(skimage_photos(), n, size, seed)
     if Path(data).is_dir():
         return random_crops(folder_photos(data), n, size, seed)
-    raise DataError(f"--data: {data!r} is neither 'shapes', 'stacked_digits', 'photos' nor an existing folder")
+    raise DataError(f"--data: {data!r} is neither 'shapes', 'stacked_digits', 'photos' nor an "
+                    "existing folder")
