@@ -1,17 +1,31 @@
-"""Mode coverage on 2-D mixtures (ring of 8, grid of 25): vanilla GAN vs the doctor vs PacGAN2.
+"""Mode coverage: vanilla GAN vs the doctor (vs PacGAN2) on 2-D mixtures and stacked digits.
 
-    ganforge bench modes --json PATH [--quick] [--seeds N] [--steps N] [--mixtures ring,grid]
+    ganforge bench modes --json PATH [--quick] [--seeds N] [--steps N] [--width N]
+                         [--mixtures ring,grid,stacked] [--variants vanilla,doctor-auto,pacgan2]
+                         [--samples N] [--cache-dir DIR]
 
-Published protocol (VEEGAN / PacGAN): 2,500 samples per run; high quality = within 3 std of the
-nearest mode; a mode is covered when it is the nearest mode of at least one high-quality sample.
+2-D mixtures, ring of 8 and grid of 25 (VEEGAN / PacGAN): 2,500 samples per run; high quality =
+within 3 std of the nearest mode; a mode is covered when it is the nearest mode of at least one
+high-quality sample. The MLP GAN of training/mixtures.py; variants vanilla, doctor-auto, pacgan2.
+
+Stacked digits (PacGAN's stacked MNIST, on scikit-learn's 8x8 digits): three random digits of
+the training split as the R, G and B channels, each pixel replicated 2x2 to 16x16 px; 1,000
+modes (digit triples). The DCGAN of training/loop.py on `--data stacked_digits`; variants
+vanilla and doctor-auto (the DCGAN has no packing). After training, 26,000 samples of G (eval
+mode) are classified channel by channel by the digit classifier of training/metrics.py (trained
+on the split's training side, its held-out accuracy printed); the triples give the modes
+covered and KL(q || uniform over 1,000).
+
 All variants run the same steps, the same seeds, side by side in this one process. Writes the
-JSON (`{"ring"|"grid": {"<variant>": {"modes": [per seed], "hq": [per seed]}}}`), each run's
-samples as `<json stem>_samples/<mixture>_<variant>_seed<k>.npy`, and one scatter PNG per mixture.
+JSON (`{"<mixture>": {"<variant>": {"modes": [per seed], "hq" | "kl": [per seed], ...}},
+"settings": {...}, "wall_seconds": s}`); per run, `<json stem>_samples/<mixture>_<variant>_seed<k>.npy`
+(2-D: the samples; stacked: each sample's mode index); a scatter PNG per 2-D mixture; for
+stacked, the run directories under `<json stem>_runs/` and a PNG grid of seed 0's samples per
+variant, `<json stem>_stacked_<variant>.png`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 from pathlib import Path
@@ -24,79 +38,203 @@ PUBLISHED = {  # modes / high-quality share (PacGAN, Lin et al. 2018, Table 2)
     "ring": {"GAN": (6.3, 0.982), "PacGAN4": (7.8, 0.959)},
     "grid": {"GAN": (17.3, 0.948), "PacGAN4": (24.8, 0.936)},
 }
+PUBLISHED_STACKED = {  # modes / KL over 26,000 samples (PacGAN, Lin et al. 2018, stacked MNIST)
+    "DCGAN": (99.0, 3.40), "PacDCGAN": (1000.0, 0.07),
+}
 VARIANTS = {  # name -> overrides of the healthy preset
     "vanilla": {"doctor": "report"},
     "doctor-auto": {"doctor": "auto"},
     "pacgan2": {"doctor": "report", "network": {"pack": 2}},
 }
+STACKED = "stacked"
+STACKED_VARIANTS = ("vanilla", "doctor-auto")  # the DCGAN's D judges one image at a time
+STACKED_RESOLUTION = 16   # 8x8 digits, pixels replicated 2x2; G: 4x4 -> 8x8 -> 16x16
+STACKED_SAMPLES = 26_000  # PacGAN's protocol
+STACKED_POOL = 32_768     # training images drawn (about 33 per mode)
+
+
+def _defaults(mixture: str, quick: bool) -> dict:
+    """Steps, width and seeds of a mixture when the flags leave them out."""
+    if mixture == STACKED:
+        return {"steps": 1000 if quick else 5000, "width": 32, "seeds": 3}
+    return {"steps": 300 if quick else 3000, "width": 64 if quick else 128, "seeds": 5}
+
+
+def _positive(flag: str, value: int | None) -> None:
+    if value is not None and value < 1:
+        raise UsageError(f"{flag}: {value} is not allowed; must be >= 1")
 
 
 def run(argv: list[str]) -> int:
     import torch
 
     from ganforge.cli import Parser
-    from ganforge.training.mixtures import MIXTURES, mixture, preset_config, scatter, train_mixture
+    from ganforge.training.mixtures import MIXTURES
 
     p = Parser(prog="ganforge bench modes", description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--quick", action="store_true", help="fewer steps, narrower nets (< 5 min on 2 cores)")
-    p.add_argument("--seeds", type=int, default=5)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--width", type=int, default=None, help="hidden units of G and D")
-    p.add_argument("--mixtures", default="ring,grid")
-    p.add_argument("--variants", default=",".join(VARIANTS))
+    p.add_argument("--quick", action="store_true",
+                   help="fewer steps; 2-D: narrower nets (stacked: about 2 min on 2 cores)")
+    p.add_argument("--seeds", type=int, default=None, help="runs per variant (default 5; stacked 3)")
+    p.add_argument("--steps", type=int, default=None,
+                   help="D and G steps per run (default 3000, quick 300; stacked 5000, quick 1000)")
+    p.add_argument("--width", type=int, default=None,
+                   help="2-D: hidden units of G and D (128, quick 64); stacked: DCGAN's ngf = ndf (32)")
+    p.add_argument("--mixtures", default="ring,grid", help=f"any of {', '.join((*MIXTURES, STACKED))}")
+    p.add_argument("--variants", default=None,
+                   help=f"any of {', '.join(VARIANTS)} (default: every one a mixture has)")
+    p.add_argument("--samples", type=int, default=None,
+                   help=f"stacked: samples counted per run (default {STACKED_SAMPLES:,})")
+    p.add_argument("--cache-dir", help="where the digit classifier is cached")
     a = p.parse_args(argv)
-    mixtures = [m for m in a.mixtures.split(",") if m]
-    variants = [v for v in a.variants.split(",") if v]
+    mixtures = list(dict.fromkeys(m for m in a.mixtures.split(",") if m))
+    allowed = (*MIXTURES, STACKED)
+    if not mixtures:
+        raise UsageError(f"--mixtures: {a.mixtures!r} names no mixture; allowed: {', '.join(allowed)}")
     for m in mixtures:
-        if m not in MIXTURES:
-            raise UsageError(f"--mixtures: {m!r} is not one of {', '.join(MIXTURES)}")
-    for v in variants:
+        if m not in allowed:
+            raise UsageError(f"--mixtures: {m!r} is not one of {', '.join(allowed)}")
+    asked = None if a.variants is None else [v for v in a.variants.split(",") if v]
+    for v in asked or ():
         if v not in VARIANTS:
             raise UsageError(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
-    if a.seeds < 1:
-        raise UsageError(f"--seeds: {a.seeds} is not allowed; must be >= 1")
-    steps = a.steps or (300 if a.quick else 3000)
-    width = a.width or (64 if a.quick else 128)
+        if STACKED in mixtures and v not in STACKED_VARIANTS:
+            raise UsageError(f"--variants: {v!r} is not available for {STACKED} (the DCGAN has no "
+                             f"packing); allowed there: {', '.join(STACKED_VARIANTS)}")
+    if asked == []:
+        raise UsageError(f"--variants: {a.variants!r} names no variant; allowed: {', '.join(VARIANTS)}")
+    for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--width", a.width),
+                        ("--samples", a.samples)):
+        _positive(flag, value)
+
     out = Path(a.json)
     sample_dir = out.parent / f"{out.stem}_samples"
     sample_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    results: dict = {"settings": {"steps": steps, "width": width, "seeds": a.seeds, "quick": a.quick}}
-    for m in mixtures:
-        results[m] = {}
-        panels = {}
-        for v in variants:
-            over = json.loads(json.dumps(VARIANTS[v]))
-            net = {"ngf": width, "ndf": width, **over.pop("network", {})}
-            row = {"modes": [], "hq": [], "seconds": [], "diagnoses": [], "restarted": []}
-            for seed in range(a.seeds):
-                cfg = preset_config("healthy", data=m, steps=steps, seed=seed, network=net, **over)
-                s = train_mixture(cfg)
-                np.save(sample_dir / f"{m}_{v}_seed{seed}.npy", s["samples"])
-                row["modes"].append(s["modes"])
-                row["hq"].append(round(s["hq"], 4))
-                row["seconds"].append(s["seconds"])
-                row["diagnoses"].append(s["diagnoses"])
-                row["restarted"].append(s["restarted"])
-                print(f"{m:<5} {v:<12} seed {seed}: modes {s['modes']:>2}  hq {100 * s['hq']:5.1f} %  "
-                      f"{s['seconds']:.1f} s  diagnoses {s['diagnoses'] or '-'}", flush=True)
-                if seed == 0:
-                    panels[f"{v} seed 0: {s['modes']} modes, {100 * s['hq']:.0f} % hq"] = s["samples"]
-            results[m][v] = row
-        scatter(panels, mixture(m), out.parent / f"{out.stem}_{m}.png")
+    results: dict = {"settings": {"quick": a.quick}}
+    for m in mixtures:  # each once: the list has no repeats
+        d = _defaults(m, a.quick)
+        settings = {"steps": a.steps or d["steps"], "width": a.width or d["width"],
+                    "seeds": a.seeds or d["seeds"]}
+        variants = asked or list(STACKED_VARIANTS if m == STACKED else VARIANTS)
+        if m == STACKED:
+            from ganforge.training import metrics
+
+            classifier, accuracy = metrics.load_digit_classifier(a.cache_dir)
+            print(f"digit classifier: {100 * accuracy['digit']:.1f} % held-out accuracy on "
+                  f"{accuracy['n_test']} load_digits test images (trained on the other "
+                  f"{accuracy['n_train']})", flush=True)
+            settings.update(samples=a.samples or STACKED_SAMPLES, resolution=STACKED_RESOLUTION,
+                            n_images=STACKED_POOL, classifier_accuracy=round(accuracy["digit"], 4),
+                            classifier_test_images=accuracy["n_test"])
+            results[m] = _stacked(settings, variants, classifier, out, sample_dir)
+        else:
+            results[m] = _mixture(m, settings, variants, out, sample_dir)
+        results["settings"][m] = settings
     wall = time.perf_counter() - t0
     results["wall_seconds"] = round(wall, 1)
     out.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"\n{'mixture':<8} {'variant':<15} {'modes (mean ± std)':>20} {'high quality %':>18}")
-    for m in mixtures:
-        for v in variants:
-            r = results[m][v]
-            print(f"{m:<8} {v:<15} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
-                  f"{100 * np.mean(r['hq']):>9.1f} ± {100 * np.std(r['hq']):<5.1f}")
-        for name, (modes, hq) in PUBLISHED[m].items():
-            print(f"{m:<8} {name + ' (pub.)':<15} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
-    print(f"\n{steps} steps per run, width {width}, {a.seeds} seeds; wall time {wall:.0f} s. "
-          f"Results {out}, samples {sample_dir}/, plots {out.stem}_<mixture>.png")
+    _print_tables(results, mixtures)
+    print(f"\nwall time {wall:.0f} s. Results {out}, per-run files {sample_dir}/, "
+          f"plots {out.stem}_<mixture>[_<variant>].png")
     return 0
+
+
+def _mixture(m: str, settings: dict, variants: list[str], out: Path, sample_dir: Path) -> dict:
+    """The MLP GAN on 2-D mixture `m`, every variant and seed."""
+    from ganforge.training.mixtures import mixture, preset_config, scatter, train_mixture
+
+    rows, panels = {}, {}
+    for v in variants:
+        over = json.loads(json.dumps(VARIANTS[v]))
+        net = {"ngf": settings["width"], "ndf": settings["width"], **over.pop("network", {})}
+        row = {"modes": [], "hq": [], "seconds": [], "diagnoses": [], "restarted": []}
+        for seed in range(settings["seeds"]):
+            cfg = preset_config("healthy", data=m, steps=settings["steps"], seed=seed, network=net, **over)
+            s = train_mixture(cfg)
+            np.save(sample_dir / f"{m}_{v}_seed{seed}.npy", s["samples"])
+            row["modes"].append(s["modes"])
+            row["hq"].append(round(s["hq"], 4))
+            row["seconds"].append(s["seconds"])
+            row["diagnoses"].append(s["diagnoses"])
+            row["restarted"].append(s["restarted"])
+            print(f"{m:<5} {v:<12} seed {seed}: modes {s['modes']:>2}  hq {100 * s['hq']:5.1f} %  "
+                  f"{s['seconds']:.1f} s  diagnoses {s['diagnoses'] or '-'}", flush=True)
+            if seed == 0:
+                panels[f"{v} seed 0: {s['modes']} modes, {100 * s['hq']:.0f} % hq"] = s["samples"]
+        rows[v] = row
+    scatter(panels, mixture(m), out.parent / f"{out.stem}_{m}.png")
+    return rows
+
+
+def _stacked(settings: dict, variants: list[str], classifier, out: Path, sample_dir: Path) -> dict:
+    """The DCGAN on stacked digits, every variant and seed; modes counted over the samples."""
+    import torch
+
+    from ganforge.images import save_grid
+    from ganforge.training import metrics
+    from ganforge.training.gan import DCGANConfig, build_dcgan, load_checkpoint
+    from ganforge.training.loop import TrainConfig, to_uint8, train_dcgan
+
+    run_dir = out.parent / f"{out.stem}_runs"
+    net = DCGANConfig(z_dim=64, ngf=settings["width"], ndf=settings["width"],
+                      resolution=settings["resolution"])
+    rows = {}
+    for v in variants:
+        row = {"modes": [], "kl": [], "seconds": [], "diagnoses": [], "interventions": [], "runs": []}
+        for seed in range(settings["seeds"]):
+            cfg = TrainConfig(data="stacked_digits", n_images=settings["n_images"], steps=settings["steps"],
+                              seed=seed, threads=1, doctor=VARIANTS[v]["doctor"],
+                              checkpoint_every=settings["steps"], network=net)
+            where = run_dir / f"{STACKED}_{v}_seed{seed}"
+            s = train_dcgan(cfg, where, progress=False)
+            G, _ = build_dcgan(load_checkpoint(s["checkpoint"]))
+            c = metrics.stacked_mode_coverage(G, classifier, settings["samples"], seed=10_000 + seed)
+            np.save(sample_dir / f"{STACKED}_{v}_seed{seed}.npy", c["sample_modes"])
+            row["modes"].append(c["modes"])
+            row["kl"].append(round(c["kl"], 4))
+            row["seconds"].append(s["seconds"])
+            row["diagnoses"].append(s["diagnoses"])
+            row["interventions"].append(s["interventions"])
+            row["runs"].append(str(where))
+            print(f"{STACKED} {v:<12} seed {seed}: modes {c['modes']:>4}  KL {c['kl']:.3f}  "
+                  f"{s['seconds']:.1f} s  diagnoses {s['diagnoses'] or '-'}, "
+                  f"{s['interventions']} interventions", flush=True)
+            if seed == 0:
+                z = torch.from_numpy(np.random.default_rng(10_000).standard_normal(
+                    (64, net.z_dim)).astype(np.float32))
+                with torch.no_grad():
+                    images = to_uint8(G(z))                                 # (64, 16, 16, 3)
+                images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # (64, 64, 64, 3)
+                save_grid(images, out.parent / f"{out.stem}_{STACKED}_{v}.png", nrow=8)
+        rows[v] = row
+    return rows
+
+
+def _print_tables(results: dict, mixtures: list[str]) -> None:
+    flat = [m for m in mixtures if m != STACKED]
+    if flat:
+        print(f"\n{'mixture':<8} {'variant':<15} {'modes (mean ± std)':>20} {'high quality %':>18}")
+        for m in flat:
+            for v, r in results[m].items():
+                print(f"{m:<8} {v:<15} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
+                      f"{100 * np.mean(r['hq']):>9.1f} ± {100 * np.std(r['hq']):<5.1f}")
+            for name, (modes, hq) in PUBLISHED[m].items():
+                print(f"{m:<8} {name + ' (pub.)':<15} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
+        for m in flat:
+            s = results["settings"][m]
+            print(f"{m}: {s['steps']} steps per run, width {s['width']}, {s['seeds']} seeds, 2,500 samples")
+    if STACKED in mixtures:
+        s = results["settings"][STACKED]
+        print(f"\n{'mixture':<8} {'variant':<17} {'modes of 1000':>20} {'KL(q || uniform)':>20}")
+        for v, r in results[STACKED].items():
+            print(f"{STACKED:<8} {v:<17} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
+                  f"{np.mean(r['kl']):>11.3f} ± {np.std(r['kl']):<6.3f}")
+        for name, (modes, kl) in PUBLISHED_STACKED.items():
+            print(f"{STACKED:<8} {name + ' (pub.)':<17} {modes:>11.1f}{'':9} {kl:>11.3f}")
+        fewer = "" if s["samples"] == STACKED_SAMPLES else f" (the published protocol: {STACKED_SAMPLES:,})"
+        print(f"{STACKED}: {s['steps']} steps per run, ngf = ndf = {s['width']}, {s['resolution']} px, "
+              f"{s['seeds']} seeds, {s['samples']:,} samples counted per run{fewer}; "
+              f"digit classifier {100 * s['classifier_accuracy']:.1f} % on "
+              f"{s['classifier_test_images']} held-out digits")

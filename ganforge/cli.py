@@ -395,7 +395,8 @@ def build_parser() -> Parser:
     t.add_argument("model", choices=["dcgan", "progan", "mlpgan", "denoiser", "inpainter", "pix2pix"],
                    help="model family (inpainter: the context encoder; mlpgan: 2-D mixtures)")
     t.add_argument("--data", default=None,
-                   help="'shapes', 'photos' or a folder of images (default: shapes for GANs, photos otherwise); "
+                   help="'shapes', 'stacked_digits', 'photos' or a folder of images (default: shapes for GANs, "
+                   "photos otherwise); "
                    "ring or grid for mlpgan")
     t.add_argument("--steps", type=int, default=1000)
     t.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")

@@ -80,6 +80,23 @@ def client(server):
         yield c
 
 
+@pytest.fixture(scope="session")
+def digit_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the digit classifier, trained once (a few seconds on one core)."""
+    import torch
+
+    from ganforge.training.metrics import load_digit_classifier
+
+    cache = tmp_path_factory.mktemp("cache")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        load_digit_classifier(cache)
+    finally:
+        torch.set_num_threads(threads)
+    return cache
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed `ganforge` command as a user would."""
     exe = Path(sys.executable).parent / "ganforge"

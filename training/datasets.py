@@ -1,8 +1,10 @@
-"""Offline image data: procedural shapes, scikit-image's bundled photos, a user's folder.
+"""Offline image data: procedural shapes, stacked digits, scikit-image's bundled photos, a
+user's folder.
 
 Everything here returns numpy arrays, uint8, NHWC, so the same data feeds torch training,
 ONNX parity checks and benchmarks alike. Nothing is downloaded: the shapes are drawn from a
-seed, the photos ship inside scikit-image, and a folder is whatever the user points at.
+seed, the digits and photos ship inside scikit-learn and scikit-image, and a folder is whatever
+the user points at.
 """
 
 from __future__ import annotations
@@ -35,6 +37,11 @@ _SKIMAGE_FILES = {"motorcycle_left": "motorcycle_left.png"}
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                 "motorcycle_left", "camera", "coins", "moon", "brick", "grass", "gravel")
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
+# scikit-learn's 1,797 bundled 8x8 digits, split once, stratified by digit: the stacked-digits
+# GAN data and the digit classifier's training come from "train", its accuracy from "test".
+DIGITS_TEST_SHARE = 0.2
+DIGITS_SPLIT_SEED = 0
+STACKED_MODES = 1000          # digit triples (R, G, B)
 
 
 @dataclass(frozen=True)
@@ -97,6 +104,63 @@ def shapes(n: int, size: int = 64, seed: int = 0) -> Labelled:
                     colour=colour_idx.astype(np.int64))
 
 
+def digits(split: str = "train") -> tuple[np.ndarray, np.ndarray]:
+    """scikit-learn's handwritten digits (8x8, 16 grey levels), one side of the fixed split:
+    'train' (1,437 images) or 'test' (360). Returns (N, 8, 8) uint8 in 0..255 and (N,) int64
+    labels. The split is stratified by digit and seeded, so it never changes."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    if split not in ("train", "test"):
+        raise DataError(f"digits: split {split!r} is not one of train, test")
+    d = load_digits()
+    images = np.round(d.images * (255 / 16)).astype(np.uint8)  # 0..16 -> 0..255
+    train, test = train_test_split(np.arange(len(images)), test_size=DIGITS_TEST_SHARE,
+                                   stratify=d.target, random_state=DIGITS_SPLIT_SEED)
+    idx = np.sort(train if split == "train" else test)
+    return images[idx], d.target[idx].astype(np.int64)
+
+
+@dataclass(frozen=True)
+class StackedDigits:
+    """Three digits stacked as the R, G and B channels (PacGAN's stacked MNIST, on 8x8 digits)."""
+
+    images: np.ndarray  # (N, S, S, 3) uint8; channel c shows digit labels[:, c]
+    labels: np.ndarray  # (N, 3) int64, the digits in R, G, B
+
+    @property
+    def modes(self) -> np.ndarray:
+        return mode_index(self.labels)
+
+
+def mode_index(labels: np.ndarray) -> np.ndarray:
+    """Digit triples (N, 3) -> mode indices (N,) in 0..999: 100 R + 10 G + B."""
+    labels = np.asarray(labels, dtype=np.int64)
+    return labels[:, 0] * 100 + labels[:, 1] * 10 + labels[:, 2]
+
+
+def stacked_digits(n: int, size: int = 16, seed: int = 0, split: str = "train") -> StackedDigits:
+    """`n` images of three independent, uniformly drawn digits of `split`, one per channel, each
+    8x8 digit enlarged to `size` (a multiple of 8) by pixel replication, so average-pooling a
+    channel back to 8x8 gives the digit exactly. Same (n, size, seed, split), same bytes."""
+    if n < 0:
+        raise DataError(f"stacked_digits: n must be >= 0, got {n}")
+    if size < 8 or size % 8:
+        raise DataError(f"stacked_digits: size {size} is not allowed; must be a multiple of 8")
+    images, labels = digits(split)
+    pick = np.random.default_rng(seed).integers(0, len(images), (n, 3))
+    # (n, 3, 8, 8) -> (n, 8, 8, 3) -> (n, size, size, 3)
+    stacked = images[pick].transpose(0, 2, 3, 1)
+    k = size // 8
+    stacked = np.repeat(np.repeat(stacked, k, axis=1), k, axis=2)
+    return StackedDigits(images=np.ascontiguousarray(stacked), labels=labels[pick])
+
+
+def mirrorable(data: str) -> bool:
+    """Whether a mirrored training image is still an image of `data`: not for digits."""
+    return data != "stacked_digits"
+
+
 def random_crops(photos: list[np.ndarray], n: int, size: int, seed: int,
                  scale: tuple[float, float] = (0.25, 1.0)) -> np.ndarray:
     """`n` random square crops, resized to `size`, from a list of RGB photos."""
@@ -151,11 +215,15 @@ def folder_photos(folder: str | Path) -> list[np.ndarray]:
 
 
 def load_images(data: str, n: int, size: int = 64, seed: int = 0) -> np.ndarray:
-    """The training images for a `--data` value: 'shapes', 'photos', or a folder path."""
+    """The training images for a `--data` value: 'shapes', 'stacked_digits', 'photos', or a
+    folder path."""
     if data == "shapes":
         return shapes(n, size, seed).images
+    if data == "stacked_digits":
+        return stacked_digits(n, size, seed).images
     if data == "photos":
         return random_crops(skimage_photos(), n, size, seed)
     if Path(data).is_dir():
         return random_crops(folder_photos(data), n, size, seed)
-    raise DataError(f"--data: {data!r} is neither 'shapes', 'photos' nor an existing folder")
+    raise DataError(f"--data: {data!r} is neither 'shapes', 'stacked_digits', 'photos' nor an "
+                    "existing folder")

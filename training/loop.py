@@ -36,7 +36,7 @@ from ganforge.training.monitor import DOCTOR_MODES, Doctor, Monitor, Thresholds,
 
 @dataclass
 class TrainConfig:
-    data: str = "shapes"          # 'shapes', 'photos' or a folder of images
+    data: str = "shapes"          # 'shapes', 'stacked_digits', 'photos' or a folder of images
     n_images: int = 8192          # size of the training pool drawn from `data`
     steps: int = 1000             # optimizer steps of D and G each
     batch_size: int = 64
@@ -156,6 +156,7 @@ class GANTrainer:
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
         self.images = datasets.load_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
+        self.mirror = datasets.mirrorable(cfg.data)  # a mirrored digit is no digit
         self.fixed_z = torch.from_numpy(
             np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
         # the doctor's fixed held-out batch: real images outside the training pool, and latents
@@ -168,8 +169,9 @@ class GANTrainer:
     def real_batch(self) -> torch.Tensor:
         idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
         batch = self.images[idx]
-        flip = self.rng.random(len(idx)) < 0.5
-        batch[flip] = batch[flip, :, ::-1]
+        if self.mirror:
+            flip = self.rng.random(len(idx)) < 0.5
+            batch[flip] = batch[flip, :, ::-1]
         return to_tensor(batch)
 
     def _noisy(self, x: torch.Tensor) -> torch.Tensor:

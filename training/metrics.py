@@ -1,4 +1,4 @@
-"""Sample quality: a Fréchet distance in the feature space of a small shapes classifier.
+"""Sample quality and mode coverage, each measured with a small classifier trained offline.
 
 FID needs Inception weights, which cannot be downloaded here. ganforge instead trains, offline
 and from a seed, a small CNN that tells the procedural shapes' shape (4 classes) and colour (6
@@ -7,8 +7,15 @@ penultimate features of real and generated images:
 
     FD = |mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))
 
-The classifier is trained once per (settings) and cached as a small file; the same seed gives
-the same weights. See docs/metrics.md for its accuracy on held-out shapes.
+Mode counting on stacked digits (PacGAN's stacked MNIST, Lin et al. 2018, on scikit-learn's 8x8
+digits): a small digit CNN, trained on the "train" side of `datasets.digits` and scored on its
+held-out "test" side, reads each channel of a generated image; the digit triple is its mode
+(1,000 in all). Over N samples, with q the share of samples per mode:
+
+    modes = #{m : q_m > 0}        KL(q || uniform) = sum_m q_m log(1000 q_m)   (nats)
+
+Each classifier is trained once per (settings) and cached as a small file; the same seed gives
+the same weights. See docs/metrics.md and docs/doctor.md for their held-out accuracy.
 """
 
 from __future__ import annotations
@@ -103,23 +110,29 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GANFORGE_CACHE", Path.home() / ".cache" / "ganforge"))
 
 
-def load_classifier(cache_dir: str | Path | None = None,
-                    s: ClassifierSettings = ClassifierSettings()) -> tuple[ShapesClassifier, dict]:
-    """The cached classifier for these settings, trained (about a minute on 2 cores) and
-    written to the cache on first use. Returns the model and its held-out accuracy."""
-    key = hashlib.sha256(json.dumps(asdict(s), sort_keys=True).encode()).hexdigest()[:12]
-    path = Path(cache_dir or default_cache_dir()) / f"shapes_classifier-{key}.pt"
-    model = ShapesClassifier()
+def _cached(name: str, settings, train, model: nn.Module,
+            cache_dir: str | Path | None) -> tuple[nn.Module, dict]:
+    """`model` with the weights cached for (name, settings), trained by `train(settings)` and
+    written to the cache when the file is missing. Returns the model (eval mode) and accuracy."""
+    key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
+    path = Path(cache_dir or default_cache_dir()) / f"{name}-{key}.pt"
     if path.is_file():
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state"])
         return model.eval(), payload["accuracy"]
-    model, acc = train_classifier(s)
+    model, acc = train(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
-    torch.save({"state": model.state_dict(), "accuracy": acc, "settings": asdict(s)}, tmp)
+    torch.save({"state": model.state_dict(), "accuracy": acc, "settings": asdict(settings)}, tmp)
     tmp.replace(path)
     return model, acc
+
+
+def load_classifier(cache_dir: str | Path | None = None,
+                    s: ClassifierSettings = ClassifierSettings()) -> tuple[ShapesClassifier, dict]:
+    """The cached classifier for these settings, trained (about a minute on 2 cores) and
+    written to the cache on first use. Returns the model and its held-out accuracy."""
+    return _cached("shapes_classifier", s, train_classifier, ShapesClassifier(), cache_dir)
 
 
 @torch.no_grad()
@@ -139,3 +152,119 @@ def frechet_distance(f1: np.ndarray, f2: np.ndarray) -> float:
     eig = np.linalg.eigvalsh(root1 @ s2 @ root1)
     tr_covmean = np.sqrt(np.clip(eig, 0, None)).sum()
     return float(((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * tr_covmean)
+
+
+# ---------------------------------------------------------------------------------------------
+# Mode counting on stacked digits
+
+@dataclass(frozen=True)
+class DigitClassifierSettings:
+    epochs: int = 20
+    batch_size: int = 64
+    lr: float = 1e-3
+    shift: int = 1            # random translation of each batch by up to this many pixels
+    seed: int = 1234          # seeds the init and the batch order
+
+
+class DigitClassifier(nn.Module):
+    """digit (B, 1, H, W) in [-1, 1], H = W a multiple of 8 -> logits (B, 10). Inputs larger
+    than 8x8 are average-pooled to 8x8 first (undoing the data's pixel replication)."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = nn.Sequential(
+            nn.Conv2d(1, 32, 3, padding=1), nn.ReLU(),                      # (B, 32, 8, 8)
+            nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # (B, 64, 4, 4)
+            nn.Flatten(), nn.Linear(64 * 16, 128), nn.ReLU(),               # (B, 128)
+            nn.Linear(128, 10))                                             # (B, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != 8:
+            x = F.adaptive_avg_pool2d(x, 8)                                 # (B, 1, 8, 8)
+        return self.main(x)
+
+
+def _digit_tensor(images: np.ndarray) -> torch.Tensor:
+    """uint8 (N, 8, 8) -> float (N, 1, 8, 8) in [-1, 1]."""
+    return torch.from_numpy(images).float().div(127.5).sub(1.0)[:, None]
+
+
+@torch.no_grad()
+def predict_digits(model: DigitClassifier, x: torch.Tensor) -> np.ndarray:
+    """float (N, 1, H, W) in [-1, 1] -> (N,) int64 digits."""
+    model.eval()
+    return torch.cat([model(x[i:i + 4096]).argmax(1) for i in range(0, len(x), 4096)]).numpy()
+
+
+def train_digit_classifier(s: DigitClassifierSettings = DigitClassifierSettings()
+                           ) -> tuple[DigitClassifier, dict]:
+    """Train on the digits' "train" side from the seed (a few seconds on one core); return the
+    model (eval mode) and its accuracy on the held-out "test" side."""
+    torch.manual_seed(s.seed)
+    rng = np.random.default_rng(s.seed)
+    train_x, train_y = datasets.digits("train")
+    test_x, test_y = datasets.digits("test")
+    x_all, y_all = _digit_tensor(train_x), torch.from_numpy(train_y)
+    model = DigitClassifier()
+    opt = torch.optim.Adam(model.parameters(), lr=s.lr)
+    k = s.shift
+    for _ in range(s.epochs):
+        model.train()
+        order = torch.from_numpy(rng.permutation(len(x_all)))
+        for i in range(0, len(x_all), s.batch_size):
+            idx = order[i:i + s.batch_size]
+            x = F.pad(x_all[idx], (k, k, k, k), value=-1.0)                 # (B, 1, 8+2k, 8+2k)
+            dy, dx = rng.integers(0, 2 * k + 1, 2)
+            x = x[:, :, dy:dy + 8, dx:dx + 8]                               # (B, 1, 8, 8)
+            loss = F.cross_entropy(model(x), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    pred = predict_digits(model, _digit_tensor(test_x))
+    return model.eval(), {"digit": float((pred == test_y).mean()), "n_test": int(len(test_y)),
+                          "n_train": int(len(train_y))}
+
+
+def load_digit_classifier(cache_dir: str | Path | None = None,
+                          s: DigitClassifierSettings = DigitClassifierSettings()
+                          ) -> tuple[DigitClassifier, dict]:
+    """The cached digit classifier for these settings, trained and written to the cache on
+    first use. Returns the model and its held-out accuracy ({"digit", "n_test", "n_train"})."""
+    return _cached("digit_classifier", s, train_digit_classifier, DigitClassifier(), cache_dir)
+
+
+def classify_stacked(model: DigitClassifier, images: np.ndarray | torch.Tensor) -> np.ndarray:
+    """Stacked-digit images, uint8 NHWC or float NCHW in [-1, 1] -> (N, 3) digits, one per
+    channel (R, G, B)."""
+    x = to_tensor(images) if isinstance(images, np.ndarray) else images
+    n, c, h, w = x.shape
+    assert c == 3, "stacked digits have 3 channels"
+    # (N, 3, H, W) -> (3N, 1, H, W): every channel classified on its own
+    return predict_digits(model, x.reshape(n * c, 1, h, w)).reshape(n, c)
+
+
+def mode_coverage(modes: np.ndarray, n_modes: int = datasets.STACKED_MODES) -> dict:
+    """Mode indices of N samples -> {"modes": modes hit at least once, "kl": KL(q || uniform)
+    in nats}, q the samples' distribution over the `n_modes` modes. Uniform q gives KL 0, a
+    single mode log(n_modes)."""
+    counts = np.bincount(np.asarray(modes, dtype=np.int64), minlength=n_modes)
+    if len(counts) != n_modes or counts.sum() == 0:
+        raise ValueError(f"mode indices must lie in 0..{n_modes - 1} and be at least one")
+    q = counts[counts > 0] / counts.sum()
+    return {"modes": int((counts > 0).sum()), "kl": float(np.sum(q * np.log(q * n_modes)))}
+
+
+@torch.no_grad()
+def stacked_mode_coverage(G: nn.Module, model: DigitClassifier, n: int, seed: int,
+                          batch: int = 1000) -> dict:
+    """Draw `n` samples from G (its current mode; eval for a trained G) with latents from
+    `seed`, classify every channel and count modes. Returns mode_coverage's figures and the
+    mode of every sample ("sample_modes", (n,) int16)."""
+    z_dim = G.cfg.z_dim
+    rng = np.random.default_rng(seed)
+    modes = []
+    for i in range(0, n, batch):
+        z = torch.from_numpy(rng.standard_normal((min(batch, n - i), z_dim)).astype(np.float32))
+        modes.append(datasets.mode_index(classify_stacked(model, G(z))))
+    modes = np.concatenate(modes)
+    return {**mode_coverage(modes), "sample_modes": modes.astype(np.int16)}

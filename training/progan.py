@@ -431,8 +431,9 @@ class ProGANTrainer:
         like G's output (the lower-resolution version, upsampled, towards the sharp one)."""
         idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
         batch = self.images[idx]
-        flip = self.rng.random(len(idx)) < 0.5
-        batch[flip] = batch[flip, :, ::-1]
+        if datasets.mirrorable(self.cfg.data):  # a mirrored digit is no digit
+            flip = self.rng.random(len(idx)) < 0.5
+            batch[flip] = batch[flip, :, ::-1]
         x = to_tensor(batch)                                          # (B, C, R, R)
         return to_stage(x, self.cfg.network.side(self.stage), self.alpha)
 

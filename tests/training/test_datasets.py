@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from ganforge.errors import DataError
@@ -55,7 +56,7 @@ def test_unreadable_image_and_empty_folder_give_clear_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(DataError, match="no images"):
         datasets.folder_photos(empty)
-    with pytest.raises(DataError, match="neither 'shapes', 'photos' nor an existing folder"):
+    with pytest.raises(DataError, match="neither 'shapes', 'stacked_digits', 'photos' nor an existing folder"):
         datasets.load_images("no-such-thing", 1)
 
 
@@ -63,3 +64,54 @@ def test_skimage_photo_crops_need_no_download():
     crops = datasets.load_images("photos", 6, 48, seed=0)
     assert crops.shape == (6, 48, 48, 3)
     assert crops.std() > 10  # real photo content, not a constant
+
+
+def test_stacked_digits_are_reproducible_from_the_seed():
+    a, b = datasets.stacked_digits(50, 16, seed=3), datasets.stacked_digits(50, 16, seed=3)
+    assert a.images.shape == (50, 16, 16, 3) and a.images.dtype == np.uint8
+    assert a.labels.shape == (50, 3)
+    assert np.array_equal(a.images, b.images) and np.array_equal(a.labels, b.labels)
+    assert not np.array_equal(a.images, datasets.stacked_digits(50, 16, seed=4).images)
+    assert np.array_equal(a.modes, 100 * a.labels[:, 0] + 10 * a.labels[:, 1] + a.labels[:, 2])
+
+
+def test_each_stacked_channel_is_a_split_digit_of_its_label():
+    pool, pool_labels = datasets.digits("train")
+    data = datasets.stacked_digits(40, 32, seed=0)
+    for img, labels in zip(data.images, data.labels):
+        for c in range(3):
+            # 32 px: every 8x8 pixel replicated 4x4, so one pixel per block gives the digit back
+            digit = img[::4, ::4, c]
+            assert np.array_equal(img[:, :, c], np.repeat(np.repeat(digit, 4, 0), 4, 1))
+            same = np.all(pool == digit, axis=(1, 2))
+            assert same.any() and set(pool_labels[same]) == {labels[c]}
+
+
+def test_the_digit_split_is_fixed_disjoint_and_stratified():
+    train, train_y = datasets.digits("train")
+    test, test_y = datasets.digits("test")
+    assert (len(train), len(test)) == (1437, 360)
+    share = np.bincount(test_y) / (np.bincount(test_y) + np.bincount(train_y))
+    assert np.all(np.abs(share - 0.2) < 0.01)           # every digit split 80/20
+    flat = {t.tobytes() for t in train}
+    assert sum(t.tobytes() in flat for t in test) < 5   # a few digits are drawn identically
+    assert np.array_equal(datasets.digits("test")[0], test)
+
+
+def test_stacked_digits_refuse_sizes_that_are_not_multiples_of_8():
+    with pytest.raises(DataError, match="size 12 is not allowed; must be a multiple of 8"):
+        datasets.stacked_digits(2, 12)
+    with pytest.raises(DataError, match="split 'val' is not one of train, test"):
+        datasets.digits("val")
+    assert datasets.load_images("stacked_digits", 3, 16, 0).shape == (3, 16, 16, 3)
+
+
+def test_the_dcgan_trainer_never_mirrors_digits(tmp_path):
+    from ganforge.training.gan import DCGANConfig
+    from ganforge.training.loop import GANTrainer, TrainConfig, to_tensor
+
+    cfg = TrainConfig(data="stacked_digits", n_images=64, batch_size=16,
+                      network=DCGANConfig(z_dim=8, ngf=4, ndf=4, resolution=16))
+    t = GANTrainer(cfg, tmp_path)
+    idx = np.random.default_rng(cfg.seed).integers(0, len(t.images), cfg.batch_size)
+    assert torch.equal(t.real_batch(), to_tensor(t.images[idx]))
