@@ -88,7 +88,8 @@ class MixtureTrainConfig:
     d_steps: int = 1                # D steps per G step
     label_smoothing: float = 0.0    # real target 1 - s (Salimans et al. 2016)
     instance_noise: float = 0.0     # std of noise added to D's inputs (Sønderby et al. 2017)
-    lr_decay: bool = True           # linear decay of both learning rates to 10 % at the end
+    lr_decay: bool = True           # linear decay of both learning rates to lr_floor at the end
+    lr_floor: float = 0.1           # fraction of the learning rates left at the last step
     seed: int = 0
     doctor: str = "report"
     doctor_every: int = 100
@@ -168,7 +169,7 @@ class MixtureTrainer:
 
     def train_step(self) -> dict:
         cfg = self.cfg
-        decay = 1.0 - 0.9 * self.step / cfg.steps if cfg.lr_decay else 1.0
+        decay = 1.0 - (1.0 - cfg.lr_floor) * self.step / cfg.steps if cfg.lr_decay else 1.0
         for g in self.opt_G.param_groups:
             g["lr"] = self.lr_base["lr_g"] * decay
         for g in self.opt_D.param_groups:
