@@ -14,6 +14,6 @@ $GF train denoiser --data photos --steps 1200 --batch-size 32 --patch 48 --sigma
     --lr 0.001 --width 32 --depth 8 --seed 0 --out runs/denoiser_photos
 $GF export runs/denoiser_photos --repository model_repository --name denoiser_photos --tile 128
 
-$GF train inpainter --data photos --steps 1200 --batch-size 16 --tile 64 --lambda-rec 0.999 \
-    --lambda-adv 0.001 --lr 0.0005 --width 24 --seed 0 --out runs/inpainter_photos
+$GF train inpainter --data photos --steps 3000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
+    --lambda-adv 0.001 --lr 0.0005 --width 32 --prefill --seed 0 --out runs/inpainter_photos
 $GF export runs/inpainter_photos --repository model_repository --name inpainter_photos --tile 64

@@ -51,12 +51,15 @@ def _warmup(max_batch_size: int, inputs: list[dict]) -> list[mc.ModelWarmup]:
 
 
 def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_batch_size: int,
-                      max_queue_delay_us: int = 2000, instances: int = 1,
+                      max_queue_delay_us: int = 100, instances: int = 1,
                       intra_op_threads: int = 0) -> mc.ModelConfig:
     """An ONNX model served by Triton's `onnxruntime` backend (or ganforge's stand-in for it).
 
     Batch is the first dimension (not listed in `dims`); the dynamic batcher merges requests up
-    to `max_batch_size`. The instance kind is left to Triton (GPU where there is one).
+    to `max_batch_size`, waiting at most `max_queue_delay_us` for more to arrive: 100 µs, a few
+    percent of the generator's batch-16 run (measured in docs/performance.md: 2 ms cost a lone
+    client's batch-16 requests a quarter of their throughput). The instance kind is left to
+    Triton (GPU where there is one).
     """
     cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
                          max_batch_size=max_batch_size, default_model_filename="model.onnx")
@@ -71,7 +74,7 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
 
 
 def tensorrt_model_config(name: str, inputs: list[dict], outputs: list[dict],
-                          max_batch_size: int, max_queue_delay_us: int = 2000,
+                          max_batch_size: int, max_queue_delay_us: int = 100,
                           instances: int = 1) -> mc.ModelConfig:
     """A TensorRT plan served by Triton's `tensorrt` backend, on the GPU.
 
