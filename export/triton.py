@@ -31,7 +31,8 @@ MAX_PARITY_DIFF = 1  # grey levels; the exported graph rounds exactly as torch d
 
 def source_commit() -> str | None:
     """The git commit of the ganforge tree doing the export (None outside a git checkout);
-    a '+dirty' suffix marks uncommitted changes."""
+    a '+dirty' suffix marks uncommitted changes to the source (the exported models in
+    model_repository/ are outputs, not source: re-exporting several leaves it clean)."""
     import subprocess
 
     root = Path(__file__).resolve().parent.parent
@@ -40,7 +41,8 @@ def source_commit() -> str | None:
                               text=True, timeout=10)
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--",
+                                ".", ":(exclude)model_repository"], cwd=root,
                                capture_output=True, text=True, timeout=10).stdout.strip()
         return head.stdout.strip() + ("+dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
