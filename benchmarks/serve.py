@@ -311,6 +311,33 @@ def summarise(results: dict, flops: float) -> dict:
     return summary
 
 
+def markdown(results: dict) -> str:
+    """The figures as Markdown tables: the headline per kind, then throughput and latency per
+    batch size and per client concurrency."""
+    ms = lambda r: f"{r['p50_ms']} / {r['p95_ms']} / {r['p99_ms']}"
+    lines = ["| kind | model | served / in-process (b16) | dynamic batching ratio (b1, c32) | "
+             "p99 / p50 at c32 | GFLOP / image | best in-process share of the matmul ceiling |",
+             "|---|---|---|---|---|---|---|"]
+    for kind, s in results["summary"].items():
+        lines.append(f"| {kind} | {results['kinds'][kind]['model']} | {s['served_vs_inprocess_ratio']} | "
+                     f"{s['dynamic_batching_ratio']} | {s['p99_over_p50_at_c32']} | {s['gflop_per_image']} | "
+                     f"{s['fraction_of_matmul_peak_inprocess_best']} |")
+    for kind, row in results["kinds"].items():
+        lines += ["", f"**{kind}** (`{row['model']}`), images/s and p50 / p95 / p99 ms per request:", "",
+                  "| batch | in-process ORT | served (embedded Triton, gRPC) |", "|---|---|---|"]
+        for b, ip in row["inprocess"].items():
+            sv = row["embedded"]["by_batch"].get(b)
+            lines.append(f"| {b} | {ip['images_per_s']} ({ms(ip)}) | "
+                         + (f"{sv['images_per_s']} ({ms(sv)}), concurrency {sv['concurrency']} |" if sv else "- |"))
+        off = row.get("embedded_no_dynamic_batching", {}).get("batch1_by_concurrency", {})
+        lines += ["", "| batch-1 requests, concurrency | dynamic batching on | off |", "|---|---|---|"]
+        for c, on in row["embedded"]["batch1_by_concurrency"].items():
+            o = off.get(c)
+            lines.append(f"| {c} | {on['images_per_s']} ({ms(on)}) | "
+                         + (f"{o['images_per_s']} ({ms(o)}) |" if o else "- |"))
+    return "\n".join(lines) + "\n"
+
+
 def plot(results: dict, path: Path) -> None:
     import matplotlib
 
@@ -367,12 +394,13 @@ def run(argv: list[str]) -> int:
     Path(a.json).write_text(json.dumps(results, indent=2) + "\n")
     png = Path(a.png) if a.png else Path(a.json).with_suffix(".png")
     plot(results, png)
+    Path(a.json).with_suffix(".md").write_text(markdown(json.loads(json.dumps(results))))
     print(f"\n{'kind':<10} {'served/in-process b16':>22} {'dyn.batch ratio c32':>20} {'p99/p50 c32':>12} {'GFLOP/img':>10}")
     for kind, s in results["summary"].items():
         print(f"{kind:<10} {s['served_vs_inprocess_ratio']:>22} {s['dynamic_batching_ratio']:>20} "
               f"{s['p99_over_p50_at_c32']!s:>12} {s['gflop_per_image']:>10}")
     print(f"matmul ceiling {results['ceiling']['matmul_gflops']} GFLOP/s; wall {results['wall_s']} s; "
-          f"wrote {a.json} and {png}")
+          f"wrote {a.json}, {Path(a.json).with_suffix('.md')} and {png}")
     if failed:
         print(f"Error: {results['errors']} served requests failed, e.g. {failed[0]['error_messages'][0]}; "
               f"the figures above are not valid", file=sys.stderr)
