@@ -396,9 +396,16 @@ class TritonEngine:
             t = aio.InferInput(name, list(a.shape), "UINT8")
             t.set_data_from_numpy(a)
             inputs.append(t)
-        result = await self._call(self._client.infer, self.model, inputs,
-                                  outputs=[aio.InferRequestedOutput(self.output)],
-                                  client_timeout=self.timeout_s)
+        call = self._call(self._client.infer, self.model, inputs,
+                          outputs=[aio.InferRequestedOutput(self.output)],
+                          client_timeout=self.timeout_s)
+        try:
+            # gRPC's deadline alone lets a reply that beats its timer through; the job's own
+            # clock makes --timeout a bound on the whole call
+            result = await asyncio.wait_for(call, self.timeout_s) if self.timeout_s else await call
+        except asyncio.TimeoutError:
+            raise Timeout(f"request to {self.model} at {self.url} timed out: "
+                          f"no answer within {self.timeout_s:g} s") from None
         return result.as_numpy(self.output)
 
     async def ready(self) -> bool:
