@@ -31,7 +31,8 @@ from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.gan import (DCGANConfig, Discriminator, Generator, init_weights,
                                    save_checkpoint)
-from ganforge.training.monitor import DOCTOR_MODES, Doctor, Monitor, Thresholds, write_run_report
+from ganforge.training.monitor import (DOCTOR_MODES, Doctor, Monitor, Thresholds, log_step,
+                                       write_run_report)
 
 
 @dataclass
@@ -271,16 +272,9 @@ def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dic
             if cfg.doctor != "off" and monitor.due(s):
                 found = doctor.observe(s, trainer.D, trainer.G, trainer,
                                        {"ndf": net.ndf, "ngf": net.ngf, "z_dim": net.z_dim})
-                last.update({k: v for k, v in monitor.last.items() if k != "step"})
-                if found:
-                    last["diagnoses"] = [d.failure for d in found]
-                last["seconds"] = round(time.perf_counter() - t0, 3)
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                log_step(metrics, last, t0, monitor, found)
             elif s % cfg.log_every == 0 or s == cfg.steps:
-                last["seconds"] = round(time.perf_counter() - t0, 3)
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                log_step(metrics, last, t0)
             if s % cfg.sample_every == 0 or s == cfg.steps:
                 save_grid(trainer.samples(), out / "samples" / f"step_{s:06d}.png", nrow=8)
             if s % cfg.checkpoint_every == 0 and s != cfg.steps:

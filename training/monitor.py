@@ -386,6 +386,22 @@ class Monitor:
 # Stages (Progressive GAN): each a dict {"stage", "side", "start", "end", "fade_end"}, the first
 # and last step trained at that stage (inclusive) and the last step of its fade-in (None: none).
 
+def log_step(stream, row: dict, t0: float, monitor: "Monitor | None" = None,
+             found: list["Diagnosis"] | None = None) -> None:
+    """Write one `metrics.jsonl` row: the step's losses, then (when the doctor just observed)
+    its held-out scores and the diagnoses that fired, then the seconds since `t0`."""
+    import json
+    import time
+
+    if monitor is not None:
+        row.update({k: v for k, v in monitor.last.items() if k != "step"})
+        if found:
+            row["diagnoses"] = [d.failure for d in found]
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    stream.write(json.dumps(row) + "\n")
+    stream.flush()
+
+
 def stage_at(stages: list[dict] | None, step: int) -> dict | None:
     """The stage that trained step `step`, or None."""
     return next((s for s in stages or () if s["start"] <= step <= s["end"]), None)

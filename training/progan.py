@@ -47,7 +47,7 @@ from ganforge.training import datasets
 from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint, save_checkpoint
 from ganforge.training.loop import to_tensor, to_uint8
 from ganforge.training.monitor import (DOCTOR_MODES, Doctor, Intervention, Monitor, Thresholds,
-                                       follow_stages, write_run_report)
+                                       follow_stages, log_step, write_run_report)
 
 
 @dataclass(frozen=True)
@@ -574,16 +574,9 @@ def train_progan(cfg: ProGANTrainConfig, out: str | Path, resume: bool = False,
                 found = doctor.observe(s, trainer.D, trainer.G, trainer, {"z_dim": cfg.network.z_dim},
                                        extra={"stage": last["stage"], "side": last["side"],
                                               "alpha": last["alpha"]})
-                last.update({k: v for k, v in monitor.last.items() if k != "step"})
-                if found:
-                    last["diagnoses"] = [d.failure for d in found]
-                last["seconds"] = round(time.perf_counter() - t0, 3)
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                log_step(metrics, last, t0, monitor, found)
             elif s % cfg.log_every == 0 or s == cfg.steps:
-                last["seconds"] = round(time.perf_counter() - t0, 3)
-                metrics.write(json.dumps(last) + "\n")
-                metrics.flush()
+                log_step(metrics, last, t0)
             if s % cfg.sample_every == 0 or s == cfg.steps:
                 save_grid(trainer.samples(), out / "samples" / f"step_{s:06d}.png", nrow=8)
             if s % cfg.checkpoint_every == 0 and s != cfg.steps:
