@@ -47,7 +47,7 @@ def nlm(x: np.ndarray, h_factor: float, sigma: float) -> np.ndarray:
 
 
 TV_WEIGHTS = (0.03, 0.05, 0.08, 0.12, 0.18, 0.25)
-NLM_FACTORS = (0.6, 0.8, 1.0, 1.2)
+NLM_FACTORS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.8, 1.0, 1.2)
 
 
 def tune(sigma: float, quick: bool) -> dict:

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
-# seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN.
+# seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN,
+# 100 for the denoiser, 30 for the inpainter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -10,8 +11,8 @@ $GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-d
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
 
-$GF train denoiser --data photos --steps 1200 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
-    --lr 0.001 --width 32 --depth 8 --seed 0 --out runs/denoiser_photos
+$GF train denoiser --data photos --steps 8000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+    --lr 0.001 --width 48 --depth 10 --seed 0 --out runs/denoiser_photos
 $GF export runs/denoiser_photos --repository model_repository --name denoiser_photos --tile 128
 
 $GF train inpainter --data photos --steps 3000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
