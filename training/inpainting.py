@@ -33,7 +33,7 @@ from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.autoencoders import masked_mse, training_photos
 from ganforge.training.gan import CONFIGS, save_checkpoint
-from ganforge.training.monitor import Doctor, Monitor, write_run_report
+from ganforge.training.monitor import Doctor, Monitor, log_step, write_run_report
 
 
 @dataclass(frozen=True)
@@ -220,12 +220,9 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
                        "hole_psnr": round(10 * np.log10(4.0 / max(float(l_rec.detach()), 1e-12)), 3)}
                 if monitor.due(step):  # the doctor's held-out scores replace the batch's
                     found = doctor.observe(step, D, watched(G))
-                    rec.update({k: v for k, v in monitor.last.items() if k != "step"})
-                    if found:
-                        rec["diagnoses"] = [d.failure for d in found]
-                rec["seconds"] = round(time.perf_counter() - t0, 2)
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                    log_step(metrics, rec, t0, monitor, found)
+                else:
+                    log_step(metrics, rec, t0)
             bar.update(1, status=f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
     bar.close()
     write_run_report(out, monitor, doctor, title=f"context encoder on {cfg.data}, {cfg.steps} steps")

@@ -37,7 +37,7 @@ from ganforge.training import datasets
 from ganforge.training.autoencoders import training_photos
 from ganforge.training.gan import CONFIGS, save_checkpoint
 from ganforge.training.loop import to_tensor, to_uint8
-from ganforge.training.monitor import Doctor, Monitor, write_run_report
+from ganforge.training.monitor import Doctor, Monitor, log_step, write_run_report
 
 TASKS = ("inpaint", "edges")
 
@@ -281,12 +281,9 @@ def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = Tru
                        "loss_D": float(loss_D.detach()), "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake)}
                 if monitor.due(step):  # the doctor's held-out scores replace the batch's
                     found = doctor.observe(step, D_held(D), G_held(G))
-                    rec.update({k: v for k, v in monitor.last.items() if k != "step"})
-                    if found:
-                        rec["diagnoses"] = [d.failure for d in found]
-                rec["seconds"] = round(time.perf_counter() - t0, 2)
-                metrics.write(json.dumps(rec) + "\n")
-                metrics.flush()
+                    log_step(metrics, rec, t0, monitor, found)
+                else:
+                    log_step(metrics, rec, t0)
             bar.update(1, status=f"l1 {float(l_l1.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
     bar.close()
     write_run_report(out, monitor, doctor, title=f"pix2pix ({net.task}) on {cfg.data}, {cfg.steps} steps")
