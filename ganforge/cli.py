@@ -122,7 +122,8 @@ def _train_denoiser(args) -> int:
                               batch_size=args.batch_size or 32,
                               patch=args.patch, sigma=(args.sigma_min, args.sigma_max), lr=args.lr or 1e-3,
                               seed=args.seed, threads=args.threads,
-                              network=DenoiserConfig(width=args.width or 48, depth=args.depth))
+                              crop_scale=(args.crop_scale_min, args.crop_scale_max), pool=args.pool,
+                              init=args.init, network=DenoiserConfig(width=args.width or 48, depth=args.depth))
     _writable_dir(args.out)
     summary = train_denoiser(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -424,6 +425,12 @@ def build_parser() -> Parser:
     t.add_argument("--patch", type=int, default=48, help="denoiser: training crop side")
     t.add_argument("--sigma-min", type=float, default=5.0, help="denoiser: noise sigma range, 0-255")
     t.add_argument("--sigma-max", type=float, default=55.0)
+    t.add_argument("--crop-scale-min", type=float, default=0.05,
+                   help="denoiser: crop side as a fraction of the photo's shorter side (a side at or under "
+                   "--patch is a crop at the photo's own resolution)")
+    t.add_argument("--crop-scale-max", type=float, default=0.5)
+    t.add_argument("--pool", type=int, default=4096, help="denoiser: training crops drawn once per run")
+    t.add_argument("--init", default=None, help="denoiser: start from this run's (or checkpoint's) weights")
     t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter: Adam learning rate "
                    "(default 1e-3 / 5e-4)")
     t.add_argument("--width", type=int, default=None, help="denoiser / inpainter: feature maps of the first "

@@ -27,7 +27,7 @@ from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.progress import Progress
 from ganforge.training import datasets
-from ganforge.training.gan import CONFIGS, save_checkpoint
+from ganforge.training.gan import CONFIGS, load_checkpoint, save_checkpoint
 
 # ---------------------------------------------------------------------------------------------
 # PCA, the linear baseline
@@ -176,6 +176,11 @@ class DenoiserTrainConfig:
     seed: int = 0
     threads: int = 0
     log_every: int = 25
+    # crop side as a fraction of the photo's shorter side, resized to `patch`; a side at or
+    # under `patch` pixels is a crop at the photo's own resolution (what the denoiser meets)
+    crop_scale: tuple[float, float] = (0.05, 0.5)
+    pool: int = 4096                     # training crops drawn once per run
+    init: str | None = None              # start from this denoiser checkpoint's weights
     network: DenoiserConfig = field(default_factory=DenoiserConfig)
 
 
@@ -195,16 +200,27 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
 def train_denoiser(cfg: DenoiserTrainConfig, out: str | Path, progress: bool = True) -> dict:
     """Train the convolutional denoiser on noisy crops; write checkpoint, metrics, samples."""
     out = Path(out)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.patch < 8:
-        raise UsageError(f"denoiser: steps {cfg.steps}, batch size {cfg.batch_size}, patch {cfg.patch} "
-                         f"not allowed; need steps >= 1, batch size >= 1, patch >= 8")
+    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.patch < 8 or cfg.pool < 1:
+        raise UsageError(f"denoiser: steps {cfg.steps}, batch size {cfg.batch_size}, patch {cfg.patch}, "
+                         f"pool {cfg.pool} not allowed; need steps >= 1, batch size >= 1, patch >= 8, pool >= 1")
+    if not 0 <= cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
+        raise UsageError(f"--crop-scale-min/--crop-scale-max: {cfg.crop_scale[0]}/{cfg.crop_scale[1]} is not "
+                         f"allowed; need 0 <= min <= max <= 1")
+    start = None
+    if cfg.init:
+        start = load_checkpoint(cfg.init, ("denoiser",))
+        if start["config"] != asdict(cfg.network):
+            raise UsageError(f"--init: {cfg.init} holds a denoiser {start['config']}, not the one asked for "
+                             f"{asdict(cfg.network)}; give the same --width and --depth")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     photos = training_photos(cfg.data)
-    pool = datasets.random_crops(photos, max(4096, cfg.batch_size), cfg.patch, cfg.seed, scale=(0.05, 0.5))
+    pool = datasets.random_crops(photos, max(cfg.pool, cfg.batch_size), cfg.patch, cfg.seed, scale=cfg.crop_scale)
     net = Denoiser(cfg.network)
+    if start is not None:
+        net.load_state_dict(start["state"]["net"])
     opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
     rng = np.random.default_rng(cfg.seed)

@@ -113,6 +113,11 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--patch", train["patch"]), ("--sigma-min", train["sigma"][0]),
                  ("--sigma-max", train["sigma"][1]), ("--lr", train["lr"]), ("--width", net["width"]),
                  ("--depth", net["depth"])]
+        if "crop_scale" in train:   # recorded since fine-tuning was added; older runs used the defaults
+            flags += [("--crop-scale-min", train["crop_scale"][0]), ("--crop-scale-max", train["crop_scale"][1]),
+                      ("--pool", train["pool"])]
+        if train.get("init"):
+            flags.append(("--init", train["init"]))
     elif kind == "inpainter":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
