@@ -24,8 +24,8 @@ class Workload:
 
     def request(self, batch: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
         if self.kind == "generate":
-            return {"seed": np.array([rng.integers(0, 2**62)], np.int64),
-                    "count": np.array([batch], np.int32)}
+            return {"seed": np.full((batch, 1), rng.integers(0, 2**62), np.int64),
+                    "index": np.arange(batch, dtype=np.int64).reshape(batch, 1)}
         out = {}
         for name, (dtype, dims) in self.inputs.items():
             shape = (batch, *dims)
@@ -59,7 +59,7 @@ def discover(repository) -> dict[str, Workload]:
         names = set(inputs)
         onnx = d / "1" / "model.onnx"
         mb = int(cfg.get("max_batch_size", 0))
-        if cfg.get("platform") == "ensemble" and names == {"seed", "count"}:
+        if names == {"seed", "index"} and not d.name.endswith("_sampler"):
             kind = "generate"
         elif names == {"latent"}:
             kind = "generator"

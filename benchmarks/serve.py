@@ -112,8 +112,8 @@ def run_for(seconds: float, fn, min_iters: int = 3) -> list[float]:
 
 
 class InProcess:
-    """The peer: the same ONNX file in this process with ONNX Runtime (same sampler for
-    generation by seed)."""
+    """The peer: the same ONNX file in this process with ONNX Runtime (for generation by seed,
+    the same merged seed -> image graph the server runs)."""
 
     def __init__(self, w: Workload, onnx_path: str):
         import onnxruntime as ort
@@ -123,14 +123,8 @@ class InProcess:
         self.rng = np.random.default_rng(0)
 
     def measure(self, batch: int, seconds: float) -> dict:
-        from ganforge.serving.sampler import sample_latents
-
-        if self.w.kind == "generate":
-            z_dim = self.sess.get_inputs()[0].shape[1]
-            fn = lambda: self.sess.run(None, {"latent": sample_latents(int(self.rng.integers(1 << 40)), batch, z_dim)})
-        else:
-            feed = self.w.request(batch, self.rng)
-            fn = lambda: self.sess.run(None, feed)
+        feed = self.w.request(batch, self.rng)
+        fn = lambda: self.sess.run(None, feed)
         fn()  # warm
         lat = run_for(seconds, fn)
         return {"images_per_s": round(batch * len(lat) / sum(lat), 2), **percentiles(lat)}
@@ -245,7 +239,7 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
                 shutil.copytree(d, tmp / d.name)
         nobatch = {}
         for kind, w in workloads.items():
-            if w.kind != "generate" and w.max_batch > 0:
+            if w.max_batch > 0:
                 nobatch[kind] = without_dynamic_batching(repository, w, tmp)
         opts = ServerOptions(model_repository=tmp, grpc_port=free_port(), http_port=free_port(),
                              metrics_port=free_port())
@@ -253,8 +247,8 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
         with LocalServer(opts) as server:
             targets = {"embedded": server.grpc_url, **{f"url:{u}": u for u in urls}}
             for kind, w in workloads.items():
-                gen_onnx = w.onnx_path or str(repository / f"{w.model}_generator" / "1" / "model.onnx")
-                w.max_batch_for_bench = 64 if kind == "generate" else w.max_batch
+                gen_onnx = w.onnx_path
+                w.max_batch_for_bench = w.max_batch
                 print(f"[{kind}] {w.model}: in-process ONNX Runtime", flush=True)
                 row = {"model": w.model, "inprocess": inprocess(w, gen_onnx, seconds)}
                 for label, url in targets.items():

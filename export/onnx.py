@@ -40,15 +40,17 @@ def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_name
     return path
 
 
-def parity(module: nn.Module, onnx_path: str | Path, feeds: dict[str, np.ndarray]) -> dict:
+def parity(module: nn.Module, onnx_path: str | Path, feeds: dict[str, np.ndarray],
+           torch_inputs: dict[str, np.ndarray] | None = None) -> dict:
     """Run torch and ONNX Runtime on the same inputs; report the max abs difference in grey
-    levels and the share of pixels that differ at all."""
+    levels and the share of pixels that differ at all. `torch_inputs`, when the graph computes
+    the module's inputs itself (seed -> latent), are what the module is given instead."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
     with torch.no_grad():
         t0 = time.perf_counter()
-        ref = module.eval()(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+        ref = module.eval()(*(torch.from_numpy(v) for v in (torch_inputs or feeds).values())).numpy()
         t_torch = time.perf_counter() - t0
     t0 = time.perf_counter()
     got = sess.run(None, feeds)[0]

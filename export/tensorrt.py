@@ -9,7 +9,7 @@ generator NAME it writes, beside the ONNX models of `ganforge export`:
     NAME_generator_trt/       tensorrt_plan: latent -> image, profile batch 1..max_batch_size
         config.pbtxt  1/model.plan  manifest.json (TensorRT version, GPU, compute capability,
                                                     precision, build time, parity vs ONNX Runtime)
-    NAME_trt/                 ensemble: (seed, count) -> image through the plan
+    NAME_trt/                 ensemble: (seed, index) -> image, NAME_sampler then the plan
 
 Without an NVIDIA GPU the command says so in one line and exits 1.
 """
@@ -259,11 +259,13 @@ def export_tensorrt(args) -> int:
     info = write_plan_model(repository, summary["generator"], fp16=args.fp16,
                             version=args.version, timing_cache=cache)
     name = f"{summary['model']}_trt"
-    ens = repo.read_config(repository / summary["model"] / "config.pbtxt")
-    ens.name = name
-    for step in ens.ensemble_scheduling.step:
-        if step.model_name == summary["generator"]:
-            step.model_name = info["model"]
+    gen = repo.read_config(repository / info["model"] / "config.pbtxt")
+    ens = repo.ensemble_config(
+        name, [tensor("seed", "INT64", [1]), tensor("index", "INT64", [1])],
+        [tensor("image", "UINT8", list(gen.output[0].dims))],
+        [(summary["sampler"], {"seed": "seed", "index": "index"}, {"latent": "latent"}),
+         (info["model"], {"latent": "latent"}, {"image": "image"})],
+        max_batch_size=gen.max_batch_size)
     (repository / name / str(args.version)).mkdir(parents=True, exist_ok=True)
     (repository / name / str(args.version) / ".keep").touch()
     repo.write_config(repository / name, ens)

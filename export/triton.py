@@ -1,7 +1,8 @@
 """`ganforge export`: a training run -> ONNX generator + Triton model directories + manifests.
 
-For a generator NAME it writes NAME_generator (ONNX, latent -> image), NAME_sampler (Python,
-(seed, count) -> latent) and NAME (the ensemble clients call), see serving/repository.py.
+For a generator NAME it writes NAME_generator (ONNX, latent -> image), NAME_sampler (ONNX,
+(seed, index) -> latent) and NAME (the two in one graph: seed, index -> image, the model clients
+call), see serving/repository.py.
 """
 
 from __future__ import annotations
@@ -215,28 +216,49 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     repo.write_manifest(gen_dir, {**source, "model": gen_name, "version": version,
                                   "format": "onnx", "parity": check})
 
-    sampler_file = sampler_dir / str(version) / "model.py"
-    sampler_file.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(Path(sampler.__file__), sampler_file)
-    repo.write_config(sampler_dir, repo.python_model_config(
-        sampler_name, [tensor("seed", "INT64", [1]), tensor("count", "INT32", [1])],
-        [tensor("latent", "FP32", [-1, cfg.z_dim])],
-        {"z_dim": str(cfg.z_dim), "max_count": str(max_batch_size)}))
-    repo.write_manifest(sampler_dir, {"model": sampler_name, "version": version,
+    # NAME_sampler: (seed, index) -> latent, the counter-based draw as ONNX ops (TensorRT
+    # ensembles put it in front of their plan); NAME: the sampler and the generator merged into
+    # one graph, so generation by seed is one batched ONNX Runtime call
+    import onnx
+    from onnx import compose
+
+    seed_in, index_in = tensor("seed", "INT64", [1]), tensor("index", "INT64", [1])
+    graph = sampler.latent_graph(cfg.z_dim)
+    sampler_path = sampler_dir / str(version) / "model.onnx"
+    if sampler_dir.exists():
+        shutil.rmtree(sampler_dir)   # an older export's Python sampler must not linger
+    sampler_path.parent.mkdir(parents=True)
+    onnx.save(graph, sampler_path)
+    repo.write_config(sampler_dir, repo.onnx_model_config(
+        sampler_name, [seed_in, index_in], [latent], max_batch_size, instances=1, intra_op_threads=1))
+    repo.write_manifest(sampler_dir, {"model": sampler_name, "version": version, "format": "onnx",
                                       "generator": gen_name, "z_dim": cfg.z_dim})
 
-    (ens_dir / str(version)).mkdir(parents=True, exist_ok=True)
-    (ens_dir / str(version) / ".keep").touch()  # Triton needs the version dir; git needs a file
-    repo.write_config(ens_dir, repo.ensemble_config(
-        name, [tensor("seed", "INT64", [1]), tensor("count", "INT32", [1])],
-        [tensor("image", "UINT8", [-1, *image["dims"]])],
-        [(sampler_name, {"seed": "seed", "count": "count"}, {"latent": "latent"}),
-         (gen_name, {"latent": "latent"}, {"image": "image"})]))
-    repo.write_manifest(ens_dir, {"model": name, "version": version,
-                                  "steps": [sampler_name, gen_name]})
+    merged = compose.merge_models(graph, onnx.load(onnx_path), io_map=[("latent", "latent")])
+    merged.graph.name = name
+    ens_path = ens_dir / str(version) / "model.onnx"
+    if ens_dir.exists():
+        shutil.rmtree(ens_dir)       # an older export's ensemble directory
+    ens_path.parent.mkdir(parents=True)
+    onnx.save(merged, ens_path)
+    count = min(5, max_batch_size)
+    seeded = parity(module, ens_path, {"seed": np.full((count, 1), 3, np.int64),
+                                       "index": np.arange(count, dtype=np.int64).reshape(-1, 1)},
+                    torch_inputs={"latent": sampler.sample_latents(3, count, cfg.z_dim)})
+    if seeded["max_abs_diff"] > MAX_PARITY_DIFF:
+        raise ganforge.errors.GanforgeError(
+            f"export: {name} (seed -> image) differs from torch on the same latents by "
+            f"{seeded['max_abs_diff']} grey levels (allowed {MAX_PARITY_DIFF}); written to {ens_path}")
+    ens_cfg = repo.onnx_model_config(name, [seed_in, index_in], [image], max_batch_size,
+                                     instances=instances, intra_op_threads=intra_op_threads)
+    if ort_trt:
+        repo.add_ort_tensorrt(ens_cfg, precision=ort_trt, engine_cache_path=f"/tmp/ganforge-trt-cache/{name}")
+    repo.write_config(ens_dir, ens_cfg)
+    repo.write_manifest(ens_dir, {**source, "model": name, "version": version, "format": "onnx",
+                                  "graphs": [sampler_name, gen_name], "parity": seeded})
     summary = {"model": name, "generator": gen_name, "sampler": sampler_name,
                "repository": str(repository), "onnx": str(onnx_path),
                "onnx_bytes": onnx_path.stat().st_size, "parity": check}
-    log(f"export: wrote {name} (seed, count -> image), {gen_name} (latent -> image), "
-        f"{sampler_name} into {repository}")
+    log(f"export: wrote {name} (seed, index -> image), {gen_name} (latent -> image), "
+        f"{sampler_name} (seed, index -> latent) into {repository}")
     return summary

@@ -142,26 +142,24 @@ class Client:
                  "reason": m.get("reason", "")} for m in index.get("models", [])]
 
     def max_count(self, model: str) -> int:
-        """The largest `count` a seeded generator accepts: its sampler's limit."""
+        """The largest `count` a seeded generator accepts: its batch limit (one row per image)."""
         cfg = self.config(model)
-        steps = cfg.get("ensemble_scheduling", {}).get("step", [])
-        for step in steps:
-            params = self.config(step["model_name"]).get("parameters", {})
-            if "max_count" in params:
-                return int(params["max_count"]["string_value"])
-        raise UsageError(f"model {model!r} is not a seeded generator (no sampler step); "
-                         f"call generate_from_latent on a '*_generator' model")
+        if {i["name"] for i in cfg.get("input", [])} != {"seed", "index"}:
+            raise UsageError(f"model {model!r} is not a seeded generator (inputs 'seed' and 'index'); "
+                             f"call generate_from_latent on a '*_generator' model")
+        return int(cfg.get("max_batch_size", 0))
 
     def generate(self, model: str, seed: int, count: int = 1) -> np.ndarray:
         """`count` images for `seed` from a seeded generator: (count, H, W, 3) uint8.
 
-        Same model version, same seed: byte-identical images. Raises UsageError for a bad
-        seed or count before sending, ServerError subclasses for what the server says.
+        Sends one row per image: `seed` and `index` INT64 [count, 1], images 0 .. count - 1 of
+        `seed`. Same model version, same seed: byte-identical images. Raises UsageError for a
+        bad seed or count before sending, ServerError subclasses for what the server says.
         """
         seed = check_seed(seed)
         count = check_count(count, self.max_count(model))
-        out = self.infer(model, {"seed": np.array([seed], np.int64),
-                                 "count": np.array([count], np.int32)}, ["image"])
+        out = self.infer(model, {"seed": np.full((count, 1), seed, np.int64),
+                                 "index": np.arange(count, dtype=np.int64).reshape(count, 1)}, ["image"])
         return out["image"]
 
     def generate_from_latent(self, model: str, latent: np.ndarray) -> np.ndarray:

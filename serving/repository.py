@@ -4,12 +4,13 @@ where every model came from and the sha256 of each of its files.
 
 Layout written by `ganforge export` for a generator NAME:
 
-    NAME/                     ensemble: (seed, count) -> image, the name clients use
-        config.pbtxt  1/
-    NAME_sampler/             Python model: (seed, count) -> latent, numpy, deterministic
-        config.pbtxt  1/model.py  manifest.json
+    NAME/                     ONNX: (seed, index) -> image, the name clients use: the sampler's
+        config.pbtxt            graph and the generator's merged, one row per image, batched
+        1/model.onnx  manifest.json
     NAME_generator/           ONNX: latent -> image (UINT8 NHWC), dynamic batching
         config.pbtxt  1/model.onnx  manifest.json
+    NAME_sampler/             ONNX: (seed, index) -> latent, counter-based, deterministic
+        config.pbtxt  1/model.onnx  manifest.json   (serving/sampler.py)
 """
 
 from __future__ import annotations
@@ -116,22 +117,11 @@ def add_ort_tensorrt(cfg: mc.ModelConfig, precision: str = "FP16",
     return cfg
 
 
-def python_model_config(name: str, inputs: list[dict], outputs: list[dict],
-                        parameters: dict[str, str]) -> mc.ModelConfig:
-    """A Triton Python-backend model without batching (max_batch_size 0), on the CPU."""
-    cfg = mc.ModelConfig(name=name, backend="python", max_batch_size=0)
-    cfg.input.extend(_io(mc.ModelInput, s) for s in inputs)
-    cfg.output.extend(_io(mc.ModelOutput, s) for s in outputs)
-    cfg.instance_group.add(count=1, kind=mc.ModelInstanceGroup.KIND_CPU)
-    for k, v in parameters.items():
-        cfg.parameters[k].string_value = str(v)
-    return cfg
-
-
 def ensemble_config(name: str, inputs: list[dict], outputs: list[dict],
-                    steps: list[tuple[str, dict[str, str], dict[str, str]]]) -> mc.ModelConfig:
+                    steps: list[tuple[str, dict[str, str], dict[str, str]]],
+                    max_batch_size: int = 0) -> mc.ModelConfig:
     """An ensemble; each step is (model_name, input_map, output_map), model version latest."""
-    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=0)
+    cfg = mc.ModelConfig(name=name, platform="ensemble", max_batch_size=max_batch_size)
     cfg.input.extend(_io(mc.ModelInput, s) for s in inputs)
     cfg.output.extend(_io(mc.ModelOutput, s) for s in outputs)
     for model_name, input_map, output_map in steps:

@@ -46,11 +46,29 @@ def test_export_writes_triton_configs_that_parse_with_tritons_schema(tiny_repo):
     assert [o.name for o in gen.output] == ["image"] and list(gen.output[0].dims) == [64, 64, 3]
     assert gen.HasField("dynamic_batching")
     assert sorted(w.batch_size for w in gen.model_warmup) == [1, 8]
-    ens = repo.read_config(repository / "tiny/config.pbtxt")
-    assert ens.platform == "ensemble"
-    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["tiny_sampler", "tiny_generator"]
-    sampler = repo.read_config(repository / "tiny_sampler/config.pbtxt")
-    assert sampler.parameters["max_count"].string_value == "8"
+    for name, out in (("tiny", "image"), ("tiny_sampler", "latent")):
+        cfg = repo.read_config(repository / f"{name}/config.pbtxt")
+        assert cfg.platform == "onnxruntime_onnx" and cfg.max_batch_size == 8, name
+        assert [(i.name, list(i.dims)) for i in cfg.input] == [("seed", [1]), ("index", [1])], name
+        assert [o.name for o in cfg.output] == [out] and cfg.HasField("dynamic_batching"), name
+
+
+def test_seeded_model_is_the_sampler_then_the_generator_in_one_graph(tiny_run, tiny_repo):
+    """NAME (seed, index -> image) == the generator on the numpy sampler's latents, and its
+    first graph alone (NAME_sampler) gives exactly those latents."""
+    repository, summary = tiny_repo
+    seeds = np.array([[42], [42], [42], [7], [0]], np.int64)
+    index = np.array([[0], [1], [2], [0], [5]], np.int64)
+    z = np.concatenate([sample_latents(42, 3, TINY["z_dim"]), sample_latents(7, 1, TINY["z_dim"]),
+                        sample_latents(0, 6, TINY["z_dim"])[5:]])
+    sampler = ort.InferenceSession(str(repository / "tiny_sampler/1/model.onnx"))
+    assert np.abs(sampler.run(None, {"seed": seeds, "index": index})[0] - z).max() <= 1e-6
+    seeded = ort.InferenceSession(str(repository / "tiny/1/model.onnx"))
+    got = seeded.run(["image"], {"seed": seeds, "index": index})[0]
+    direct = ort.InferenceSession(str(repository / "tiny_generator/1/model.onnx")).run(None, {"latent": z})[0]
+    assert got.shape == (5, 64, 64, 3) and np.array_equal(got, direct)
+    manifest = json.loads((repository / "tiny/manifest.json").read_text())
+    assert manifest["parity"]["max_abs_diff"] <= 1 and manifest["graphs"] == ["tiny_sampler", "tiny_generator"]
 
 
 def test_manifest_records_sha256_of_every_file_and_the_source(tiny_run, tiny_repo):

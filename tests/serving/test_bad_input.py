@@ -20,12 +20,12 @@ def inp(name, array=None, dtype=None, shape=None, raw=None):
     return t
 
 
-def seed(v, dtype=np.int64):
-    return inp("seed", np.array([v], dtype))
+def seed(v, dtype=np.int64, rows=1):
+    return inp("seed", np.full((rows, 1), v, dtype))
 
 
-def count(v, dtype=np.int32):
-    return inp("count", np.array([v], dtype))
+def index(rows=1, dtype=np.int64):
+    return inp("index", np.arange(rows, dtype=dtype).reshape(rows, 1))
 
 
 def latent(a):
@@ -35,21 +35,21 @@ def latent(a):
 INVALID, NOT_FOUND = "StatusCode.INVALID_ARGUMENT", "StatusCode.NOT_FOUND"
 
 CASES = {
-    # the seeded ensemble: seed INT64 [1], count INT32 [1]
-    "count zero": ("tiny", lambda: [seed(1), count(0)], INVALID, "count: 0 is not allowed; must be in [1, 8]"),
-    "count over the limit": ("tiny", lambda: [seed(1), count(9)], INVALID, "count: 9 is not allowed; must be in [1, 8]"),
-    "count negative": ("tiny", lambda: [seed(1), count(-2)], INVALID, "count: -2 is not allowed"),
-    "count int32 max": ("tiny", lambda: [seed(1), count(2**31 - 1)], INVALID, "count: 2147483647 is not allowed"),
-    "seed negative": ("tiny", lambda: [seed(-1), count(1)], INVALID, "seed: -1 is not allowed; must be in [0, 9223372036854775807]"),
-    "seed as int32": ("tiny", lambda: [seed(1, np.int32), count(1)], INVALID, "input 'seed' data-type is 'INT32', but model 'tiny' expects 'INT64'"),
-    "seed as bytes": ("tiny", lambda: [inp("seed", np.array([b"1"], np.object_), "BYTES"), count(1)], INVALID, "data-type is 'BYTES'"),
-    "count as float": ("tiny", lambda: [seed(1), count(1, np.float32)], INVALID, "input 'count' data-type is 'FP32', but model 'tiny' expects 'INT32'"),
-    "seed of two values": ("tiny", lambda: [inp("seed", np.array([1, 2], np.int64)), count(1)], INVALID, "unexpected shape for input 'seed' for model 'tiny'. Expected [1], got [2]"),
-    "seed of rank two": ("tiny", lambda: [inp("seed", np.array([[1]], np.int64)), count(1)], INVALID, "Expected [1], got [1,1]"),
-    "count missing": ("tiny", lambda: [seed(1)], INVALID, "missing required input(s) ['count']"),
-    "seed missing": ("tiny", lambda: [count(1)], INVALID, "missing required input(s) ['seed']"),
-    "extra input": ("tiny", lambda: [seed(1), count(1), inp("bogus", np.array([1], np.int32))], INVALID, "expected 2 inputs but got 3 inputs"),
-    "sampler called with count zero": ("tiny_sampler", lambda: [seed(1), count(0)], INVALID, "count: 0 is not allowed"),
+    # the seeded generator: seed INT64 [rows, 1], index INT64 [rows, 1], rows <= 8
+    "count over the limit": ("tiny", lambda: [seed(1, rows=9), index(9)], INVALID, "batch-size must be <= 8"),
+    "oversized count": ("tiny", lambda: [seed(1, rows=100000), index(100000)], INVALID, "batch-size must be <= 8"),
+    "zero rows": ("tiny", lambda: [seed(1, rows=0), index(0)], INVALID, "input byte size mismatch for input"),
+    "seed and index rows differ": ("tiny", lambda: [seed(1, rows=2), index(3)], INVALID, "input 'seed' batch size does not match other inputs for 'tiny'"),
+    "seed as int32": ("tiny", lambda: [seed(1, np.int32), index()], INVALID, "input 'seed' data-type is 'INT32', but model 'tiny' expects 'INT64'"),
+    "seed as bytes": ("tiny", lambda: [inp("seed", np.array([[b"1"]], np.object_), "BYTES"), index()], INVALID, "data-type is 'BYTES'"),
+    "index as float": ("tiny", lambda: [seed(1), index(1, np.float32)], INVALID, "input 'index' data-type is 'FP32', but model 'tiny' expects 'INT64'"),
+    "seed of two values a row": ("tiny", lambda: [inp("seed", np.array([[1, 2]], np.int64)), index()], INVALID, "unexpected shape for input 'seed' for model 'tiny'. Expected [-1,1], got [1,2]"),
+    "seed of rank three": ("tiny", lambda: [inp("seed", np.array([[[1]]], np.int64)), index()], INVALID, "Expected [-1,1], got [1,1,1]"),
+    "index missing": ("tiny", lambda: [seed(1)], INVALID, "missing required input(s) ['index']"),
+    "seed missing": ("tiny", lambda: [index()], INVALID, "missing required input(s) ['seed']"),
+    "extra input": ("tiny", lambda: [seed(1), index(), inp("bogus", np.array([[1]], np.int32))], INVALID, "expected 2 inputs but got 3 inputs"),
+    "count instead of index": ("tiny", lambda: [seed(1), inp("count", np.array([[1]], np.int32))], INVALID, "unexpected inference input 'count'"),
+    "sampler over the limit": ("tiny_sampler", lambda: [seed(1, rows=9), index(9)], INVALID, "batch-size must be <= 8"),
     # the raw generator: latent FP32 [batch, 16], batch <= 8
     "latent too wide": ("tiny_generator", lambda: [latent(np.zeros((2, Z + 1), np.float32))], INVALID, "Expected [-1,16], got [2,17]"),
     "latent float64": ("tiny_generator", lambda: [latent(np.zeros((2, Z)))], INVALID, "data-type is 'FP64', but model 'tiny_generator' expects 'FP32'"),
@@ -67,8 +67,8 @@ CASES = {
     "NaN latent": ("tiny_generator", lambda: [latent(np.full((1, Z), np.nan, np.float32))], INVALID, "input 'latent': contains NaN or infinite values"),
     "infinite latent": ("tiny_generator", lambda: [latent(np.full((1, Z), np.inf, np.float32))], INVALID, "contains NaN or infinite values"),
     # names
-    "unknown model": ("nope", lambda: [seed(1), count(1)], NOT_FOUND, "Request for unknown model: 'nope' is not found"),
-    "empty model name": ("", lambda: [seed(1), count(1)], NOT_FOUND, "Request for unknown model: '' is not found"),
+    "unknown model": ("nope", lambda: [seed(1), index()], NOT_FOUND, "Request for unknown model: 'nope' is not found"),
+    "empty model name": ("", lambda: [seed(1), index()], NOT_FOUND, "Request for unknown model: '' is not found"),
 }
 
 
@@ -80,7 +80,7 @@ def raw(server):
 
 
 def good_request_works(raw):
-    out = raw.infer("tiny", [seed(5), count(2)]).as_numpy("image")
+    out = raw.infer("tiny", [seed(5, rows=2), index(2)]).as_numpy("image")
     assert out.shape == (2, 64, 64, 3) and out.dtype == np.uint8
 
 

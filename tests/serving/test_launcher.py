@@ -48,10 +48,11 @@ def test_a_model_that_fails_to_load_stops_the_start_with_tritons_reason(tiny_rep
 def test_a_model_file_changed_after_export_is_refused_at_start(tiny_repo, tmp_path):
     repo = tmp_path / "repo"
     shutil.copytree(tiny_repo[0], repo)
-    (repo / "tiny_sampler/1/model.py").write_text("# edited\n")
+    with open(repo / "tiny_sampler/1/model.onnx", "ab") as f:
+        f.write(b"\0")
     opts = ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
                          metrics_port=free_port())
-    with pytest.raises(RepositoryError, match="tiny_sampler/1/model.py: changed since export"):
+    with pytest.raises(RepositoryError, match="tiny_sampler/1/model.onnx: changed since export"):
         LocalServer(opts).start()
 
 

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from ganforge.cli import _key_value
 from ganforge.errors import UsageError
 from ganforge.serving.client import check_count, check_seed
-from ganforge.serving.sampler import SEED_MAX, check_request, sample_latents
+from ganforge.serving.sampler import SEED_MAX, latent_graph, latents, sample_latents
 
 anything = st.one_of(st.none(), st.booleans(), st.floats(allow_nan=True), st.text(max_size=5),
                      st.integers(min_value=-2**70, max_value=2**70), st.lists(st.integers(), max_size=2))
@@ -34,21 +34,39 @@ def test_check_count_accepts_exactly_the_integers_from_one_to_the_limit(value, l
             check_count(value, limit)
 
 
-dtypes = st.sampled_from([np.int64, np.int32, np.int16, np.uint64, np.float32, np.float64])
+@pytest.fixture(scope="module")
+def latent_sessions():
+    import onnxruntime as ort
+
+    return {z: ort.InferenceSession(latent_graph(z).SerializeToString(), providers=["CPUExecutionProvider"])
+            for z in (1, 7, 64)}
 
 
-@given(st.integers(min_value=-2**63, max_value=2**63 - 1), st.integers(min_value=-2**31, max_value=2**31 - 1),
-       dtypes, dtypes, st.integers(min_value=0, max_value=3), st.integers(min_value=1, max_value=128))
-def test_sampler_check_request_validates_dtype_size_and_range(seed, count, seed_dtype, count_dtype, size, limit):
-    s = np.full((size,), seed if np.dtype(seed_dtype).kind == "i" and np.can_cast(np.min_scalar_type(seed), seed_dtype) else 1, seed_dtype)
-    c = np.full((size,), count if np.dtype(count_dtype).kind == "i" and np.can_cast(np.min_scalar_type(count), count_dtype) else 1, count_dtype)
-    ok = (seed_dtype is np.int64 and count_dtype is np.int32 and size == 1
-          and int(s[0]) >= 0 and 1 <= int(c[0]) <= limit)
-    if ok:
-        assert check_request(s, c, limit) == (int(s[0]), int(c[0]))
-    else:
-        with pytest.raises(ValueError, match=r"^(seed|count): "):
-            check_request(s, c, limit)
+int64s = st.integers(min_value=-2**63, max_value=2**63 - 1)
+
+
+@settings(max_examples=60)
+@given(st.lists(st.tuples(int64s, int64s), min_size=1, max_size=9), st.sampled_from([1, 7, 64]))
+def test_the_onnx_sampler_draws_the_numpy_latents_for_any_int64_seed_and_index(latent_sessions, rows, z_dim):
+    """Whatever a raw client sends (negative values included: two's complement in both), the
+    served graph and numpy agree to float32 rounding, and every latent is finite."""
+    seeds = np.array([[r[0]] for r in rows], np.int64)
+    index = np.array([[r[1]] for r in rows], np.int64)
+    got = latent_sessions[z_dim].run(None, {"seed": seeds, "index": index})[0]
+    want = latents(seeds, index, z_dim)
+    assert got.shape == (len(rows), z_dim) and np.isfinite(got).all()
+    assert np.abs(got - want).max() <= 1e-6
+
+
+def test_latents_are_standard_normal():
+    z = sample_latents(11, 4000, 64).ravel().astype(np.float64)
+    assert abs(z.mean()) < 0.01 and abs(z.std() - 1) < 0.01
+    # the tails: 4.55 % of a standard normal lies beyond 2 sigma
+    assert abs((np.abs(z) > 2).mean() - 0.0455) < 0.003
+    # neighbouring seeds and indices are not correlated
+    a, b = sample_latents(11, 2000, 64), sample_latents(12, 2000, 64)
+    assert abs(np.corrcoef(a.ravel(), b.ravel())[0, 1]) < 0.01
+    assert abs(np.corrcoef(a[:-1].ravel(), a[1:].ravel())[0, 1]) < 0.01
 
 
 @settings(max_examples=30)

@@ -49,32 +49,35 @@ def test_seeded_generation_is_byte_identical_and_seeds_differ(client, tiny_repo)
     c = client.generate("tiny", seed=43, count=4)
     assert a.tobytes() == b.tobytes()
     assert not np.array_equal(a, c)
-    # the ensemble's latents are the numpy sampler's: seed 42 == generator(sample_latents(42))
+    # the served latents are the numpy sampler's: seed 42 == generator(sample_latents(42))
     direct = client.generate_from_latent("tiny_generator", sample_latents(42, 4, Z))
     assert np.array_equal(a, direct)
     # image i depends on (seed, i) only: a longer request starts with the shorter one
     assert np.array_equal(client.generate("tiny", seed=42, count=8)[:4], a)
 
 
-def test_raw_tritonclient_request_by_seed(server):
-    res = raw_infer(server.grpc_url, "tiny", [("seed", np.array([42], np.int64), "INT64"),
-                                              ("count", np.array([3], np.int32), "INT32")])
+def rows(seed, n, dtype="INT64"):
+    return [("seed", np.full((n, 1), seed, np.int64), dtype), ("index", np.arange(n, dtype=np.int64).reshape(n, 1), dtype)]
+
+
+def test_raw_tritonclient_request_by_seed(server, client):
+    res = raw_infer(server.grpc_url, "tiny", rows(42, 3))
     assert res.as_numpy("image").shape == (3, 64, 64, 3)
+    assert np.array_equal(res.as_numpy("image"), client.generate("tiny", seed=42, count=3))
 
 
 @pytest.mark.parametrize("inputs, message", [
-    ([("seed", np.array([1], np.int64), "INT64"), ("count", np.array([0], np.int32), "INT32")],
-     "count: 0 is not allowed; must be in [1, 8]"),
-    ([("seed", np.array([1], np.int64), "INT64"), ("count", np.array([9], np.int32), "INT32")],
-     "count: 9 is not allowed; must be in [1, 8]"),
-    ([("seed", np.array([1], np.int64), "INT64"), ("count", np.array([-3], np.int32), "INT32")],
-     "count: -3 is not allowed"),
-    ([("seed", np.array([-1], np.int64), "INT64"), ("count", np.array([2], np.int32), "INT32")],
-     "seed: -1 is not allowed"),
+    (rows(1, 9), "batch-size must be <= 8"),
+    (rows(1, 0), "input byte size mismatch for input"),
+    (rows(1, 2)[:1] + [("index", np.zeros((3, 1), np.int64), "INT64")],
+     "input 'seed' batch size does not match other inputs for 'tiny'"),
+    ([("seed", np.array([1], np.int64), "INT64"), ("count", np.array([2], np.int32), "INT32")],
+     "unexpected inference input 'count'"),
 ])
-def test_bad_seed_or_count_gets_invalid_arg_and_the_server_keeps_serving(server, client, inputs, message):
+def test_bad_seed_rows_get_invalid_arg_and_the_server_keeps_serving(server, client, inputs, message):
     with pytest.raises(InferenceServerException) as err:
         raw_infer(server.grpc_url, "tiny", inputs)
+    assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert message in err.value.message()
     assert_still_serving(client)
 
@@ -106,8 +109,8 @@ def test_client_checks_seed_count_and_latent_before_sending(client):
 
 def test_server_side_invalid_argument_maps_to_invalid_argument(server):
     with Client(server.grpc_url) as c:
-        with pytest.raises(InvalidArgument, match="count: 0 is not allowed"):
-            c.infer("tiny", {"seed": np.array([1], np.int64), "count": np.array([0], np.int32)}, ["image"])
+        with pytest.raises(InvalidArgument, match="batch-size must be <= 8"):
+            c.infer("tiny", {"seed": np.ones((9, 1), np.int64), "index": np.ones((9, 1), np.int64)}, ["image"])
 
 
 def test_unknown_model_is_model_not_found(client):
