@@ -110,7 +110,7 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
                max_batch_size: int | None = None, version: int = 1, instances: int = 1,
                intra_op_threads: int = 0, tile: int = 128, ort_trt: str | None = None,
                log=print) -> dict:
-    """Export whatever a run holds, by its checkpoint's kind: a generator (seeded ensemble) or
+    """Export whatever a run holds, by its checkpoint's kind: a generator (seeded graph + sampler + generator) or
     an image-to-image model (denoiser, inpainter)."""
     _quiet_exporter()
     payload = load_checkpoint(run)
@@ -185,7 +185,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     module = UInt8Images(G).eval()
     repository = Path(repository)
     gen_name, sampler_name = f"{name}_generator", f"{name}_sampler"
-    gen_dir, sampler_dir, ens_dir = repository / gen_name, repository / sampler_name, repository / name
+    gen_dir, sampler_dir, seeded_dir = repository / gen_name, repository / sampler_name, repository / name
     latent = tensor("latent", "FP32", [cfg.z_dim])
     image = tensor("image", "UINT8", [cfg.resolution, cfg.resolution, cfg.channels])
 
@@ -236,25 +236,25 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
 
     merged = compose.merge_models(graph, onnx.load(onnx_path), io_map=[("latent", "latent")])
     merged.graph.name = name
-    ens_path = ens_dir / str(version) / "model.onnx"
-    if ens_dir.exists():
-        shutil.rmtree(ens_dir)       # an older export's ensemble directory
-    ens_path.parent.mkdir(parents=True)
-    onnx.save(merged, ens_path)
+    seeded_path = seeded_dir / str(version) / "model.onnx"
+    if seeded_dir.exists():
+        shutil.rmtree(seeded_dir)       # an older export's ensemble directory
+    seeded_path.parent.mkdir(parents=True)
+    onnx.save(merged, seeded_path)
     count = min(5, max_batch_size)
-    seeded = parity(module, ens_path, {"seed": np.full((count, 1), 3, np.int64),
+    seeded = parity(module, seeded_path, {"seed": np.full((count, 1), 3, np.int64),
                                        "index": np.arange(count, dtype=np.int64).reshape(-1, 1)},
                     torch_inputs={"latent": sampler.sample_latents(3, count, cfg.z_dim)})
     if seeded["max_abs_diff"] > MAX_PARITY_DIFF:
         raise ganforge.errors.GanforgeError(
             f"export: {name} (seed -> image) differs from torch on the same latents by "
-            f"{seeded['max_abs_diff']} grey levels (allowed {MAX_PARITY_DIFF}); written to {ens_path}")
-    ens_cfg = repo.onnx_model_config(name, [seed_in, index_in], [image], max_batch_size,
+            f"{seeded['max_abs_diff']} grey levels (allowed {MAX_PARITY_DIFF}); written to {seeded_path}")
+    seeded_cfg = repo.onnx_model_config(name, [seed_in, index_in], [image], max_batch_size,
                                      instances=instances, intra_op_threads=intra_op_threads)
     if ort_trt:
-        repo.add_ort_tensorrt(ens_cfg, precision=ort_trt, engine_cache_path=f"/tmp/ganforge-trt-cache/{name}")
-    repo.write_config(ens_dir, ens_cfg)
-    repo.write_manifest(ens_dir, {**source, "model": name, "version": version, "format": "onnx",
+        repo.add_ort_tensorrt(seeded_cfg, precision=ort_trt, engine_cache_path=f"/tmp/ganforge-trt-cache/{name}")
+    repo.write_config(seeded_dir, seeded_cfg)
+    repo.write_manifest(seeded_dir, {**source, "model": name, "version": version, "format": "onnx",
                                   "graphs": [sampler_name, gen_name], "parity": seeded})
     summary = {"model": name, "generator": gen_name, "sampler": sampler_name,
                "repository": str(repository), "onnx": str(onnx_path),

@@ -3,6 +3,9 @@
 # A plan only runs on the TensorRT version and GPU that built it, so it is built here, by the
 # TensorRT inside the same Triton image that serves it. The model keeps its name: its
 # config.pbtxt switches to platform tensorrt_plan, and ensembles that call it are unchanged.
+# Graphs with INT64 inputs hold the seeded sampler's uint64 arithmetic, which TensorRT does not
+# build: NAME_sampler stays on ONNX Runtime, and a seeded generator NAME (sampler + generator in
+# one graph) becomes an ensemble NAME_sampler -> NAME_generator, so it runs the plan too.
 # PRECISION: fp16 (default) or fp32. A timing cache on the node speeds up later builds.
 set -eu
 repo="${MODEL_REPOSITORY:-/models}"
@@ -10,9 +13,40 @@ trtexec="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"
 cache="${TIMING_CACHE:-/engine-cache/timing.cache}"
 precision="${PRECISION:-fp16}"
 built=0
+# a seeded generator's config rewritten as an ensemble of its sampler and its generator: the
+# header, inputs and outputs kept as they are, the ONNX-only fields dropped
+as_ensemble() {
+  awk -v n="$1" '
+    /^platform:/{print "platform: \"ensemble\""; next}
+    /^(backend|default_model_filename):/{next}
+    /^[a-z_]+ \{/{keep = ($1 == "input" || $1 == "output")}
+    /^[a-z_]+:/{print; next}
+    keep{print}
+    END{
+      print "ensemble_scheduling {"
+      print "  step {\n    model_name: \"" n "_sampler\"\n    model_version: -1"
+      print "    input_map {\n      key: \"seed\"\n      value: \"seed\"\n    }"
+      print "    input_map {\n      key: \"index\"\n      value: \"index\"\n    }"
+      print "    output_map {\n      key: \"latent\"\n      value: \"latent\"\n    }\n  }"
+      print "  step {\n    model_name: \"" n "_generator\"\n    model_version: -1"
+      print "    input_map {\n      key: \"latent\"\n      value: \"latent\"\n    }"
+      print "    output_map {\n      key: \"image\"\n      value: \"image\"\n    }\n  }"
+      print "}"
+    }' "$2"
+}
 for cfg in "$repo"/*/config.pbtxt; do
   dir=$(dirname "$cfg")
+  name=$(basename "$dir")
   grep -q 'platform: "onnxruntime_onnx"' "$cfg" || continue
+  if grep -q 'data_type: TYPE_INT64' "$cfg"; then
+    if [ -f "$repo/${name}_sampler/config.pbtxt" ] && [ -f "$repo/${name}_generator/config.pbtxt" ]; then
+      as_ensemble "$name" "$cfg" > "$cfg.tmp" && mv "$cfg.tmp" "$cfg"
+      echo "build-engines: $name -> ensemble ${name}_sampler (ONNX Runtime) -> ${name}_generator"
+    else
+      echo "build-engines: $name stays on ONNX Runtime (integer sampler ops)"
+    fi
+    continue
+  fi
   for onnx in "$dir"/*/model.onnx; do
     [ -f "$onnx" ] || continue
     plan="$(dirname "$onnx")/model.plan"

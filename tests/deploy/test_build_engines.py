@@ -32,9 +32,10 @@ def run_script(models: Path, tmp_path: Path, precision="fp16") -> subprocess.Com
 def test_build_engines_builds_a_plan_per_onnx_model_and_switches_its_config(tmp_path):
     models = tmp_path / "models"
     shutil.copytree(ROOT / "model_repository", models)
-    onnx_models = [d.name for d in models.iterdir()
-                   if (d / "config.pbtxt").is_file() and repo.read_config(d / "config.pbtxt").platform == "onnxruntime_onnx"]
-    assert onnx_models
+    configs = {d.name: repo.read_config(d / "config.pbtxt") for d in models.iterdir() if (d / "config.pbtxt").is_file()}
+    onnx_models = [n for n, c in configs.items() if c.platform == "onnxruntime_onnx"
+                   and not any(i.data_type == repo.DTYPES["INT64"] for i in c.input)]
+    assert onnx_models and "dcgan_shapes_generator" in onnx_models and "dcgan_shapes" not in onnx_models
     out = run_script(models, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().endswith(f"built {len(onnx_models)} engines")
@@ -75,3 +76,47 @@ def test_build_engines_gives_trtexec_a_shape_for_every_input(tmp_path):
     assert "--minShapes=image:1x128x128x3,mask:1x128x128x1" in call
     assert "--optShapes=image:8x128x128x3,mask:8x128x128x1" in call
     assert "--maxShapes=image:16x128x128x3,mask:16x128x128x1" in call
+
+
+def test_build_engines_serves_a_seeded_generator_through_its_sampler_and_the_plan(tmp_path):
+    """The seeded graph's uint64 sampler ops are not TensorRT's: NAME_sampler stays on ONNX
+    Runtime and NAME becomes the ensemble NAME_sampler -> NAME_generator, which the real
+    tritonserver loads and which answers exactly what the one-graph model answered."""
+    import numpy as np
+
+    from ganforge.serving.client import Client
+    from ganforge.serving.server import LocalServer, ServerOptions, free_port
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "model_repository", models)
+    out = run_script(models, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "dcgan_shapes -> ensemble dcgan_shapes_sampler (ONNX Runtime) -> dcgan_shapes_generator" in out.stdout
+    calls = (tmp_path / "bin" / "calls").read_text()
+    assert "/dcgan_shapes/1/model.onnx" not in calls and "/dcgan_shapes_sampler/" not in calls
+    ens = repo.read_config(models / "dcgan_shapes" / "config.pbtxt")
+    assert ens.platform == "ensemble" and ens.max_batch_size == 64 and not ens.backend
+    assert [(i.name, list(i.dims)) for i in ens.input] == [("seed", [1]), ("index", [1])]
+    assert [(o.name, list(o.dims)) for o in ens.output] == [("image", [64, 64, 3])]
+    assert [s.model_name for s in ens.ensemble_scheduling.step] == ["dcgan_shapes_sampler", "dcgan_shapes_generator"]
+    assert repo.read_config(models / "dcgan_shapes_sampler" / "config.pbtxt").platform == "onnxruntime_onnx"
+    again = run_script(models, tmp_path)   # a restarted pod leaves the ensemble alone
+    assert again.returncode == 0 and "dcgan_shapes ->" not in again.stdout
+
+    # served here with the generator back on ONNX Runtime (a plan needs a GPU): the ensemble
+    # config is valid to Triton and gives the one-graph model's images
+    served = tmp_path / "served"
+    served.mkdir()
+    for name in ("dcgan_shapes_sampler", "dcgan_shapes_generator"):
+        shutil.copytree(ROOT / "model_repository" / name, served / name)
+    shutil.copytree(models / "dcgan_shapes", served / "dcgan_shapes")
+    (served / "dcgan_shapes" / "manifest.json").unlink()   # its config was rewritten on purpose
+    opts = ServerOptions(model_repository=served, grpc_port=free_port(), http_port=free_port(),
+                         metrics_port=free_port(), startup_timeout_s=180)
+    import onnxruntime as ort
+
+    one_graph = ort.InferenceSession(str(ROOT / "model_repository/dcgan_shapes/1/model.onnx"))
+    want = one_graph.run(None, {"seed": np.full((5, 1), 42, np.int64),
+                                "index": np.arange(5, dtype=np.int64).reshape(5, 1)})[0]
+    with LocalServer(opts) as server, Client(server.grpc_url) as client:
+        assert np.array_equal(client.generate("dcgan_shapes", seed=42, count=5), want)
