@@ -137,7 +137,9 @@ def _train_inpainter(args) -> int:
     cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
                              tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
                              lr=args.lr or 5e-4, seed=args.seed, threads=args.threads,
-                             network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill))
+                             network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
+                                                          fill=args.fill, diffuse=args.diffuse,
+                                                          bilaplace=args.bilaplace))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -439,6 +441,11 @@ def build_parser() -> Parser:
     t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
     t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
     t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
+    t.add_argument("--fill", choices=["harmonic", "cascade"], default="harmonic",
+                   help="inpainter --prefill: pull-push then harmonic steps, or the cascade (every "
+                   "pyramid level smoothed, harmonic then biharmonic; docs/inpainting.md)")
+    t.add_argument("--diffuse", type=_int_arg(0), default=32, help="inpainter --prefill: harmonic steps (per level for the cascade)")
+    t.add_argument("--bilaplace", type=_int_arg(0), default=0, help="inpainter --prefill cascade: biharmonic steps per level")
     t.add_argument("--prefill", action="store_true",
                    help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")

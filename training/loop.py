@@ -124,6 +124,8 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
         if net.get("prefill"):
             flags.append(("--prefill", ""))
+            flags += [("--fill", net.get("fill", "harmonic")), ("--diffuse", net.get("diffuse", 32)),
+                      ("--bilaplace", net.get("bilaplace", 0))]
     elif kind == "progan":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
