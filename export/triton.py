@@ -85,8 +85,27 @@ def _quiet_exporter():
     warnings.filterwarnings("ignore", category=UserWarning, module="torch")
 
 
+def init_commands(payload: dict, limit: int = 10) -> list[str]:
+    """The train commands of the runs a fine-tuned run started from (`--init`), oldest first:
+    with the run's own `train_command` they rebuild the weights from scratch."""
+    from ganforge.errors import CheckpointError
+
+    out: list[str] = []
+    init = (payload.get("train") or {}).get("init")
+    while init and len(out) < limit:
+        try:
+            parent = load_checkpoint(init)
+        except CheckpointError:
+            out.insert(0, f"(started from {init}, which this export could not read)")
+            break
+        out.insert(0, train_command(parent["kind"], parent["train"], Path(parent["path"]).parent))
+        init = parent["train"].get("init")
+    return out
+
+
 def source_info(payload: dict) -> dict:
     """Where an exported model came from, for its manifest."""
+    before = init_commands(payload)
     return {
         "source_checkpoint": str(Path(payload["path"]).resolve()),
         "source_checkpoint_sha256": sha256(Path(payload["path"])),
@@ -101,6 +120,7 @@ def source_info(payload: dict) -> dict:
         "train_command": payload.get("command") or (
             train_command(payload["kind"], payload["train"], Path(payload["path"]).parent)
             if "train" in payload else None),
+        **({"init_commands": before} if before else {}),
         "export_command": " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None,
         "source_commit": source_commit(),
     }

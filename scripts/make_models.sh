@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
 # seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN,
-# 100 for the denoiser, 30 for the inpainter.
+# 130 for the denoiser, 30 for the inpainter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -11,9 +11,17 @@ $GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-d
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
 
+# the denoiser: 8,000 steps on mostly downscaled crops, then two fine-tunes on crops at the
+# photos' own resolution (docs/denoising.md)
 $GF train denoiser --data photos --steps 8000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
     --lr 0.001 --width 48 --depth 10 --seed 0 --out runs/denoiser_photos
-$GF export runs/denoiser_photos --repository model_repository --name denoiser_photos --tile 128
+$GF train denoiser --data photos --steps 2000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+    --lr 0.0003 --width 48 --depth 10 --crop-scale-min 0.0 --crop-scale-max 0.15 --pool 16384 \
+    --init runs/denoiser_photos --seed 1 --out runs/denoiser_photos_ft
+$GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+    --lr 0.0002 --width 48 --depth 10 --crop-scale-min 0.0 --crop-scale-max 0.1 --pool 32768 \
+    --init runs/denoiser_photos_ft --seed 2 --out runs/denoiser_photos_ft2
+$GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 
 $GF train inpainter --data photos --steps 3000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
     --lambda-adv 0.001 --lr 0.0005 --width 32 --prefill --seed 0 --out runs/inpainter_photos

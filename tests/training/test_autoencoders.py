@@ -149,3 +149,35 @@ def test_cascade_context_encoder_exports_to_onnx_with_the_same_fill(tmp_path):
     path = export_onnx(net, (x * (1 - m), m), ["masked", "mask"], ["out"], tmp_path / "ce.onnx", 4)
     got = ort.InferenceSession(str(path)).run(None, {"masked": (x * (1 - m)).numpy(), "mask": m.numpy()})[0]
     assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
+def test_denoiser_fine_tune_starts_from_its_init_and_the_export_records_the_chain(tmp_path):
+    import json
+
+    from ganforge.errors import UsageError
+    from ganforge.export.triton import export_run
+    from ganforge.training.autoencoders import DenoiserTrainConfig, train_denoiser
+    from ganforge.training.gan import load_checkpoint
+
+    net = DenoiserConfig(width=8, depth=3)
+    train_denoiser(DenoiserTrainConfig(steps=2, batch_size=4, patch=16, pool=8, threads=1, network=net),
+                   tmp_path / "base", progress=False)
+    # lr 0: the fine-tuned weights are the init's, so the init was really loaded
+    train_denoiser(DenoiserTrainConfig(steps=2, batch_size=4, patch=16, pool=8, threads=1, lr=0.0,
+                                       crop_scale=(0.0, 0.1), init=str(tmp_path / "base"), network=net),
+                   tmp_path / "ft", progress=False)
+    base, ft = load_checkpoint(tmp_path / "base"), load_checkpoint(tmp_path / "ft")
+    for k, v in base["state"]["net"].items():
+        assert torch.equal(ft["state"]["net"][k], v), k
+    export_run(tmp_path / "ft", tmp_path / "repo", name="dn", tile=32, max_batch_size=2, log=lambda m: None)
+    manifest = json.loads((tmp_path / "repo/dn/manifest.json").read_text())
+    (before,) = manifest["init_commands"]
+    assert before.startswith("ganforge train denoiser") and f"--out {tmp_path / 'base'}" in before
+    assert f"--init {tmp_path / 'base'}" in manifest["train_command"]
+    assert "--crop-scale-max 0.1" in manifest["train_command"]
+    with pytest.raises(UsageError, match=r"--init: .* holds a denoiser .* give the same --width and --depth"):
+        train_denoiser(DenoiserTrainConfig(steps=1, batch_size=4, patch=16, pool=8, threads=1,
+                                           init=str(tmp_path / "base"), network=DenoiserConfig(width=4, depth=3)),
+                       tmp_path / "bad", progress=False)
+    with pytest.raises(UsageError, match=r"--crop-scale-min/--crop-scale-max: 0.5/0.2 is not allowed"):
+        train_denoiser(DenoiserTrainConfig(steps=1, crop_scale=(0.5, 0.2), network=net), tmp_path / "bad2", progress=False)
