@@ -258,24 +258,24 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     merged.graph.name = name
     seeded_path = seeded_dir / str(version) / "model.onnx"
     if seeded_dir.exists():
-        shutil.rmtree(seeded_dir)       # an older export's ensemble directory
+        shutil.rmtree(seeded_dir)       # an older export's files (it was an ensemble before)
     seeded_path.parent.mkdir(parents=True)
     onnx.save(merged, seeded_path)
     count = min(5, max_batch_size)
     seeded = parity(module, seeded_path, {"seed": np.full((count, 1), 3, np.int64),
-                                       "index": np.arange(count, dtype=np.int64).reshape(-1, 1)},
+                                          "index": np.arange(count, dtype=np.int64).reshape(-1, 1)},
                     torch_inputs={"latent": sampler.sample_latents(3, count, cfg.z_dim)})
     if seeded["max_abs_diff"] > MAX_PARITY_DIFF:
         raise ganforge.errors.GanforgeError(
             f"export: {name} (seed -> image) differs from torch on the same latents by "
             f"{seeded['max_abs_diff']} grey levels (allowed {MAX_PARITY_DIFF}); written to {seeded_path}")
     seeded_cfg = repo.onnx_model_config(name, [seed_in, index_in], [image], max_batch_size,
-                                     instances=instances, intra_op_threads=intra_op_threads)
+                                        instances=instances, intra_op_threads=intra_op_threads)
     if ort_trt:
         repo.add_ort_tensorrt(seeded_cfg, precision=ort_trt, engine_cache_path=f"/tmp/ganforge-trt-cache/{name}")
     repo.write_config(seeded_dir, seeded_cfg)
     repo.write_manifest(seeded_dir, {**source, "model": name, "version": version, "format": "onnx",
-                                  "graphs": [sampler_name, gen_name], "parity": seeded})
+                                     "graphs": [sampler_name, gen_name], "parity": seeded})
     summary = {"model": name, "generator": gen_name, "sampler": sampler_name,
                "repository": str(repository), "onnx": str(onnx_path),
                "onnx_bytes": onnx_path.stat().st_size, "parity": check}
