@@ -10,9 +10,9 @@ tile, so each crop is one model tile). Two settings, one hole per crop:
 - `freeform`: random free-form strokes (ganforge.masks.strokes, 15-30 % of the crop), seeded.
 Methods: OpenCV Telea and Navier-Stokes (radius 3), scikit-image `inpaint_biharmonic`, and each
 learned model given as `--model LABEL=PATH`, PATH a run directory / checkpoint (torch) or a
-Triton model directory holding `1/model.onnx` (ONNX Runtime). Default models: the runs
-`runs/inpainter_photos` (context encoder) and `runs/pix2pix_inpaint` (pix2pix) where present,
-else the shipped `model_repository/inpainter_photos`. Every method's output keeps the known
+Triton model directory holding `1/model.onnx` (ONNX Runtime). Default models: the shipped
+`model_repository/inpainter_photos` (context encoder) and the run `runs/pix2pix_inpaint`
+(pix2pix) where present. Every method's output keeps the known
 pixels (learned models go through serving/inpaint.py, as the client does).
 
 PSNR over the hole: 10 log10(255² / MSE over the hole's pixels and channels), averaged over
@@ -125,11 +125,12 @@ def learned(path: str) -> tuple[Callable, str]:
 
 
 def default_models() -> list[str]:
-    found = [f"{label}={path}" for label, path in (("context-encoder", "runs/inpainter_photos"),
-                                                   ("pix2pix", "runs/pix2pix_inpaint"))
-             if (Path(path) / "checkpoint.pt").is_file()]
-    if not any(s.startswith("context-encoder=") for s in found) and Path("model_repository/inpainter_photos/1/model.onnx").is_file():
-        found.insert(0, "context-encoder=model_repository/inpainter_photos")
+    """The shipped inpainter (what `ganforge inpaint` serves) and the pix2pix run where present."""
+    found = []
+    if Path("model_repository/inpainter_photos/1/model.onnx").is_file():
+        found.append("context-encoder=model_repository/inpainter_photos")
+    if Path("runs/pix2pix_inpaint/checkpoint.pt").is_file():
+        found.append("pix2pix=runs/pix2pix_inpaint")
     return found
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
 # seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN,
-# 130 for the denoiser, 30 for the inpainter.
+# 130 for the denoiser, 12 for the inpainter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -23,6 +23,7 @@ $GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma
     --init runs/denoiser_photos_ft --seed 2 --out runs/denoiser_photos_ft2
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 
-$GF train inpainter --data photos --steps 3000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
-    --lambda-adv 0.001 --lr 0.0005 --width 32 --prefill --seed 0 --out runs/inpainter_photos
-$GF export runs/inpainter_photos --repository model_repository --name inpainter_photos --tile 64
+$GF train inpainter --data photos --steps 2000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
+    --lambda-adv 0.001 --lr 0.0005 --width 32 --prefill --fill cascade --diffuse 20 --bilaplace 100 \
+    --seed 0 --out runs/inpainter_cascade
+$GF export runs/inpainter_cascade --repository model_repository --name inpainter_photos --tile 64
