@@ -59,7 +59,8 @@ def discover(repository) -> dict[str, Workload]:
         names = set(inputs)
         onnx = d / "1" / "model.onnx"
         mb = int(cfg.get("max_batch_size", 0))
-        if names == {"seed", "index"} and not d.name.endswith("_sampler"):
+        outputs = [o["name"] for o in cfg.get("output", [])] or ["image"]
+        if names == {"seed", "index"} and outputs == ["image"]:   # NAME_sampler answers latents
             kind = "generate"
         elif names == {"latent"}:
             kind = "generator"
@@ -69,7 +70,6 @@ def discover(repository) -> dict[str, Workload]:
             kind = "denoise"
         else:
             continue
-        outputs = [o["name"] for o in cfg.get("output", [])] or ["image"]
         found.setdefault(kind, Workload(kind, d.name, inputs, mb, outputs[0],
                                         str(onnx) if onnx.is_file() else None))
     return found

@@ -200,14 +200,16 @@ def test_a_server_killed_mid_job_is_waited_for_and_the_outputs_match_an_uninterr
 
 def test_resume_after_an_interrupted_run_does_only_the_missing_items(server, tmp_path):
     root = tmp_path / "in"
-    good, _ = make_folder(root, 60)
+    # enough items that the job is still running when the signal lands (60 could all finish
+    # between two polls of the journal on a fast run)
+    good, _ = make_folder(root, 300)
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "ganforge", "batch-inpaint", str(root), "-o", str(out),
            "--url", server.grpc_url, "--model", MODEL, "--concurrency", "1", "--batch-size", "1", "-q"]
     job = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     journal = out / "journal.jsonl"
     deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and not (journal.is_file() and len(journal.read_text().splitlines()) >= 5):
+    while time.monotonic() < deadline and not (journal.is_file() and len(journal.read_text().splitlines()) >= 3):
         time.sleep(0.05)
     job.send_signal(signal.SIGTERM)  # as Kubernetes stops a pod; Ctrl-C takes the same path
     stdout, stderr = job.communicate(timeout=60)
