@@ -284,7 +284,10 @@ def cmd_batch_inpaint(args) -> int:
                            wait_for_server_s=args.wait_for_server, timeout_s=args.timeout,
                            dilate=args.dilate, resume=args.resume, shard_index=index,
                            num_shards=num_shards, progress=not args.quiet)
-    # SIGTERM (a Kubernetes pod being stopped) stops the job as Ctrl-C does: cleanly.
+    # SIGTERM (a Kubernetes pod being stopped) stops the job as Ctrl-C does: cleanly. A shell
+    # that starts the job in the background (`nohup ganforge batch-inpaint ... &`) hands it
+    # SIGINT ignored, which would turn both into no-ops: Python's own SIGINT handler comes back.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: os.kill(os.getpid(), signal.SIGINT))
     summary = jobs.run_job(items, out, opts, failures=bad)
     for line in jobs.summary_lines(summary):
