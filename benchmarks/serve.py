@@ -132,7 +132,7 @@ class InProcess:
 
 def inprocess(w: Workload, onnx_path: str, seconds: float) -> dict:
     peer = InProcess(w, onnx_path)
-    return {b: peer.measure(b, seconds) for b in BATCHES if b <= w.max_batch_for_bench}
+    return {b: peer.measure(b, seconds) for b in BATCHES if b <= w.max_batch}
 
 
 def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, rounds: int) -> dict:
@@ -140,7 +140,7 @@ def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, ro
     served batch-1 at concurrency 32) so that load from elsewhere on a shared machine hits both
     sides alike; the median over rounds is reported with every round's value."""
     peer = InProcess(w, onnx_path)
-    b16 = min(16, w.max_batch_for_bench)
+    b16 = min(16, w.max_batch)
     served_ratio, dyn_ratio, p99_p50 = [], [], []
     for _ in range(rounds):
         ip = peer.measure(b16, seconds)["images_per_s"]
@@ -229,9 +229,10 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
                      rounds: int) -> dict:
     from ganforge.serving.server import LocalServer, ServerOptions, free_port
 
-    workloads = discover(repository)
+    # the in-process peer needs the model's ONNX file (an ensemble or a plan has none here)
+    workloads = {k: w for k, w in discover(repository).items() if w.onnx_path}
     if not workloads:
-        raise SystemExit(f"Error: --repository: no servable models in {repository}")
+        raise SystemExit(f"Error: --repository: no servable ONNX models in {repository}")
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-"))
     try:
         for d in repository.iterdir():
@@ -247,15 +248,13 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
         with LocalServer(opts) as server:
             targets = {"embedded": server.grpc_url, **{f"url:{u}": u for u in urls}}
             for kind, w in workloads.items():
-                gen_onnx = w.onnx_path
-                w.max_batch_for_bench = w.max_batch
                 print(f"[{kind}] {w.model}: in-process ONNX Runtime", flush=True)
-                row = {"model": w.model, "inprocess": inprocess(w, gen_onnx, seconds)}
+                row = {"model": w.model, "inprocess": inprocess(w, w.onnx_path, seconds)}
                 for label, url in targets.items():
                     print(f"[{kind}] {w.model}: served ({label})", flush=True)
                     by_batch = {}
                     for b in BATCHES:
-                        if b > w.max_batch_for_bench:
+                        if b > w.max_batch:
                             continue
                         runs = [served(url, w.model, w, b, c, seconds) for c in ((1, 2) if not quick else (2,))]
                         best = max(runs, key=lambda r: r["images_per_s"])
@@ -270,8 +269,8 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
                             "batch1_by_concurrency": {c: served(url, nobatch[kind], w, 1, c, seconds)
                                                       for c in CONCURRENCY}}
                 print(f"[{kind}] {w.model}: headline ratios, {rounds} interleaved rounds", flush=True)
-                row["headline"] = interleaved_ratios(server.grpc_url, w, gen_onnx, seconds, rounds)
-                macs = onnx_macs_per_image(gen_onnx)
+                row["headline"] = interleaved_ratios(server.grpc_url, w, w.onnx_path, seconds, rounds)
+                macs = onnx_macs_per_image(w.onnx_path)
                 row["macs_per_image"] = macs
                 results["kinds"][kind] = row
     finally:
