@@ -119,11 +119,17 @@ def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace:
     return fill
 
 
+FILLS = ("harmonic", "cascade")
+
+
 class ContextEncoder(nn.Module):
     """F: (masked image (B, 3, T, T) in [-1, 1], mask (B, 1, T, T)) -> image (B, 3, T, T)."""
 
     def __init__(self, cfg: ContextEncoderConfig):
         super().__init__()
+        if cfg.fill not in FILLS or cfg.diffuse < 0 or cfg.bilaplace < 0:
+            raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace} "
+                             f"not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
         self.cfg = cfg
         c = cfg.width
         act = lambda: nn.ELU(inplace=True)

@@ -146,6 +146,10 @@ def test_cascade_context_encoder_exports_to_onnx_with_the_same_fill(tmp_path):
     with torch.no_grad():
         ref = net(x * (1 - m), m)
     torch.testing.assert_close(ref, cascade_fill(x * (1 - m), 1 - m, 4, 6).clamp(-1, 1))
+    from ganforge.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"fill 'biharmonic', .* not allowed; fill is one of harmonic, cascade"):
+        ContextEncoder(ContextEncoderConfig(prefill=True, fill="biharmonic"))
     path = export_onnx(net, (x * (1 - m), m), ["masked", "mask"], ["out"], tmp_path / "ce.onnx", 4)
     got = ort.InferenceSession(str(path)).run(None, {"masked": (x * (1 - m)).numpy(), "mask": m.numpy()})[0]
     assert np.abs(got - ref.numpy()).max() < 1e-4
