@@ -1,12 +1,15 @@
 """Mode coverage: vanilla GAN vs the doctor (vs PacGAN2) on 2-D mixtures and stacked digits.
 
     ganforge bench modes --json PATH [--quick] [--seeds N] [--steps N] [--width N]
-                         [--mixtures ring,grid,stacked] [--variants vanilla,doctor-auto,pacgan2]
+                         [--mixtures ring,grid,stacked]
+                         [--variants vanilla,doctor-auto,doctor-auto+drs,pacgan2]
                          [--samples N] [--cache-dir DIR]
 
 2-D mixtures, ring of 8 and grid of 25 (VEEGAN / PacGAN): 2,500 samples per run; high quality =
 within 3 std of the nearest mode; a mode is covered when it is the nearest mode of at least one
-high-quality sample. The MLP GAN of training/mixtures.py; variants vanilla, doctor-auto, pacgan2.
+high-quality sample. The MLP GAN of training/mixtures.py; variants vanilla, doctor-auto, pacgan2,
+and doctor-auto+drs: doctor-auto's trained G sampled with discriminator rejection sampling
+(Azadi et al. 2019), no training of its own.
 
 Stacked digits (PacGAN's stacked MNIST, on scikit-learn's 8x8 digits): three random digits of
 the training split as the R, G and B channels, each pixel replicated 2x2 to 16x16 px; 1,000
@@ -44,10 +47,15 @@ PUBLISHED_STACKED = {  # modes / KL over 26,000 samples (PacGAN, Lin et al. 2018
 VARIANTS = {  # name -> overrides of the healthy preset
     "vanilla": {"doctor": "report"},
     "doctor-auto": {"doctor": "auto"},
+    "doctor-auto+drs": {"doctor": "auto"},
     "pacgan2": {"doctor": "report", "network": {"pack": 2}},
 }
+# variant -> the variant whose trained G it samples with discriminator rejection sampling
+DRS_OF = {"doctor-auto+drs": "doctor-auto"}
 STACKED = "stacked"
-STACKED_VARIANTS = ("vanilla", "doctor-auto")  # the DCGAN's D judges one image at a time
+STACKED_VARIANTS = ("vanilla", "doctor-auto")
+NOT_STACKED = {"pacgan2": "the DCGAN has no packing",  # the DCGAN's D judges one image at a time
+               "doctor-auto+drs": "rejection sampling is run on the 2-D mixtures only"}
 STACKED_RESOLUTION = 16   # 8x8 digits, pixels replicated 2x2; G: 4x4 -> 8x8 -> 16x16
 STACKED_SAMPLES = 26_000  # PacGAN's protocol
 STACKED_POOL = 32_768     # training images drawn (about 33 per mode)
@@ -57,7 +65,7 @@ def _defaults(mixture: str, quick: bool) -> dict:
     """Steps, width and seeds of a mixture when the flags leave them out."""
     if mixture == STACKED:
         return {"steps": 1000 if quick else 5000, "width": 32, "seeds": 3}
-    return {"steps": 300 if quick else 3000, "width": 64 if quick else 128, "seeds": 5}
+    return {"steps": 300 if quick else 20_000, "width": 64 if quick else 128, "seeds": 5}
 
 
 def _positive(flag: str, value: int | None) -> None:
@@ -77,7 +85,7 @@ def run(argv: list[str]) -> int:
                    help="fewer steps; 2-D: narrower nets (stacked: about 2 min on 2 cores)")
     p.add_argument("--seeds", type=int, default=None, help="runs per variant (default 5; stacked 3)")
     p.add_argument("--steps", type=int, default=None,
-                   help="D and G steps per run (default 3000, quick 300; stacked 5000, quick 1000)")
+                   help="D and G steps per run (default 20000, quick 300; stacked 5000, quick 1000)")
     p.add_argument("--width", type=int, default=None,
                    help="2-D: hidden units of G and D (128, quick 64); stacked: DCGAN's ngf = ndf (32)")
     p.add_argument("--mixtures", default="ring,grid", help=f"any of {', '.join((*MIXTURES, STACKED))}")
@@ -99,8 +107,8 @@ def run(argv: list[str]) -> int:
         if v not in VARIANTS:
             raise UsageError(f"--variants: {v!r} is not one of {', '.join(VARIANTS)}")
         if STACKED in mixtures and v not in STACKED_VARIANTS:
-            raise UsageError(f"--variants: {v!r} is not available for {STACKED} (the DCGAN has no "
-                             f"packing); allowed there: {', '.join(STACKED_VARIANTS)}")
+            raise UsageError(f"--variants: {v!r} is not available for {STACKED} ({NOT_STACKED[v]}); "
+                             f"allowed there: {', '.join(STACKED_VARIANTS)}")
     if asked == []:
         raise UsageError(f"--variants: {a.variants!r} names no variant; allowed: {', '.join(VARIANTS)}")
     for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--width", a.width),
@@ -145,24 +153,35 @@ def _mixture(m: str, settings: dict, variants: list[str], out: Path, sample_dir:
     """The MLP GAN on 2-D mixture `m`, every variant and seed."""
     from ganforge.training.mixtures import mixture, preset_config, scatter, train_mixture
 
-    rows, panels = {}, {}
+    rows, panels, trained = {}, {}, {}
+    drs_of = {DRS_OF[v] for v in variants if v in DRS_OF}  # trained once, sampled both ways
     for v in variants:
-        over = json.loads(json.dumps(VARIANTS[v]))
+        base = DRS_OF.get(v, v)
+        over = json.loads(json.dumps(VARIANTS[base]))
         net = {"ngf": settings["width"], "ndf": settings["width"], **over.pop("network", {})}
         row = {"modes": [], "hq": [], "seconds": [], "diagnoses": [], "restarted": []}
+        if v in DRS_OF:
+            row["accepted"] = []
         for seed in range(settings["seeds"]):
-            cfg = preset_config("healthy", data=m, steps=settings["steps"], seed=seed, network=net, **over)
-            s = train_mixture(cfg)
-            np.save(sample_dir / f"{m}_{v}_seed{seed}.npy", s["samples"])
-            row["modes"].append(s["modes"])
-            row["hq"].append(round(s["hq"], 4))
+            if (base, seed) not in trained:
+                cfg = preset_config("healthy", data=m, steps=settings["steps"], seed=seed, network=net, **over)
+                trained[base, seed] = train_mixture(cfg, drs=base in drs_of)
+            s = trained[base, seed]
+            got = s["drs"] if v in DRS_OF else s
+            np.save(sample_dir / f"{m}_{v}_seed{seed}.npy", got["samples"])
+            row["modes"].append(got["modes"])
+            row["hq"].append(round(got["hq"], 4))
             row["seconds"].append(s["seconds"])
             row["diagnoses"].append(s["diagnoses"])
             row["restarted"].append(s["restarted"])
-            print(f"{m:<5} {v:<12} seed {seed}: modes {s['modes']:>2}  hq {100 * s['hq']:5.1f} %  "
-                  f"{s['seconds']:.1f} s  diagnoses {s['diagnoses'] or '-'}", flush=True)
+            extra = ""
+            if v in DRS_OF:
+                row["accepted"].append(got["accepted"])
+                extra = f"  accepted {100 * got['accepted']:.1f} % of G's draws ({base}'s G)"
+            print(f"{m:<5} {v:<16} seed {seed}: modes {got['modes']:>2}  hq {100 * got['hq']:5.1f} %  "
+                  f"{s['seconds']:.1f} s  diagnoses {s['diagnoses'] or '-'}{extra}", flush=True)
             if seed == 0:
-                panels[f"{v} seed 0: {s['modes']} modes, {100 * s['hq']:.0f} % hq"] = s["samples"]
+                panels[f"{v} seed 0: {got['modes']} modes, {100 * got['hq']:.0f} % hq"] = got["samples"]
         rows[v] = row
     scatter(panels, mixture(m), out.parent / f"{out.stem}_{m}.png")
     return rows
@@ -215,13 +234,14 @@ def _stacked(settings: dict, variants: list[str], classifier, out: Path, sample_
 def _print_tables(results: dict, mixtures: list[str]) -> None:
     flat = [m for m in mixtures if m != STACKED]
     if flat:
-        print(f"\n{'mixture':<8} {'variant':<15} {'modes (mean ± std)':>20} {'high quality %':>18}")
+        print(f"\n{'mixture':<8} {'variant':<17} {'modes (mean ± std)':>20} {'high quality %':>18}")
         for m in flat:
             for v, r in results[m].items():
-                print(f"{m:<8} {v:<15} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
-                      f"{100 * np.mean(r['hq']):>9.1f} ± {100 * np.std(r['hq']):<5.1f}")
+                acc = f"   ({100 * np.mean(r['accepted']):.1f} % of draws accepted)" if "accepted" in r else ""
+                print(f"{m:<8} {v:<17} {np.mean(r['modes']):>11.1f} ± {np.std(r['modes']):<6.1f} "
+                      f"{100 * np.mean(r['hq']):>9.1f} ± {100 * np.std(r['hq']):<5.1f}{acc}")
             for name, (modes, hq) in PUBLISHED[m].items():
-                print(f"{m:<8} {name + ' (pub.)':<15} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
+                print(f"{m:<8} {name + ' (pub.)':<17} {modes:>11.1f}{'':9} {100 * hq:>9.1f}")
         for m in flat:
             s = results["settings"][m]
             print(f"{m}: {s['steps']} steps per run, width {s['width']}, {s['seeds']} seeds, 2,500 samples")

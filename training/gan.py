@@ -186,8 +186,8 @@ class MLPGANConfig:
     z_dim: int = 2            # latent dimension of G's input
     ngf: int = 128            # G hidden units per layer
     ndf: int = 128            # D hidden units per layer
-    g_layers: int = 3         # hidden layers of G
-    d_layers: int = 2         # hidden layers of D
+    g_layers: int = 4         # hidden layers of G (as PacGAN's 2-D G)
+    d_layers: int = 3         # hidden layers of D (as PacGAN's 2-D D)
     pack: int = 1             # samples D judges jointly (PacGAN, Lin et al. 2018); 1 = plain GAN
     d_dropout: float = 0.0    # dropout after each D hidden layer (changeable on the fly)
     dim: int = 2              # data dimension

@@ -24,6 +24,9 @@ from ganforge.training.gan import MLPDiscriminator, MLPGANConfig, MLPGenerator, 
 from ganforge.training.monitor import DOCTOR_MODES, Doctor, Monitor, Thresholds, write_run_report
 
 MIXTURES = ("ring", "grid")
+DRS_QUANTILE = 0.95   # gamma: this quantile of F over the burn-in draws (Azadi et al. 2019, sec. 3.3)
+DRS_BURN_IN = 10_000  # draws that estimate D's largest logit and gamma before any sample is kept
+DRS_EPS = 1e-6
 
 
 @dataclass(frozen=True)
@@ -201,10 +204,76 @@ class MixtureTrainer:
         finally:
             self.G.train()
 
+    @torch.no_grad()
+    def rejection_sample(self, n: int, seed: int, quantile: float = DRS_QUANTILE) -> tuple[np.ndarray, float]:
+        """`n` samples of G kept by discriminator rejection sampling; returns them and the
+        share of G's draws that was accepted. See `rejection_sample`."""
+        self.G.eval()
+        self.D.eval()
+        try:
+            return rejection_sample(self.G, self.D, self.net.z_dim, n, seed, quantile, pack=self.net.pack)
+        finally:
+            self.G.train()
+            self.D.train()
 
-def train_mixture(cfg: MixtureTrainConfig, out: str | Path | None = None, log=None) -> dict:
+
+def rejection_sample(G, D, z_dim: int, n: int, seed: int, quantile: float = DRS_QUANTILE,
+                     pack: int = 1, chunk: int = 5000, max_draws: int = 2_000_000) -> tuple[np.ndarray, float]:
+    """Discriminator rejection sampling (Azadi et al. 2019, "Discriminator Rejection Sampling").
+
+    At D's optimum, p_data / p_G = exp(logit D); a draw x of G is kept with probability
+    sigmoid(F(x) - gamma), where F(x) = l - l_max - log(1 - exp(l - l_max - eps)) is the log
+    of that ratio divided by its largest value (l_max the largest logit seen so far), and
+    gamma, the `quantile` of F over the burn-in draws, shifts the acceptance up or down.
+    Draws D rejects (G's samples between the modes) become rare without retraining anything;
+    near D's largest logit F grows faster than the log-ratio, so the kept samples are drawn in
+    somewhat tighter than the data (quality over diversity, as the paper notes). gamma is
+    relative, so roughly the top (1 - quantile) of draws is always kept at least half the time.
+    With a packed D (PacGAN), D judges `pack` consecutive draws at once: a pack is kept or
+    dropped as a whole. Returns `n` kept samples, in draw order, and the accepted share.
+    """
+    if not 0.0 < quantile < 1.0:
+        raise UsageError(f"quantile: {quantile} is not allowed; must be in (0, 1)")
+    rng = np.random.default_rng(seed)
+    chunk -= chunk % pack
+
+    def draw(k: int) -> tuple[np.ndarray, np.ndarray]:
+        z = torch.from_numpy(rng.standard_normal((k, z_dim)).astype(np.float32))
+        x = G(z)
+        return x.numpy(), D(x).numpy().astype(np.float64)[::pack]  # one logit per pack
+
+    _, burn = draw(DRS_BURN_IN - DRS_BURN_IN % pack)
+    if not np.isfinite(burn).all():
+        raise RuntimeError(f"rejection sampling: D gave {int((~np.isfinite(burn)).sum())} non-finite "
+                           f"logits on {len(burn)} burn-in draws; it cannot rank G's samples")
+    l_max = float(burn.max())
+
+    def F(logit: np.ndarray) -> np.ndarray:
+        d = logit - l_max
+        return d - np.log1p(-np.exp(np.minimum(d - DRS_EPS, -DRS_EPS)))
+
+    gamma = float(np.quantile(F(burn), quantile))
+    kept, drawn, accepted = [], 0, 0
+    while accepted < n:
+        if drawn >= max_draws:
+            raise RuntimeError(f"rejection sampling kept {accepted} of {drawn} draws, fewer than the "
+                               f"{n} asked for; D rejects nearly all of G's samples")
+        x, logit = draw(chunk)
+        l_max = max(l_max, float(logit.max()))
+        keep = rng.random(len(logit)) < 1.0 / (1.0 + np.exp(-(F(logit) - gamma)))
+        keep = np.repeat(keep, pack)
+        kept.append(x[keep])
+        drawn += len(x)
+        accepted += int(keep.sum())
+    return np.concatenate(kept)[:n], accepted / drawn
+
+
+def train_mixture(cfg: MixtureTrainConfig, out: str | Path | None = None, log=None,
+                  drs: bool = False) -> dict:
     """Train the MLP GAN on a 2-D mixture; with `out`, write a run directory (metrics.jsonl,
-    scores.png, samples.png, doctor.md, checkpoint.pt). Returns the summary with 2,500 samples.
+    scores.png, samples.png, doctor.md, checkpoint.pt). Returns the summary with 2,500 samples;
+    with `drs`, also `summary["drs"]`: 2,500 samples of the same G kept by discriminator
+    rejection sampling, their coverage and the accepted share.
 
     In doctor auto mode, a restart decision (PacGAN packing, a larger z_dim...) is acted on
     once: the networks are rebuilt with it and trained for the steps that remain."""
@@ -248,6 +317,9 @@ def train_mixture(cfg: MixtureTrainConfig, out: str | Path | None = None, log=No
                **mix.coverage(samples), "diagnoses": [d.failure for d in monitor.diagnoses],
                "interventions": len(doctor.interventions), "network": dataclasses.asdict(t.net),
                "restarted": restarted, "samples": samples}
+    if drs:
+        kept, accepted = t.rejection_sample(2500, cfg.seed + 1)
+        summary["drs"] = {**mix.coverage(kept), "accepted": round(accepted, 4), "samples": kept}
     if out is not None:
         out = Path(out)
         out.mkdir(parents=True, exist_ok=True)
