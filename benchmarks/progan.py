@@ -3,8 +3,10 @@ training wall time, side by side in one run on the same data.
 
 The two arms alternate in short slices (`--slice` seconds of training each, in turn) so both
 see the same load on a shared machine; each arm's clock counts only its own training time.
-Every `--eval-every` seconds of an arm's training, its G (eval mode) draws `--n-fd` images from
-fixed latents and the Fréchet distance to held-out real shapes is measured (not timed).
+Every `--eval-every` seconds of an arm's training, its G (eval mode; the ProGAN's weight
+average G_ema unless `--ema-images 0`) draws `--n-fd` images from fixed latents and the Fréchet
+distance to held-out real shapes is measured (not timed). The EMA update is part of the ProGAN
+arm's timed step.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--phase-images", type=int, default=3200,
                    help="ProGAN images per fade-in and per stable phase")
+    p.add_argument("--ema-images", type=int, default=10_000,
+                   help="ProGAN: half-life in images of G's weight average, which is evaluated (0: G itself)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p
@@ -78,7 +82,7 @@ def run(argv: list[str]) -> int:
                                 network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path("."))
     pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
                                          stable_images=args.phase_images,
-                                         fade_images=args.phase_images,
+                                         fade_images=args.phase_images, ema_images=args.ema_images,
                                          network=ProGANConfig(z_dim=64, resolution=args.resolution)),
                        Path("."), images=images)
 

@@ -454,6 +454,9 @@ def build_parser() -> Parser:
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
     t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
     t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
+    t.add_argument("--ema-images", type=int, default=10_000,
+                   help="progan: half-life in images of G's weight average, which samples and "
+                   "export use (0: none)")
     t.add_argument("--task", choices=["inpaint", "edges"], default="inpaint",
                    help="pix2pix: masked image -> image, or edge map -> image")
     t.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 loss")

@@ -26,6 +26,7 @@ dropout) go through `knobs()` / `set_knob()`; a larger z_dim is a restart decisi
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import math
@@ -277,10 +278,12 @@ CONFIGS["progan"] = ProGANConfig
 
 
 def build_progan(payload: dict) -> tuple[Generator, Discriminator]:
-    """Rebuild G and D from a checkpoint payload at its recorded stage and alpha, in eval mode."""
+    """Rebuild G and D from a checkpoint payload at its recorded stage and alpha, in eval mode.
+    The generator is the weight average G_ema where the checkpoint has one (the one samples,
+    the benchmark and export use), else the trained G."""
     cfg = config_from_checkpoint(payload)
     G, D = Generator(cfg), Discriminator(cfg)
-    G.load_state_dict(payload["state"]["G"])
+    G.load_state_dict(payload["state"].get("G_ema", payload["state"]["G"]))
     D.load_state_dict(payload["state"]["D"])
     for net in (G, D):
         net.stage, net.alpha = int(payload["stage"]), float(payload["alpha"])
@@ -303,6 +306,8 @@ class ProGANTrainConfig:
     fade_images: int = 12800      # images shown while a new stage fades in (alpha 0 -> 1)
     r1_gamma: float = 1.0         # R1 penalty on D's real gradients (0: off), applied lazily
     r1_every: int = 8             # steps between R1 penalties
+    ema_images: int = 10_000      # half-life, in images shown, of G's weight average (0: none)
+    ema_rampup: float = 0.05      # ... at most this fraction of the images shown so far
     seed: int = 0
     sample_every: int = 200       # steps between sample grids
     log_every: int = 10           # steps between metrics lines
@@ -325,6 +330,8 @@ class ProGANTrainConfig:
             "--fade-images": (self.fade_images, self.fade_images >= 1, ">= 1"),
             "--r1-gamma": (self.r1_gamma, self.r1_gamma >= 0, ">= 0"),
             "--r1-every": (self.r1_every, self.r1_every >= 1, ">= 1"),
+            "--ema-images": (self.ema_images, self.ema_images >= 0, ">= 0"),
+            "--ema-rampup": (self.ema_rampup, self.ema_rampup > 0, "> 0"),
             "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
             "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
             "--doctor": (self.doctor, self.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
@@ -394,6 +401,9 @@ class ProGANTrainer:
         self.rng = np.random.default_rng(cfg.seed)
         net = cfg.network
         self.G, self.D = Generator(net), Discriminator(net)
+        # G's exponential moving average (Karras et al. 2018, sec. A.1; half-life and ramp-up as
+        # in StyleGAN2): what samples, the benchmark and export use; the doctor watches G itself
+        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_images else None
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
@@ -415,8 +425,23 @@ class ProGANTrainer:
     def _set_stage(self) -> None:
         cfg = self.cfg
         stage, alpha = schedule(self.shown, cfg.network.n_stages, cfg.stable_images, cfg.fade_images)
-        for net in (self.G, self.D):
-            net.stage, net.alpha = stage, alpha
+        for net in (self.G, self.D, self.G_ema):
+            if net is not None:
+                net.stage, net.alpha = stage, alpha
+
+    @torch.no_grad()
+    def update_ema(self) -> None:
+        """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5 ** (batch / half-life), the half-life
+        capped at `ema_rampup` of the images shown so far, so the first steps' noise fades fast."""
+        if self.G_ema is None:
+            return
+        cfg = self.cfg
+        half_life = min(cfg.ema_images, self.shown * cfg.ema_rampup)
+        beta = 0.5 ** (cfg.batch_size / max(half_life, 1e-8))
+        for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
+            pe.lerp_(p, 1.0 - beta)
+        for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
+            be.copy_(b)
 
     @property
     def stage(self) -> int:
@@ -475,6 +500,7 @@ class ProGANTrainer:
         self.opt_G.step()
         self.step += 1
         self.shown += cfg.batch_size
+        self.update_ema()
         return {"step": self.step, "shown": self.shown, "stage": self.stage,
                 "side": cfg.network.side(self.stage), "alpha": round(self.alpha, 4),
                 "loss_D": float(loss_D.detach()), "loss_G": float(loss_G.detach()),
@@ -497,7 +523,9 @@ class ProGANTrainer:
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor) -> torch.Tensor:
-        """G's current output upsampled to the final resolution, float NCHW."""
+        """The output of G_ema (G without one) upsampled to the final resolution, float NCHW."""
+        if self.G_ema is not None:
+            return Upsampled(self.G_ema)(z)
         self.G.eval()
         try:
             return Upsampled(self.G)(z)
@@ -510,7 +538,8 @@ class ProGANTrainer:
     def save(self) -> Path:
         self._set_stage()  # record the (stage, alpha) the next step trains at
         return save_checkpoint(
-            self.out / "checkpoint.pt", "progan", self.cfg.network, {"G": self.G, "D": self.D},
+            self.out / "checkpoint.pt", "progan", self.cfg.network,
+            {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})},
             step=self.step, shown=self.shown, stage=self.stage, alpha=float(self.alpha),
             optim={"G": self.opt_G.state_dict(), "D": self.opt_D.state_dict()},
             rng=json.loads(json.dumps(self.rng.bit_generator.state)),
@@ -526,6 +555,8 @@ class ProGANTrainer:
                                   f"{payload['config']}, not {dataclasses.asdict(self.cfg.network)}")
         self.G.load_state_dict(payload["state"]["G"])
         self.D.load_state_dict(payload["state"]["D"])
+        if self.G_ema is not None:  # a checkpoint from before the average: it starts from G
+            self.G_ema.load_state_dict(payload["state"].get("G_ema", payload["state"]["G"]))
         self.opt_G.load_state_dict(payload["optim"]["G"])
         self.opt_D.load_state_dict(payload["optim"]["D"])   # with the learning rates in force
         for name, value in payload.get("knobs", {}).items():  # as the doctor left them
@@ -629,6 +660,7 @@ def train_from_args(args) -> int:
     cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
                             batch_size=args.batch_size or 32, lr=args.lr or 1e-3, seed=args.seed,
                             stable_images=args.stable_images, fade_images=args.fade_images,
+                            ema_images=args.ema_images,
                             sample_every=args.sample_every, network=net, doctor=args.doctor,
                             doctor_every=args.doctor_every,
                             thresholds=Thresholds.parse(args.thresholds or ""))

@@ -135,10 +135,50 @@ def test_resume_mid_stage_continues_from_the_recorded_stage_and_alpha(tmp_path):
     assert summary["resumed_from"] == 5 and summary["steps"] == 8
     a, b = load_checkpoint(full), load_checkpoint(cut)
     assert (a["stage"], a["alpha"], a["shown"]) == (b["stage"], b["alpha"], b["shown"])
-    for k, v in a["state"]["G"].items():          # resumed run == uninterrupted run
-        torch.testing.assert_close(b["state"]["G"][k], v, msg=k)
+    for name in ("G", "G_ema"):                   # resumed run == uninterrupted run
+        for k, v in a["state"][name].items():
+            torch.testing.assert_close(b["state"][name][k], v, msg=f"{name}.{k}")
     lines = (cut / "metrics.jsonl").read_text().splitlines()
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
+
+
+def test_g_ema_moves_towards_g_by_the_half_life_and_ramp_up():
+    cfg = tiny_train(ema_images=64, ema_rampup=0.5)
+    trainer = ProGANTrainer(cfg, ".")
+    w = [p.detach().clone() for p in trainer.G_ema.parameters()]
+    for p in trainer.G.parameters():                      # pretend a step moved G by +1
+        p.data += 1.0
+    trainer.shown = 32                                    # half-life min(64, 0.5 * 32) = 16 images
+    trainer.update_ema()
+    beta = 0.5 ** (8 / 16)                                # batch 8: half a half-life
+    for old, new, g in zip(w, trainer.G_ema.parameters(), trainer.G.parameters()):
+        torch.testing.assert_close(new, beta * old + (1 - beta) * g)
+    trainer.shown = 10_000                                # ramp-up over: the 64-image half-life
+    before = [p.detach().clone() for p in trainer.G_ema.parameters()]
+    trainer.update_ema()
+    beta = 0.5 ** (8 / 64)
+    for old, new, g in zip(before, trainer.G_ema.parameters(), trainer.G.parameters()):
+        torch.testing.assert_close(new, beta * old + (1 - beta) * g)
+
+
+def test_samples_and_export_use_g_ema_and_ema_0_uses_g(tmp_path):
+    train_progan(tiny_train(steps=6), tmp_path / "ema", progress=False)
+    payload = load_checkpoint(tmp_path / "ema", kinds=("progan",))
+    assert set(payload["state"]) == {"G", "D", "G_ema"}
+    G, _ = build_progan(payload)
+    trained = Generator(TINY)
+    trained.load_state_dict(payload["state"]["G"])
+    z = torch.randn(3, TINY.z_dim)
+    with torch.no_grad():
+        assert not torch.allclose(G(z), trained.eval()(z, stage=G.stage, alpha=G.alpha))
+    for k, v in G.state_dict().items():
+        torch.testing.assert_close(v, payload["state"]["G_ema"][k], msg=k)
+    train_progan(tiny_train(steps=6, ema_images=0), tmp_path / "plain", progress=False)
+    plain = load_checkpoint(tmp_path / "plain", kinds=("progan",))
+    assert set(plain["state"]) == {"G", "D"}
+    G, _ = build_progan(plain)
+    for k, v in G.state_dict().items():
+        torch.testing.assert_close(v, plain["state"]["G"][k], msg=k)
 
 
 def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
