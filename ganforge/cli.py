@@ -139,7 +139,7 @@ def _train_inpainter(args) -> int:
                              lr=args.lr or 5e-4, seed=args.seed, threads=args.threads,
                              network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
                                                           fill=args.fill, diffuse=args.diffuse,
-                                                          bilaplace=args.bilaplace))
+                                                          bilaplace=args.bilaplace, thinplate=args.thinplate))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -449,6 +449,8 @@ def build_parser() -> Parser:
                    "pyramid level smoothed, harmonic then biharmonic; docs/inpainting.md)")
     t.add_argument("--diffuse", type=_int_arg(0), default=32, help="inpainter --prefill: harmonic steps (per level for the cascade)")
     t.add_argument("--bilaplace", type=_int_arg(0), default=0, help="inpainter --prefill cascade: biharmonic steps per level")
+    t.add_argument("--thinplate", type=_int_arg(0), default=0,
+                   help="inpainter --prefill: conjugate-gradient steps on the thin-plate energy after the fill")
     t.add_argument("--prefill", action="store_true",
                    help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")

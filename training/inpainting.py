@@ -47,6 +47,7 @@ class ContextEncoderConfig:
     # `bilaplace` biharmonic steps (cascade_fill); "harmonic": pull-push, then `diffuse` steps
     fill: str = "harmonic"
     bilaplace: int = 0
+    thinplate: int = 0         # prefill: conjugate-gradient steps on the thin-plate energy after the fill
 
 
 def _pull(x: torch.Tensor, known: torch.Tensor) -> tuple[list, torch.Tensor]:
@@ -119,6 +120,46 @@ def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace:
     return fill
 
 
+LAPLACIAN = ((0, 1, 0), (1, -4, 1), (0, 1, 0))
+
+
+def _laplacian(u: torch.Tensor) -> torch.Tensor:
+    """The 5-point Laplacian of (B, C, H, W) `u`, edges replicated (zero flux across the border)."""
+    k = torch.tensor(LAPLACIAN, dtype=u.dtype, device=u.device).view(1, 1, 3, 3).repeat(u.shape[1], 1, 1, 1)
+    return F.conv2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), k, groups=u.shape[1])
+
+
+def _laplacian_adjoint(v: torch.Tensor) -> torch.Tensor:
+    """The transpose of `_laplacian`: the transposed convolution, then each replicated border
+    row and column folded back onto the edge it copies."""
+    k = torch.tensor(LAPLACIAN, dtype=v.dtype, device=v.device).view(1, 1, 3, 3).repeat(v.shape[1], 1, 1, 1)
+    g = F.conv_transpose2d(v, k, groups=v.shape[1])                                  # (B, C, H+2, W+2)
+    g = torch.cat([g[:, :, 1:2] + g[:, :, :1], g[:, :, 2:-2], g[:, :, -2:-1] + g[:, :, -1:]], dim=2)
+    return torch.cat([g[..., 1:2] + g[..., :1], g[..., 2:-2], g[..., -2:-1] + g[..., -1:]], dim=3)  # (B, C, H, W)
+
+
+def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, iterations: int) -> torch.Tensor:
+    """`iterations` conjugate-gradient steps, from the fill `u`, towards the minimum of the
+    thin-plate energy `sum (Laplacian u)^2` over the hole's pixels, known pixels held at `x`:
+    the biharmonic inpainting that scikit-image's `inpaint_biharmonic` solves with a sparse
+    factorisation, here as fixed convolutions and per-image sums an ONNX graph can hold. Each
+    image and channel is its own system (its own step sizes); an image without a hole is left
+    as it is. CG needs a good start: from the cascade, 50 steps reach the solver's hole PSNR."""
+    hole = 1 - known
+    u = known * x + hole * u
+    r = -hole * _laplacian_adjoint(_laplacian(u))          # minus the energy's gradient, in the hole
+    p, rr = r, (r * r).sum((2, 3), keepdim=True)           # rr: (B, C, 1, 1)
+    for _ in range(iterations):
+        ap = hole * _laplacian_adjoint(_laplacian(p))
+        alpha = rr / ((p * ap).sum((2, 3), keepdim=True) + 1e-20)
+        u = u + alpha * p
+        r = r - alpha * ap
+        rr_next = (r * r).sum((2, 3), keepdim=True)
+        p = r + rr_next / (rr + 1e-20) * p
+        rr = rr_next
+    return u
+
+
 FILLS = ("harmonic", "cascade")
 
 
@@ -127,9 +168,9 @@ class ContextEncoder(nn.Module):
 
     def __init__(self, cfg: ContextEncoderConfig):
         super().__init__()
-        if cfg.fill not in FILLS or cfg.diffuse < 0 or cfg.bilaplace < 0:
-            raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace} "
-                             f"not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
+        if cfg.fill not in FILLS or min(cfg.diffuse, cfg.bilaplace, cfg.thinplate) < 0:
+            raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace}, "
+                             f"thinplate {cfg.thinplate} not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
         self.cfg = cfg
         c = cfg.width
         act = lambda: nn.ELU(inplace=True)
@@ -151,15 +192,26 @@ class ContextEncoder(nn.Module):
         else:
             self.decode.append(nn.Tanh())
 
+    def fill(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The classical prefill the residual is learned on (`prefill` models only)."""
+        known = 1 - mask
+        if self.cfg.fill == "cascade":
+            coarse = cascade_fill(masked_image, known, self.cfg.diffuse, self.cfg.bilaplace)
+        else:
+            coarse = harmonic_fill(masked_image, known, self.cfg.diffuse)
+        if self.cfg.thinplate:
+            coarse = thin_plate_fill(masked_image, known, coarse, self.cfg.thinplate)
+        return coarse
+
+    def refine(self, coarse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The learned residual added to the prefill `coarse`."""
+        residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
+        return (coarse + residual).clamp(-1, 1)
+
     def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if not self.cfg.prefill:
             return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
-        if self.cfg.fill == "cascade":
-            coarse = cascade_fill(masked_image, 1 - mask, self.cfg.diffuse, self.cfg.bilaplace)
-        else:
-            coarse = harmonic_fill(masked_image, 1 - mask, self.cfg.diffuse)
-        residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
-        return (coarse + residual).clamp(-1, 1)
+        return self.refine(self.fill(masked_image, mask), mask)
 
 
 class Critic(nn.Module):

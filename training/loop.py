@@ -126,6 +126,8 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
             flags.append(("--prefill", ""))
             flags += [("--fill", net.get("fill", "harmonic")), ("--diffuse", net.get("diffuse", 32)),
                       ("--bilaplace", net.get("bilaplace", 0))]
+            if net.get("thinplate"):
+                flags.append(("--thinplate", net["thinplate"]))
     elif kind == "progan":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
