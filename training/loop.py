@@ -133,6 +133,7 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
                  ("--resolution", net["resolution"]), ("--lr", train["lr"]),
                  ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
+                 ("--ema-images", train.get("ema_images", 0)),   # runs from before the average had none
                  ("--sample-every", train["sample_every"])]
     else:
         raise ValueError(f"no train command for kind {kind!r}")

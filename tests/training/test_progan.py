@@ -193,3 +193,25 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
     assert r.returncode == 0, r.stderr
     assert "stage 1, 8 px" in r.stdout
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
+
+
+def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps():
+    """The train command recorded in a manifest names every setting that changes the weights:
+    parsed back by the CLI it gives the run's ProGAN half-life and the inpainter's CG steps."""
+    import dataclasses
+    import shlex
+
+    from ganforge.cli import build_parser
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig
+    from ganforge.training.loop import train_command
+    from ganforge.training.progan import ProGANConfig, ProGANTrainConfig
+
+    progan = ProGANTrainConfig(ema_images=2500, network=ProGANConfig(resolution=8))
+    args = build_parser().parse_args(shlex.split(train_command("progan", dataclasses.asdict(progan), "runs/p"))[1:])
+    assert (args.ema_images, args.stable_images, args.resolution) == (2500, progan.stable_images, 8)
+    old = {k: v for k, v in dataclasses.asdict(progan).items() if k != "ema_images"}  # a run from before
+    assert "--ema-images 0 " in train_command("progan", old, "runs/p")
+
+    inpainter = InpaintTrainConfig(network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50))
+    args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(inpainter), "runs/i"))[1:])
+    assert (args.prefill, args.fill, args.thinplate) == (True, "cascade", 50)
