@@ -58,20 +58,27 @@ class TrainConfig:
     network: DCGANConfig = field(default_factory=DCGANConfig)
 
     def validate(self) -> None:
-        checks = {
-            "--steps": (self.steps, self.steps >= 1, ">= 1"),
-            "--batch-size": (self.batch_size, self.batch_size >= 2, ">= 2"),
-            "--n-images": (self.n_images, self.n_images >= self.batch_size, ">= --batch-size"),
-            "--lr-g": (self.lr_g, self.lr_g > 0, "> 0"),
-            "--lr-d": (self.lr_d, self.lr_d > 0, "> 0"),
-            "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
-            "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
-            "--doctor": (self.doctor, self.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
-            "--doctor-every": (self.doctor_every, self.doctor_every >= 1, ">= 1"),
-        }
-        for name, (value, ok, allowed) in checks.items():
-            if not ok:
-                raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
+        check_flags(self, {"--lr-g": (self.lr_g, self.lr_g > 0, "> 0"),
+                           "--lr-d": (self.lr_d, self.lr_d > 0, "> 0")})
+
+
+def check_flags(cfg, own: dict[str, tuple]) -> None:
+    """Refuse a GAN trainer config (DCGAN or ProGAN) whose settings are out of range: the
+    settings every GAN trainer has, then `own` ({flag: (value, ok, allowed)}), each with one
+    UsageError naming the flag, the value and what is allowed."""
+    checks = {
+        "--steps": (cfg.steps, cfg.steps >= 1, ">= 1"),
+        "--batch-size": (cfg.batch_size, cfg.batch_size >= 2, ">= 2"),
+        "--n-images": (cfg.n_images, cfg.n_images >= cfg.batch_size, ">= --batch-size"),
+        **own,
+        "--label-smoothing": (cfg.label_smoothing, 0 <= cfg.label_smoothing < 0.5, "in [0, 0.5)"),
+        "--instance-noise": (cfg.instance_noise, cfg.instance_noise >= 0, ">= 0"),
+        "--doctor": (cfg.doctor, cfg.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
+        "--doctor-every": (cfg.doctor_every, cfg.doctor_every >= 1, ">= 1"),
+    }
+    for name, (value, ok, allowed) in checks.items():
+        if not ok:
+            raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
 # Presets that reproduce each failure on purpose on image data (and a healthy reference).

@@ -46,9 +46,9 @@ from ganforge.images import save_grid
 from ganforge.progress import Progress
 from ganforge.training import datasets
 from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint, save_checkpoint
-from ganforge.training.loop import to_tensor, to_uint8
-from ganforge.training.monitor import (DOCTOR_MODES, Doctor, Intervention, Monitor, Thresholds,
-                                       follow_stages, log_step, write_run_report)
+from ganforge.training.loop import check_flags, to_tensor, to_uint8
+from ganforge.training.monitor import (Doctor, Intervention, Monitor, Thresholds, follow_stages, log_step,
+                                       write_run_report)
 
 
 @dataclass(frozen=True)
@@ -321,10 +321,7 @@ class ProGANTrainConfig:
     network: ProGANConfig = field(default_factory=ProGANConfig)
 
     def validate(self) -> None:
-        checks = {
-            "--steps": (self.steps, self.steps >= 1, ">= 1"),
-            "--batch-size": (self.batch_size, self.batch_size >= 2, ">= 2"),
-            "--n-images": (self.n_images, self.n_images >= self.batch_size, ">= --batch-size"),
+        check_flags(self, {
             "--lr": (self.lr, self.lr > 0, "> 0"),
             "--stable-images": (self.stable_images, self.stable_images >= 1, ">= 1"),
             "--fade-images": (self.fade_images, self.fade_images >= 1, ">= 1"),
@@ -332,14 +329,7 @@ class ProGANTrainConfig:
             "--r1-every": (self.r1_every, self.r1_every >= 1, ">= 1"),
             "--ema-images": (self.ema_images, self.ema_images >= 0, ">= 0"),
             "--ema-rampup": (self.ema_rampup, self.ema_rampup > 0, "> 0"),
-            "--label-smoothing": (self.label_smoothing, 0 <= self.label_smoothing < 0.5, "in [0, 0.5)"),
-            "--instance-noise": (self.instance_noise, self.instance_noise >= 0, ">= 0"),
-            "--doctor": (self.doctor, self.doctor in DOCTOR_MODES, "one of " + ", ".join(DOCTOR_MODES)),
-            "--doctor-every": (self.doctor_every, self.doctor_every >= 1, ">= 1"),
-        }
-        for name, (value, ok, allowed) in checks.items():
-            if not ok:
-                raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
+        })
 
 
 def schedule(shown: int, n_stages: int, stable_images: int, fade_images: int) -> tuple[int, float]:
