@@ -43,6 +43,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="ProGAN images per fade-in and per stable phase")
     p.add_argument("--ema-images", type=int, default=10_000,
                    help="ProGAN: half-life in images of G's weight average, which is evaluated (0: G itself)")
+    p.add_argument("--fmap-base", type=int, default=1024,
+                   help="ProGAN: feature maps at side s are min(fmap-max, fmap-base / s) ...")
+    p.add_argument("--fmap-max", type=int, default=64, help="ProGAN: ... at most this many ...")
+    p.add_argument("--fmap-min", type=int, default=16, help="ProGAN: ... and at least this many")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p
@@ -69,6 +73,11 @@ def run(argv: list[str]) -> int:
         parser.set_defaults(resolution=32, seconds=150, eval_every=15, n_fd=500, n_images=2048,
                             phase_images=1600)
     args = parser.parse_args(argv)
+    try:
+        pg_net = ProGANConfig(z_dim=64, resolution=args.resolution, fmap_base=args.fmap_base,
+                              fmap_max=args.fmap_max, fmap_min=args.fmap_min)
+    except ValueError as exc:
+        raise SystemExit(f"Error: ProGAN network: {exc}") from None
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     classifier, accuracy = metrics.load_classifier(args.cache_dir)
@@ -83,7 +92,7 @@ def run(argv: list[str]) -> int:
     pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
                                          stable_images=args.phase_images,
                                          fade_images=args.phase_images, ema_images=args.ema_images,
-                                         network=ProGANConfig(z_dim=64, resolution=args.resolution)),
+                                         network=pg_net),
                        Path("."), images=images)
 
     def dc_generate(zz):

@@ -136,23 +136,29 @@ def inprocess(w: Workload, onnx_path: str, seconds: float) -> dict:
 
 
 def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, rounds: int) -> dict:
-    """The headline ratios, measured in alternating rounds (in-process b16, served b16,
-    served batch-1 at concurrency 32) so that load from elsewhere on a shared machine hits both
-    sides alike; the median over rounds is reported with every round's value."""
+    """The headline ratios, measured in rounds that bracket each served figure between two
+    in-process ones (in-process b16, served b16, in-process b16, served batch-1 at concurrency
+    32, in-process b16): each ratio divides by the mean of the in-process figures just before and
+    just after it, so load from elsewhere on a shared machine that rises or falls during a round
+    hits both sides alike. The median over rounds is reported with every round's value."""
     peer = InProcess(w, onnx_path)
     b16 = min(16, w.max_batch)
-    served_ratio, dyn_ratio, p99_p50 = [], [], []
+    served_ratio, dyn_ratio, p99_p50, ip_rounds = [], [], [], []
     for _ in range(rounds):
-        ip = peer.measure(b16, seconds)["images_per_s"]
+        ip_a = peer.measure(b16, seconds)["images_per_s"]
         s16 = max(served(url, w.model, w, b16, c, seconds)["images_per_s"] for c in (1, 2))
+        ip_b = peer.measure(b16, seconds)["images_per_s"]
         c32 = served(url, w.model, w, 1, 32, seconds)
-        served_ratio.append(round(s16 / ip, 3))
-        dyn_ratio.append(round(c32["images_per_s"] / ip, 3))
+        ip_c = peer.measure(b16, seconds)["images_per_s"]
+        served_ratio.append(round(s16 / ((ip_a + ip_b) / 2), 3))
+        dyn_ratio.append(round(c32["images_per_s"] / ((ip_b + ip_c) / 2), 3))
         p99_p50.append(round(c32["p99_ms"] / c32["p50_ms"], 2))
+        ip_rounds.append([ip_a, ip_b, ip_c])
     med = lambda xs: float(np.median(xs))
     return {"served_vs_inprocess_ratio": med(served_ratio), "served_vs_inprocess_rounds": served_ratio,
             "dynamic_batching_ratio": med(dyn_ratio), "dynamic_batching_rounds": dyn_ratio,
-            "p99_over_p50_at_c32": med(p99_p50), "p99_over_p50_rounds": p99_p50}
+            "p99_over_p50_at_c32": med(p99_p50), "p99_over_p50_rounds": p99_p50,
+            "inprocess_batch16_rounds": ip_rounds}
 
 
 def served(url: str, model: str, w: Workload, batch: int, concurrency: int, seconds: float) -> dict:

@@ -459,6 +459,10 @@ def build_parser() -> Parser:
     t.add_argument("--ema-images", type=int, default=10_000,
                    help="progan: half-life in images of G's weight average, which samples and "
                    "export use (0: none)")
+    t.add_argument("--fmap-base", type=int, default=1024,
+                   help="progan: feature maps at side s are min(fmap-max, fmap-base / s) ...")
+    t.add_argument("--fmap-max", type=int, default=64, help="progan: ... at most this many ...")
+    t.add_argument("--fmap-min", type=int, default=16, help="progan: ... and at least this many")
     t.add_argument("--task", choices=["inpaint", "edges"], default="inpaint",
                    help="pix2pix: masked image -> image, or edge map -> image")
     t.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 loss")

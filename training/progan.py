@@ -644,7 +644,8 @@ def _resume_doctor(out: Path, doctor: Doctor, spans: list[dict], step: int) -> N
 def train_from_args(args) -> int:
     """`ganforge train progan ...` (the flags are declared in ganforge/cli.py)."""
     try:
-        net = ProGANConfig(z_dim=args.z_dim, resolution=args.resolution)
+        net = ProGANConfig(z_dim=args.z_dim, resolution=args.resolution, fmap_base=args.fmap_base,
+                           fmap_max=args.fmap_max, fmap_min=args.fmap_min)
     except ValueError as exc:
         raise UsageError(f"network: {exc}") from None
     cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,

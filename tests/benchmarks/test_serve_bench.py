@@ -20,5 +20,8 @@ def test_bench_serve_measures_every_kind_without_errors(tmp_path):
         assert s["dynamic_batching_ratio"] > 0, kind
         assert s["gflop_per_image"] > 0, kind
         assert res["kinds"][kind]["embedded"]["batch1_by_concurrency"]["32"]["requests"] > 0, kind
+        # each round's served figures sit between in-process ones (before, between, after)
+        brackets = s["rounds"]["inprocess_batch16_rounds"]
+        assert len(brackets) == 1 and len(brackets[0]) == 3 and min(brackets[0]) > 0, kind
     assert res["ceiling"]["matmul_gflops"] > 0
     assert (tmp_path / "serve.png").stat().st_size > 0

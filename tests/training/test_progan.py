@@ -197,7 +197,8 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
 
 def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps():
     """The train command recorded in a manifest names every setting that changes the weights:
-    parsed back by the CLI it gives the run's ProGAN half-life and the inpainter's CG steps."""
+    parsed back by the CLI it gives the run's ProGAN half-life and widths and the inpainter's
+    CG steps."""
     import dataclasses
     import shlex
 
@@ -206,9 +207,11 @@ def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps
     from ganforge.training.loop import train_command
     from ganforge.training.progan import ProGANConfig, ProGANTrainConfig
 
-    progan = ProGANTrainConfig(ema_images=2500, network=ProGANConfig(resolution=8))
+    progan = ProGANTrainConfig(ema_images=2500, network=ProGANConfig(resolution=8, fmap_base=256, fmap_max=32,
+                                                                    fmap_min=8))
     args = build_parser().parse_args(shlex.split(train_command("progan", dataclasses.asdict(progan), "runs/p"))[1:])
     assert (args.ema_images, args.stable_images, args.resolution) == (2500, progan.stable_images, 8)
+    assert (args.fmap_base, args.fmap_max, args.fmap_min) == (256, 32, 8)
     old = {k: v for k, v in dataclasses.asdict(progan).items() if k != "ema_images"}  # a run from before
     assert "--ema-images 0 " in train_command("progan", old, "runs/p")
 
