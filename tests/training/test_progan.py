@@ -187,12 +187,22 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
     out = tmp_path / "run"
     r = run_cli("train", "progan", "--resume", "--out", str(out), "--resolution", "8")
     assert r.returncode == 2 and "--resume" in r.stderr
+    r = run_cli("train", "progan", "--resolution", "8", "--fmap-max", "0", "--out", str(out))
+    assert r.returncode == 2 and "fmap_max must be >= 1, got 0" in r.stderr
     r = run_cli("train", "progan", "--data", "shapes", "--resolution", "8", "--steps", "3",
                 "--batch-size", "4", "--n-images", "16", "--stable-images", "4",
-                "--fade-images", "4", "--z-dim", "8", "--out", str(out), "--quiet")
+                "--fade-images", "4", "--z-dim", "8", "--fmap-base", "64", "--fmap-max", "12",
+                "--fmap-min", "4", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "stage 1, 8 px" in r.stdout
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
+    from ganforge.training.gan import load_checkpoint
+
+    ckpt = load_checkpoint(out)
+    net = ckpt["config"]
+    assert (net["fmap_base"], net["fmap_max"], net["fmap_min"]) == (64, 12, 4)
+    # 12 maps at 4 px (64 / 4 = 16, capped), 8 at 8 px: the widths reached the layers
+    assert {v.shape[0] for k, v in ckpt["state"]["G"].items() if k.endswith("weight") and v.ndim == 4} >= {12, 8}
 
 
 def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps():

@@ -1,0 +1,31 @@
+"""`ganforge bench progan` end to end at a tiny size: both arms train in turn against one clock,
+the JSON holds the fields the comparison is read from, and the ProGAN's widths are flags."""
+
+import json
+
+from tests.conftest import run_cli
+
+
+def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_path):
+    out = tmp_path / "progan.json"
+    r = run_cli("bench", "progan", "--resolution", "8", "--seconds", "2", "--eval-every", "1",
+                "--slice", "0.5", "--n-fd", "64", "--n-images", "64", "--batch-size", "8",
+                "--phase-images", "16", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
+                "--cache-dir", str(tmp_path / "cache"), "--json", str(out), timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for arm in ("dcgan", "progan"):
+        assert len(res[arm]["seconds"]) == len(res[arm]["fd"]) >= 3, arm   # at 0 s, 1 s, 2 s
+        assert res[arm]["seconds"] == sorted(res[arm]["seconds"]) and res[arm]["steps"] > 0, arm
+        assert res[arm]["seconds"][-1] >= 2.0, arm
+    assert res["dcgan_final_fd"] == res["dcgan"]["fd"][-1]
+    assert "speedup_to_dcgan_final" in res and res["progan"]["final_stage_side"] == 8
+    s = res["settings"]
+    assert (s["fmap_base"], s["fmap_max"], s["fmap_min"]) == (64, 16, 4)
+    assert (tmp_path / "progan.png").stat().st_size > 0
+
+
+def test_bench_progan_refuses_a_bad_width_before_training(tmp_path):
+    r = run_cli("bench", "progan", "--fmap-base", "0", "--json", str(tmp_path / "x.json"))
+    assert r.returncode == 1 and "fmap_base must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "x.json").exists()
