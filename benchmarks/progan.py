@@ -43,10 +43,11 @@ def _parser() -> argparse.ArgumentParser:
                    help="ProGAN images per fade-in and per stable phase")
     p.add_argument("--ema-images", type=int, default=10_000,
                    help="ProGAN: half-life in images of G's weight average, which is evaluated (0: G itself)")
-    p.add_argument("--fmap-base", type=int, default=1024,
+    widths = ProGANConfig()
+    p.add_argument("--fmap-base", type=int, default=widths.fmap_base,
                    help="ProGAN: feature maps at side s are min(fmap-max, fmap-base / s) ...")
-    p.add_argument("--fmap-max", type=int, default=64, help="ProGAN: ... at most this many ...")
-    p.add_argument("--fmap-min", type=int, default=16, help="ProGAN: ... and at least this many")
+    p.add_argument("--fmap-max", type=int, default=widths.fmap_max, help="ProGAN: ... at most this many ...")
+    p.add_argument("--fmap-min", type=int, default=widths.fmap_min, help="ProGAN: ... and at least this many")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p

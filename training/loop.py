@@ -141,8 +141,7 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--resolution", net["resolution"]), ("--lr", train["lr"]),
                  ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
                  ("--ema-images", train.get("ema_images", 0)),   # runs from before the average had none
-                 ("--fmap-base", net.get("fmap_base", 1024)), ("--fmap-max", net.get("fmap_max", 64)),
-                 ("--fmap-min", net.get("fmap_min", 16)),
+                 ("--fmap-base", net["fmap_base"]), ("--fmap-max", net["fmap_max"]), ("--fmap-min", net["fmap_min"]),
                  ("--sample-every", train["sample_every"])]
     else:
         raise ValueError(f"no train command for kind {kind!r}")

@@ -222,6 +222,9 @@ def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps
     args = build_parser().parse_args(shlex.split(train_command("progan", dataclasses.asdict(progan), "runs/p"))[1:])
     assert (args.ema_images, args.stable_images, args.resolution) == (2500, progan.stable_images, 8)
     assert (args.fmap_base, args.fmap_max, args.fmap_min) == (256, 32, 8)
+    plain = build_parser().parse_args(["train", "progan", "--out", "runs/p"])   # the CLI's defaults are the network's
+    assert (plain.fmap_base, plain.fmap_max, plain.fmap_min) == (ProGANConfig.fmap_base, ProGANConfig.fmap_max,
+                                                                 ProGANConfig.fmap_min)
     old = {k: v for k, v in dataclasses.asdict(progan).items() if k != "ema_images"}  # a run from before
     assert "--ema-images 0 " in train_command("progan", old, "runs/p")
 
