@@ -11,6 +11,7 @@ $(STAMP): pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -e '.[all]'
+	bash scripts/install_perf_analyzer.sh $(VENV)
 	@touch $(STAMP)
 
 venv: $(STAMP)

@@ -1,7 +1,7 @@
 """`ganforge bench serve`: the cost of serving, measured side by side in one run.
 
     ganforge bench serve --json serve.json [--png serve.png] [--repository model_repository]
-                         [--url HOST:PORT] [--quick]
+                         [--url HOST:PORT] [--quick] [--no-perf-analyzer]
 
 For each kind of model in the repository (generation by seed, raw generator, denoising,
 inpainting), on the same ONNX file and machine:
@@ -10,6 +10,9 @@ inpainting), on the same ONNX file and machine:
   * batch-1 requests at client concurrency 1/4/16/32/64 with dynamic batching on, and off (a
     copy of the model whose config has no dynamic_batching, served beside it);
   * any other server given with --url, for the models it serves.
+Load generators: tritonclient's asyncio gRPC client, and Triton's C++ perf_analyzer where
+installed (`make venv` puts it in the venv): the headline ratios are measured with both inside
+the same in-process brackets, and the top-level keys are perf_analyzer's when it ran.
 Throughput is images/s; latency p50/p95/p99 per request. Also the ceiling: the model's FLOPs per
 image (counted from the ONNX graph) and this machine's measured float32 matmul throughput.
 
@@ -22,8 +25,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import csv
 import json
+import os
+import re
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -135,30 +142,56 @@ def inprocess(w: Workload, onnx_path: str, seconds: float) -> dict:
     return {b: peer.measure(b, seconds) for b in BATCHES if b <= w.max_batch}
 
 
-def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, rounds: int) -> dict:
-    """The headline ratios, measured in rounds that bracket each served figure between two
-    in-process ones (in-process b16, served b16, in-process b16, served batch-1 at concurrency
-    32, in-process b16): each ratio divides by the mean of the in-process figures just before and
+def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, rounds: int,
+                       pa: str | None = None) -> dict:
+    """The headline ratios, measured in rounds that bracket the served figures between in-process
+    ones (in-process b16, served b16, in-process b16, served batch-1 at concurrency 32,
+    in-process b16): each ratio divides by the mean of the in-process figures just before and
     just after it, so load from elsewhere on a shared machine that rises or falls during a round
-    hits both sides alike. The median over rounds is reported with every round's value."""
+    hits both sides alike. The median over rounds is reported with every round's value.
+
+    Each served figure is taken with every load generator there is, one after the other inside
+    the same bracket: the Python asyncio client and, where installed, perf_analyzer (C++). The
+    top-level keys are perf_analyzer's where it ran (the server's cost with the cheapest client
+    on the shared CPU), the Python client's otherwise; both are under `by_client`."""
     peer = InProcess(w, onnx_path)
     b16 = min(16, w.max_batch)
-    served_ratio, dyn_ratio, p99_p50, ip_rounds = [], [], [], []
+    clients = {"python": lambda b, c: served(url, w.model, w, b, c, seconds)}
+    if pa:
+        clients["perf_analyzer"] = lambda b, c: served_perf_analyzer(pa, url, w.model, w, b, c, seconds)
+    per = {name: {"served": [], "dyn": [], "p99": [], "requests": 0, "errors": 0, "error_messages": []}
+           for name in clients}
+    ip_rounds = []
+
+    def take(name, m):
+        per[name]["requests"] += m["requests"] or 0
+        per[name]["errors"] += m["errors"]
+        per[name]["error_messages"] += m.get("error_messages", [])
+        return m
+
     for _ in range(rounds):
         ip_a = peer.measure(b16, seconds)["images_per_s"]
-        s16 = max(served(url, w.model, w, b16, c, seconds)["images_per_s"] for c in (1, 2))
+        s16 = {name: max(take(name, fn(b16, c))["images_per_s"] for c in (1, 2)) for name, fn in clients.items()}
         ip_b = peer.measure(b16, seconds)["images_per_s"]
-        c32 = served(url, w.model, w, 1, 32, seconds)
+        c32 = {name: take(name, fn(1, 32)) for name, fn in clients.items()}
         ip_c = peer.measure(b16, seconds)["images_per_s"]
-        served_ratio.append(round(s16 / ((ip_a + ip_b) / 2), 3))
-        dyn_ratio.append(round(c32["images_per_s"] / ((ip_b + ip_c) / 2), 3))
-        p99_p50.append(round(c32["p99_ms"] / c32["p50_ms"], 2))
+        for name in clients:
+            per[name]["served"].append(round(s16[name] / ((ip_a + ip_b) / 2), 3))
+            per[name]["dyn"].append(round(c32[name]["images_per_s"] / ((ip_b + ip_c) / 2), 3))
+            p50, p99 = c32[name]["p50_ms"], c32[name]["p99_ms"]
+            per[name]["p99"].append(round(p99 / p50, 2) if p50 and p99 else None)
         ip_rounds.append([ip_a, ip_b, ip_c])
-    med = lambda xs: float(np.median(xs))
-    return {"served_vs_inprocess_ratio": med(served_ratio), "served_vs_inprocess_rounds": served_ratio,
-            "dynamic_batching_ratio": med(dyn_ratio), "dynamic_batching_rounds": dyn_ratio,
-            "p99_over_p50_at_c32": med(p99_p50), "p99_over_p50_rounds": p99_p50,
-            "inprocess_batch16_rounds": ip_rounds}
+    med = lambda xs: float(np.median([x for x in xs if x is not None])) if any(x is not None for x in xs) else None
+    by_client = {}
+    for name, r in per.items():
+        by_client[name] = {"served_vs_inprocess_ratio": med(r["served"]), "served_vs_inprocess_rounds": r["served"],
+                           "dynamic_batching_ratio": med(r["dyn"]), "dynamic_batching_rounds": r["dyn"],
+                           "p99_over_p50_at_c32": med(r["p99"]), "p99_over_p50_rounds": r["p99"],
+                           "requests": r["requests"], "errors": r["errors"],
+                           **({"error_messages": r["error_messages"][:3]} if r["errors"] else {})}
+    headline = "perf_analyzer" if pa else "python"
+    top = {k: v for k, v in by_client[headline].items() if k not in ("requests", "errors", "error_messages")}
+    return {**top, "client": headline, "inprocess_batch16_rounds": ip_rounds, "by_client": by_client}
 
 
 def served(url: str, model: str, w: Workload, batch: int, concurrency: int, seconds: float) -> dict:
@@ -216,6 +249,59 @@ async def _served(url, model, w, batch, concurrency, seconds) -> dict:
             "errors": len(errors), **({"error_messages": errors[:3]} if errors else {}), **percentiles(lat)}
 
 
+# -- the C++ load generator --------------------------------------------------------------------
+
+def perf_analyzer_path() -> str | None:
+    """Triton's perf_analyzer: $GANFORGE_PERF_ANALYZER, else the copy `make venv` puts in the
+    venv (scripts/install_perf_analyzer.sh), else None."""
+    env = os.environ.get("GANFORGE_PERF_ANALYZER")
+    if env:
+        if not os.access(env, os.X_OK):
+            raise SystemExit(f"Error: GANFORGE_PERF_ANALYZER: {env} is not an executable file")
+        return env
+    found = Path(sys.prefix) / "perf_analyzer" / "bin" / "perf_analyzer"
+    return str(found) if os.access(found, os.X_OK) else None
+
+
+def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int, concurrency: int,
+                         seconds: float) -> dict:
+    """`concurrency` requests of `batch` items kept in flight for about `seconds` by perf_analyzer
+    (C++, one thread per request in flight), on the same request as the Python client's: the
+    batch-1 inputs of `w.request` written as raw files, repeated over the batch. Three
+    measurement windows of a third of `seconds` each (at least 1 s: a window must hold whole
+    requests, and a batch of 16 denoiser tiles takes a fifth of one), reported together; its CSV gives the
+    throughput and latency percentiles. A failed request makes perf_analyzer exit non-zero: the
+    measurement then counts one error and keeps the message."""
+    with tempfile.TemporaryDirectory(prefix="ganforge-pa-") as tmp:
+        data = Path(tmp) / "data"
+        data.mkdir()
+        for name, array in w.request(1, np.random.default_rng(batch * 1000 + concurrency)).items():
+            (data / name).write_bytes(np.ascontiguousarray(array).tobytes())
+        report = Path(tmp) / "report.csv"
+        window_ms = max(1000, int(seconds * 1000 / 3))
+        cmd = [pa, "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
+               "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(data),
+               "--measurement-interval", str(window_ms), "--max-trials", "3", "--stability-percentage", "1000",
+               "-f", str(report)]
+        try:
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 10 * seconds)
+        except subprocess.TimeoutExpired:
+            return {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
+                    "error_messages": [f"perf_analyzer: no answer within {60 + 10 * seconds:.0f} s"],
+                    **percentiles([])}
+        if r.returncode != 0 or not report.is_file():
+            msg = (r.stdout + r.stderr).strip().splitlines()
+            return {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
+                    "error_messages": [f"perf_analyzer exit {r.returncode}: " + " | ".join(msg[-3:])[:300]],
+                    **percentiles([])}
+        row = next(csv.DictReader(report.open()))
+    count = re.search(r"Request count: (\d+)", r.stdout)
+    ms = lambda key: round(float(row[key]) / 1000, 3)   # perf_analyzer reports microseconds
+    return {"images_per_s": round(float(row["Inferences/Second"]), 2),
+            "requests": int(count.group(1)) if count else None, "errors": 0, "client": "perf_analyzer",
+            "p50_ms": ms("p50 latency"), "p95_ms": ms("p95 latency"), "p99_ms": ms("p99 latency")}
+
+
 def without_dynamic_batching(repository: Path, w: Workload, dest: Path) -> str:
     """Copy the model directory under `<model>_nobatch` with dynamic_batching removed."""
     from ganforge.serving import repository as repo
@@ -232,7 +318,7 @@ def without_dynamic_batching(repository: Path, w: Workload, dest: Path) -> str:
 
 
 def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[str],
-                     rounds: int) -> dict:
+                     rounds: int, pa: str | None = None) -> dict:
     from ganforge.serving.server import LocalServer, ServerOptions, free_port
 
     # the in-process peer needs the model's ONNX file (an ensemble or a plan has none here)
@@ -269,13 +355,18 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
                     for c in CONCURRENCY:
                         conc[c] = served(url, w.model, w, 1, c, seconds)
                     row[label] = {"by_batch": by_batch, "batch1_by_concurrency": conc}
+                    if pa and label == "embedded" and not quick:
+                        print(f"[{kind}] {w.model}: served ({label}), perf_analyzer", flush=True)
+                        row["embedded_perf_analyzer"] = {
+                            "batch1_by_concurrency": {c: served_perf_analyzer(pa, url, w.model, w, 1, c, seconds)
+                                                      for c in CONCURRENCY}}
                     if kind in nobatch and label == "embedded":
                         print(f"[{kind}] {w.model}: served, dynamic batching off", flush=True)
                         row["embedded_no_dynamic_batching"] = {
                             "batch1_by_concurrency": {c: served(url, nobatch[kind], w, 1, c, seconds)
                                                       for c in CONCURRENCY}}
                 print(f"[{kind}] {w.model}: headline ratios, {rounds} interleaved rounds", flush=True)
-                row["headline"] = interleaved_ratios(server.grpc_url, w, w.onnx_path, seconds, rounds)
+                row["headline"] = interleaved_ratios(server.grpc_url, w, w.onnx_path, seconds, rounds, pa)
                 macs = onnx_macs_per_image(w.onnx_path)
                 row["macs_per_image"] = macs
                 results["kinds"][kind] = row
@@ -297,6 +388,10 @@ def summarise(results: dict, flops: float) -> dict:
             "served_vs_inprocess_ratio": head["served_vs_inprocess_ratio"],
             "dynamic_batching_ratio": head["dynamic_batching_ratio"],
             "p99_over_p50_at_c32": head["p99_over_p50_at_c32"],
+            "client": head["client"],
+            "by_client": {name: {k: v[k] for k in ("served_vs_inprocess_ratio", "dynamic_batching_ratio",
+                                                   "p99_over_p50_at_c32")}
+                          for name, v in head["by_client"].items()},
             "rounds": {k: v for k, v in head.items() if k.endswith("_rounds")},
             "inprocess_batch16_images_per_s": ip16,
             "served_batch16_images_per_s": s16,
@@ -321,6 +416,14 @@ def markdown(results: dict) -> str:
         lines.append(f"| {kind} | {results['kinds'][kind]['model']} | {s['served_vs_inprocess_ratio']} | "
                      f"{s['dynamic_batching_ratio']} | {s['p99_over_p50_at_c32']} | {s['gflop_per_image']} | "
                      f"{s['fraction_of_matmul_peak_inprocess_best']} |")
+    lines += ["", "The ratios by load generator (the table above uses the first available of "
+              "perf_analyzer, the Python asyncio client):", "",
+              "| kind | client | served / in-process (b16) | dynamic batching ratio (b1, c32) | p99 / p50 at c32 |",
+              "|---|---|---|---|---|"]
+    for kind, s in results["summary"].items():
+        for name, c in s["by_client"].items():
+            lines.append(f"| {kind} | {name} | {c['served_vs_inprocess_ratio']} | {c['dynamic_batching_ratio']} | "
+                         f"{c['p99_over_p50_at_c32']} |")
     for kind, row in results["kinds"].items():
         lines += ["", f"**{kind}** (`{row['model']}`), images/s and p50 / p95 / p99 ms per request:", "",
                   "| batch | in-process ORT | served (embedded Triton, gRPC) |", "|---|---|---|"]
@@ -329,11 +432,14 @@ def markdown(results: dict) -> str:
             lines.append(f"| {b} | {ip['images_per_s']} ({ms(ip)}) | "
                          + (f"{sv['images_per_s']} ({ms(sv)}), concurrency {sv['concurrency']} |" if sv else "- |"))
         off = row.get("embedded_no_dynamic_batching", {}).get("batch1_by_concurrency", {})
-        lines += ["", "| batch-1 requests, concurrency | dynamic batching on | off |", "|---|---|---|"]
+        pa = row.get("embedded_perf_analyzer", {}).get("batch1_by_concurrency", {})
+        lines += ["", "| batch-1 requests, concurrency | dynamic batching on | off | on, perf_analyzer |",
+                  "|---|---|---|---|"]
         for c, on in row["embedded"]["batch1_by_concurrency"].items():
-            o = off.get(c)
+            o, q = off.get(c), pa.get(c)
             lines.append(f"| {c} | {on['images_per_s']} ({ms(on)}) | "
-                         + (f"{o['images_per_s']} ({ms(o)}) |" if o else "- |"))
+                         + (f"{o['images_per_s']} ({ms(o)}) | " if o else "- | ")
+                         + (f"{q['images_per_s']} ({ms(q)}) |" if q else "- |"))
     return "\n".join(lines) + "\n"
 
 
@@ -349,7 +455,10 @@ def plot(results: dict, path: Path) -> None:
         row = results["kinds"][kind]
         xs = list(CONCURRENCY)
         ax.plot(xs, [row["embedded"]["batch1_by_concurrency"][c]["images_per_s"] for c in xs], "o-",
-                label="served, batch-1 requests, dynamic batching")
+                label="served, batch-1 requests, dynamic batching (Python client)")
+        if "embedded_perf_analyzer" in row:
+            ax.plot(xs, [row["embedded_perf_analyzer"]["batch1_by_concurrency"][c]["images_per_s"] for c in xs],
+                    "^-", label="served, the same, perf_analyzer")
         if "embedded_no_dynamic_batching" in row:
             ax.plot(xs, [row["embedded_no_dynamic_batching"]["batch1_by_concurrency"][c]["images_per_s"]
                          for c in xs], "s--", label="served, no dynamic batching")
@@ -372,6 +481,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--seconds", type=float, default=None, help="seconds per measurement")
     p.add_argument("--quick", action="store_true", help="1 s per measurement")
     p.add_argument("--rounds", type=int, default=None, help="interleaved rounds for the ratios (5; quick 3)")
+    p.add_argument("--no-perf-analyzer", action="store_true",
+                   help="measure with the Python client only, even where perf_analyzer is installed")
     p.add_argument("--json", default="serve.json")
     p.add_argument("--png", default=None)
     a = p.parse_args(argv)
@@ -379,12 +490,16 @@ def run(argv: list[str]) -> int:
     t0 = time.perf_counter()
     flops = matmul_flops()
     rounds = a.rounds or (3 if a.quick else 5)
-    results = bench_repository(a.repository, seconds, a.quick, a.url, rounds)
+    pa = None if a.no_perf_analyzer else perf_analyzer_path()
+    print(f"load generators: Python asyncio client" + (f", perf_analyzer ({pa})" if pa else
+          " (perf_analyzer not installed: `make venv` installs it)"), flush=True)
+    results = bench_repository(a.repository, seconds, a.quick, a.url, rounds, pa)
+    results["clients"] = ["python"] + (["perf_analyzer"] if pa else [])
     results["ceiling"] = {"matmul_gflops": round(flops / 1e9, 1)}
     results["summary"] = summarise(results, flops)
     # the top-level keys the docs quote: generation by seed, the product's main path
     main = results["summary"].get("generate") or next(iter(results["summary"].values()))
-    for key in ("served_vs_inprocess_ratio", "dynamic_batching_ratio", "p99_over_p50_at_c32"):
+    for key in ("served_vs_inprocess_ratio", "dynamic_batching_ratio", "p99_over_p50_at_c32", "client"):
         results[key] = main[key]
     failed = [m for m in _measurements(results) if m.get("errors")]
     results["errors"] = sum(m["errors"] for m in failed)
@@ -394,10 +509,12 @@ def run(argv: list[str]) -> int:
     png = Path(a.png) if a.png else Path(a.json).with_suffix(".png")
     plot(results, png)
     Path(a.json).with_suffix(".md").write_text(markdown(json.loads(json.dumps(results))))
-    print(f"\n{'kind':<10} {'served/in-process b16':>22} {'dyn.batch ratio c32':>20} {'p99/p50 c32':>12} {'GFLOP/img':>10}")
+    print(f"\n{'kind':<10} {'client':<14} {'served/in-process b16':>22} {'dyn.batch ratio c32':>20} "
+          f"{'p99/p50 c32':>12} {'GFLOP/img':>10}")
     for kind, s in results["summary"].items():
-        print(f"{kind:<10} {s['served_vs_inprocess_ratio']:>22} {s['dynamic_batching_ratio']:>20} "
-              f"{s['p99_over_p50_at_c32']!s:>12} {s['gflop_per_image']:>10}")
+        for name, c in s["by_client"].items():
+            print(f"{kind:<10} {name:<14} {c['served_vs_inprocess_ratio']!s:>22} {c['dynamic_batching_ratio']!s:>20} "
+                  f"{c['p99_over_p50_at_c32']!s:>12} {s['gflop_per_image']:>10}")
     print(f"matmul ceiling {results['ceiling']['matmul_gflops']} GFLOP/s; wall {results['wall_s']} s; "
           f"wrote {a.json}, {Path(a.json).with_suffix('.md')} and {png}")
     if failed:

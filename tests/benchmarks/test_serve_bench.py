@@ -3,8 +3,12 @@ measured against the real tritonserver with zero failed requests, and the JSON c
 headline ratios, the per-kind summary and the ceiling."""
 
 import json
+import platform
 
 from tests.conftest import run_cli
+
+# `make venv` installs Triton's perf_analyzer on Linux x86-64 (scripts/install_perf_analyzer.sh)
+PERF_ANALYZER_EXPECTED = platform.system() == "Linux" and platform.machine() == "x86_64"
 
 
 def test_bench_serve_measures_every_kind_without_errors(tmp_path):
@@ -23,5 +27,44 @@ def test_bench_serve_measures_every_kind_without_errors(tmp_path):
         # each round's served figures sit between in-process ones (before, between, after)
         brackets = s["rounds"]["inprocess_batch16_rounds"]
         assert len(brackets) == 1 and len(brackets[0]) == 3 and min(brackets[0]) > 0, kind
+        # every load generator measured the headline, inside the same brackets
+        for name in res["clients"]:
+            c = s["by_client"][name]
+            assert c["served_vs_inprocess_ratio"] > 0 and c["dynamic_batching_ratio"] > 0, (kind, name)
+            assert res["kinds"][kind]["headline"]["by_client"][name]["requests"] > 0, (kind, name)
     assert res["ceiling"]["matmul_gflops"] > 0
+    if PERF_ANALYZER_EXPECTED:
+        assert res["clients"] == ["python", "perf_analyzer"] and res["client"] == "perf_analyzer"
+        assert res["served_vs_inprocess_ratio"] == res["summary"]["generate"]["by_client"]["perf_analyzer"][
+            "served_vs_inprocess_ratio"]
     assert (tmp_path / "serve.png").stat().st_size > 0
+
+
+def test_perf_analyzer_measures_and_reports_a_failed_measurement(tmp_path):
+    """perf_analyzer against the real server: a good measurement has throughput and ordered
+    latency percentiles; one it cannot make (a batch over the model's max_batch_size of 64) is an
+    error with perf_analyzer's message, never a figure."""
+    import numpy as np
+    import pytest
+
+    from ganforge.benchmarks._workloads import Workload
+    from ganforge.benchmarks.serve import perf_analyzer_path, served_perf_analyzer
+    from ganforge.serving.server import LocalServer, ServerOptions, free_port
+
+    pa = perf_analyzer_path()
+    if pa is None:
+        assert not PERF_ANALYZER_EXPECTED, "make venv installs perf_analyzer on Linux x86-64"
+        pytest.skip("perf_analyzer is not built for this platform")
+    import shutil
+    shutil.copytree("model_repository/dcgan_shapes", tmp_path / "dcgan_shapes")
+    opts = ServerOptions(model_repository=tmp_path, grpc_port=free_port(), http_port=free_port(),
+                         metrics_port=free_port())
+    good = Workload(kind="generate", model="dcgan_shapes", inputs={}, max_batch=64)
+    with LocalServer(opts) as server:
+        ok = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", good, 4, 2, 0.3)
+        assert ok["errors"] == 0 and ok["images_per_s"] > 0 and ok["requests"] > 0, ok
+        assert 0 < ok["p50_ms"] <= ok["p99_ms"], ok
+        over = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", good, 65, 1, 0.3)  # over max_batch_size 64
+        assert over["errors"] == 1 and over["images_per_s"] == 0.0, over
+        assert "perf_analyzer exit" in over["error_messages"][0], over
+        assert np.isfinite(ok["p95_ms"])
