@@ -156,9 +156,10 @@ def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, ro
     on the shared CPU), the Python client's otherwise; both are under `by_client`."""
     peer = InProcess(w, onnx_path)
     b16 = min(16, w.max_batch)
-    clients = {"python": lambda b, c: served(url, w.model, w, b, c, seconds)}
+    # perf_analyzer sizes its windows from the Python client's figure at the same point
+    clients = {"python": lambda b, c, hint: served(url, w.model, w, b, c, seconds)}
     if pa:
-        clients["perf_analyzer"] = lambda b, c: served_perf_analyzer(pa, url, w.model, w, b, c, seconds)
+        clients["perf_analyzer"] = lambda b, c, hint: served_perf_analyzer(pa, url, w.model, w, b, c, seconds, hint)
     per = {name: {"served": [], "dyn": [], "p99": [], "requests": 0, "errors": 0, "error_messages": []}
            for name in clients}
     ip_rounds = []
@@ -171,9 +172,18 @@ def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, ro
 
     for _ in range(rounds):
         ip_a = peer.measure(b16, seconds)["images_per_s"]
-        s16 = {name: max(take(name, fn(b16, c))["images_per_s"] for c in (1, 2)) for name, fn in clients.items()}
+        s16 = {name: 0.0 for name in clients}
+        for c in (1, 2):
+            hint = None
+            for name, fn in clients.items():
+                m = take(name, fn(b16, c, hint))
+                hint = hint or m["images_per_s"]
+                s16[name] = max(s16[name], m["images_per_s"])
         ip_b = peer.measure(b16, seconds)["images_per_s"]
-        c32 = {name: take(name, fn(1, 32)) for name, fn in clients.items()}
+        c32, hint = {}, None
+        for name, fn in clients.items():
+            c32[name] = take(name, fn(1, 32, hint))
+            hint = hint or c32[name]["images_per_s"]
         ip_c = peer.measure(b16, seconds)["images_per_s"]
         for name in clients:
             per[name]["served"].append(round(s16[name] / ((ip_a + ip_b) / 2), 3))
@@ -264,13 +274,16 @@ def perf_analyzer_path() -> str | None:
 
 
 def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int, concurrency: int,
-                         seconds: float) -> dict:
+                         seconds: float, expected_images_per_s: float | None = None) -> dict:
     """`concurrency` requests of `batch` items kept in flight for about `seconds` by perf_analyzer
     (C++, one thread per request in flight), on the same request as the Python client's: the
     batch-1 inputs of `w.request` written as raw files, repeated over the batch. Three
-    measurement windows of a third of `seconds` each (at least 1 s: a window must hold whole
-    requests, and a batch of 16 denoiser tiles takes a fifth of one), reported together; its CSV gives the
-    throughput and latency percentiles. A failed request makes perf_analyzer exit non-zero: the
+    measurement windows, reported together; its CSV gives the throughput and latency
+    percentiles. A window must hold enough whole requests to count (a batch of 16 denoiser tiles
+    can take half a second on a loaded host): given `expected_images_per_s` (the Python client's
+    figure at the same point, just before), each window holds at least 8 requests and about a
+    third of `seconds` of them (perf_analyzer's count windows); without it, windows of a third
+    of `seconds`, at least 1 s. A failed request makes perf_analyzer exit non-zero: the
     measurement then counts one error and keeps the message."""
     with tempfile.TemporaryDirectory(prefix="ganforge-pa-") as tmp:
         data = Path(tmp) / "data"
@@ -278,11 +291,14 @@ def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int,
         for name, array in w.request(1, np.random.default_rng(batch * 1000 + concurrency)).items():
             (data / name).write_bytes(np.ascontiguousarray(array).tobytes())
         report = Path(tmp) / "report.csv"
-        window_ms = max(1000, int(seconds * 1000 / 3))
+        if expected_images_per_s:
+            per_window = max(8, int(expected_images_per_s / batch * seconds / 3))
+            windows = ["--measurement-mode", "count_windows", "--measurement-request-count", str(per_window)]
+        else:
+            windows = ["--measurement-interval", str(max(1000, int(seconds * 1000 / 3)))]
         cmd = [pa, "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(data),
-               "--measurement-interval", str(window_ms), "--max-trials", "3", "--stability-percentage", "1000",
-               "-f", str(report)]
+               *windows, "--max-trials", "3", "--stability-percentage", "1000", "-f", str(report)]
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 10 * seconds)
         except subprocess.TimeoutExpired:
@@ -358,7 +374,8 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
                     if pa and label == "embedded" and not quick:
                         print(f"[{kind}] {w.model}: served ({label}), perf_analyzer", flush=True)
                         row["embedded_perf_analyzer"] = {
-                            "batch1_by_concurrency": {c: served_perf_analyzer(pa, url, w.model, w, 1, c, seconds)
+                            "batch1_by_concurrency": {c: served_perf_analyzer(pa, url, w.model, w, 1, c, seconds,
+                                                                              conc[c]["images_per_s"])
                                                       for c in CONCURRENCY}}
                     if kind in nobatch and label == "embedded":
                         print(f"[{kind}] {w.model}: served, dynamic batching off", flush=True)
