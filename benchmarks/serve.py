@@ -299,17 +299,16 @@ def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int,
         cmd = [pa, "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
                "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(data),
                *windows, "--max-trials", "3", "--stability-percentage", "1000", "-f", str(report)]
+        failed = lambda message: {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
+                                  "error_messages": [message], **percentiles([])}
+        limit = 60 + 10 * seconds
         try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=60 + 10 * seconds)
+            r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:
-            return {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
-                    "error_messages": [f"perf_analyzer: no answer within {60 + 10 * seconds:.0f} s"],
-                    **percentiles([])}
+            return failed(f"perf_analyzer: no answer within {limit:.0f} s")
         if r.returncode != 0 or not report.is_file():
-            msg = (r.stdout + r.stderr).strip().splitlines()
-            return {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
-                    "error_messages": [f"perf_analyzer exit {r.returncode}: " + " | ".join(msg[-3:])[:300]],
-                    **percentiles([])}
+            tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
+            return failed(f"perf_analyzer exit {r.returncode}: {tail[:300]}")
         row = next(csv.DictReader(report.open()))
     count = re.search(r"Request count: (\d+)", r.stdout)
     ms = lambda key: round(float(row[key]) / 1000, 3)   # perf_analyzer reports microseconds

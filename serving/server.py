@@ -132,6 +132,14 @@ def port_free(port: int, host: str = "0.0.0.0") -> bool:
     return True
 
 
+def _listening(port: int, host: str = "127.0.0.1") -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=0.5):
+            return True
+    except OSError:
+        return False
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
@@ -286,7 +294,10 @@ class LocalServer:
                         f"tritonserver exited with code {self.proc.returncode} while starting:\n  "
                         + "\n  ".join(reasons[-8:]))
                 try:
-                    if client.is_server_ready() and all(client.is_model_ready(m) for m in models):
+                    # Triton opens gRPC before HTTP and metrics: ready means all three listen, so a
+                    # client (or a Kubernetes probe) may use any of them as soon as start() returns
+                    if (client.is_server_ready() and all(client.is_model_ready(m) for m in models)
+                            and all(_listening(port) for port in (o.http_port, o.metrics_port))):
                         return
                 except Exception:  # not listening yet
                     pass

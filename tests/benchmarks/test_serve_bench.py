@@ -4,7 +4,13 @@ headline ratios, the per-kind summary and the ceiling."""
 
 import json
 import platform
+import shutil
 
+import pytest
+
+from ganforge.benchmarks._workloads import Workload
+from ganforge.benchmarks.serve import perf_analyzer_path, served_perf_analyzer
+from ganforge.serving.server import LocalServer, ServerOptions, free_port
 from tests.conftest import run_cli
 
 # `make venv` installs Triton's perf_analyzer on Linux x86-64 (scripts/install_perf_analyzer.sh)
@@ -41,30 +47,25 @@ def test_bench_serve_measures_every_kind_without_errors(tmp_path):
 
 
 def test_perf_analyzer_measures_and_reports_a_failed_measurement(tmp_path):
-    """perf_analyzer against the real server: a good measurement has throughput and ordered
-    latency percentiles; one it cannot make (a batch over the model's max_batch_size of 64) is an
-    error with perf_analyzer's message, never a figure."""
-    import numpy as np
-    import pytest
-
-    from ganforge.benchmarks._workloads import Workload
-    from ganforge.benchmarks.serve import perf_analyzer_path, served_perf_analyzer
-    from ganforge.serving.server import LocalServer, ServerOptions, free_port
-
+    """perf_analyzer against the real server: a good measurement, with time windows and with
+    count windows sized from an expected rate, has throughput and ordered latency percentiles;
+    one it cannot make (a batch over the model's max_batch_size of 64) is an error with
+    perf_analyzer's message, never a figure."""
     pa = perf_analyzer_path()
     if pa is None:
         assert not PERF_ANALYZER_EXPECTED, "make venv installs perf_analyzer on Linux x86-64"
         pytest.skip("perf_analyzer is not built for this platform")
-    import shutil
     shutil.copytree("model_repository/dcgan_shapes", tmp_path / "dcgan_shapes")
     opts = ServerOptions(model_repository=tmp_path, grpc_port=free_port(), http_port=free_port(),
                          metrics_port=free_port())
-    good = Workload(kind="generate", model="dcgan_shapes", inputs={}, max_batch=64)
+    w = Workload(kind="generate", model="dcgan_shapes", inputs={}, max_batch=64)
     with LocalServer(opts) as server:
-        ok = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", good, 4, 2, 0.3)
-        assert ok["errors"] == 0 and ok["images_per_s"] > 0 and ok["requests"] > 0, ok
-        assert 0 < ok["p50_ms"] <= ok["p99_ms"], ok
-        over = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", good, 65, 1, 0.3)  # over max_batch_size 64
+        timed = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", w, 4, 2, 0.3)
+        counted = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", w, 4, 2, 0.3,
+                                       expected_images_per_s=timed["images_per_s"])
+        for m in (timed, counted):
+            assert m["errors"] == 0 and m["images_per_s"] > 0 and m["requests"] >= 3 * 8, m
+            assert 0 < m["p50_ms"] <= m["p95_ms"] <= m["p99_ms"], m
+        over = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", w, 65, 1, 0.3)
         assert over["errors"] == 1 and over["images_per_s"] == 0.0, over
-        assert "perf_analyzer exit" in over["error_messages"][0], over
-        assert np.isfinite(ok["p95_ms"])
+        assert over["error_messages"][0].startswith("perf_analyzer exit "), over
