@@ -249,12 +249,13 @@ def export_tensorrt(args) -> int:
     its generator and an ensemble NAME_trt that serves through it."""
     require_gpu("export --format tensorrt")  # first: one line and exit 1 on a CPU machine
     import_tensorrt()
-    from ganforge.export.triton import export_generator
+    from ganforge.export.triton import GENERATOR_INSTANCES, export_generator
 
     repository = Path(args.repository)
     summary = export_generator(args.run, repository, name=args.name,
                                max_batch_size=args.max_batch_size or 64, version=args.version,
-                               instances=args.instances, intra_op_threads=args.threads)
+                               instances=args.instances or GENERATOR_INSTANCES,
+                               intra_op_threads=args.threads)
     cache = Path.home() / ".cache" / "ganforge" / f"trt-timing-{compute_capability()}.cache"
     info = write_plan_model(repository, summary["generator"], fp16=args.fp16,
                             version=args.version, timing_cache=cache)

@@ -126,8 +126,18 @@ def source_info(payload: dict) -> dict:
     }
 
 
+# Model instances per device by default. A generator's image costs a quarter of a millisecond,
+# so a request's fixed cost in the server (the hand-off to the backend and back) is a large
+# share of a batch's time; with two instances one runs while the other hands off, each with
+# half the CPUs (docs/performance.md: batch-1 requests at concurrency 32 served at 0.92-0.99
+# of in-process batch 16 against 0.64-0.79 with one instance). The image models' batches run
+# hundreds of milliseconds, and each instance would hold its own activations: one.
+GENERATOR_INSTANCES = 2
+IMAGE_MODEL_INSTANCES = 1
+
+
 def export_run(run: str | Path, repository: str | Path, name: str | None = None,
-               max_batch_size: int | None = None, version: int = 1, instances: int = 1,
+               max_batch_size: int | None = None, version: int = 1, instances: int | None = None,
                intra_op_threads: int = 0, tile: int = 128, ort_trt: str | None = None,
                log=print) -> dict:
     """Export whatever a run holds, by its checkpoint's kind: a generator (seeded graph + sampler + generator) or
@@ -137,7 +147,7 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     kind = payload.get("kind")
     if kind in GENERATORS:
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
-                                version=version, instances=instances,
+                                version=version, instances=instances or GENERATOR_INSTANCES,
                                 intra_op_threads=intra_op_threads, ort_trt=ort_trt, log=log)
     if ort_trt:
         raise UsageError(f"--ort-trt: {kind!r} models have no TensorRT-provider export yet; "
@@ -161,13 +171,14 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
         net.load_state_dict(payload["state"]["net"])
         return export_image_model(payload, net.eval(), "denoise" if kind == "denoiser" else "inpaint",
                                   repository, name or default_name(payload), tile,
-                                  max_batch_size or 16, version, instances, intra_op_threads,
+                                  max_batch_size or 16, version, instances or IMAGE_MODEL_INSTANCES,
+                                  intra_op_threads,
                                   source_info(payload), log=log)
     raise UsageError(f"export: {payload['path']} holds a {kind!r} model, which has no export")
 
 
 def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
-                     max_batch_size: int = 64, version: int = 1, instances: int = 1,
+                     max_batch_size: int = 64, version: int = 1, instances: int = GENERATOR_INSTANCES,
                      intra_op_threads: int = 0, ort_trt: str | None = None, log=print) -> dict:
     """Export the generator of a training run into a Triton model repository.
 
@@ -177,8 +188,10 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         name: the model name clients use; default `<kind>_<data>`, e.g. `dcgan_shapes`.
         max_batch_size: the largest batch Triton forms, and the largest `count` per request.
         version: the model version directory to write (replaced if present).
-        instances: model instances per device in config.pbtxt.
-        intra_op_threads: ONNX Runtime threads per instance (0: its default).
+        instances: model instances per device in config.pbtxt (for the seeded graph and the
+            generator; the sampler keeps one).
+        intra_op_threads: ONNX Runtime threads per instance (0: the backend's default, an
+            equal share of the CPUs per instance).
         ort_trt: "fp32" or "fp16" to have Triton's onnxruntime backend run the generator
             through ONNX Runtime's TensorRT execution provider on GPUs (engine cache on);
             None for plain ONNX Runtime.

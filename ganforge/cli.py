@@ -483,8 +483,10 @@ def build_parser() -> Parser:
                    help="largest batch Triton forms (default 64 for generators, 16 for image models)")
     e.add_argument("--tile", type=int, default=128, help="image models: the tile side the model takes")
     e.add_argument("--version", type=int, default=1)
-    e.add_argument("--instances", type=int, default=1)
-    e.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads")
+    e.add_argument("--instances", type=int, default=None,
+                   help="model instances per device (default 2 for generators, 1 for image models)")
+    e.add_argument("--threads", type=int, default=0,
+                   help="ONNX Runtime intra-op threads per instance (default: the CPUs shared among the instances)")
     e.add_argument("--fp16", action="store_true", help="tensorrt: allow FP16 kernels")
     e.add_argument("--ort-trt", choices=["fp32", "fp16"], default=None,
                    help="onnx: run through ONNX Runtime's TensorRT execution provider on GPUs")

@@ -53,6 +53,13 @@ def test_export_writes_triton_configs_that_parse_with_tritons_schema(tiny_repo):
         assert [o.name for o in cfg.output] == [out] and cfg.HasField("dynamic_batching"), name
 
 
+def test_generators_get_two_instances_and_the_sampler_one(tiny_repo):
+    repository, _ = tiny_repo
+    counts = {name: [g.count for g in repo.read_config(repository / name / "config.pbtxt").instance_group]
+              for name in ("tiny", "tiny_generator", "tiny_sampler")}
+    assert counts == {"tiny": [2], "tiny_generator": [2], "tiny_sampler": [1]}
+
+
 def test_seeded_model_is_the_sampler_then_the_generator_in_one_graph(tiny_run, tiny_repo):
     """NAME (seed, index -> image) == the generator on the numpy sampler's latents, and its
     first graph alone (NAME_sampler) gives exactly those latents."""

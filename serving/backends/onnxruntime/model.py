@@ -8,7 +8,10 @@ inputs are checked one by one (a bad one gets its own INVALID_ARG answer), the g
 concatenated along the batch axis, run once, and the outputs split back in request order.
 
 Config parameters read (string values): `intra_op_thread_count`, `inter_op_thread_count`,
-`allow_spinning` ("0" or "1", ONNX Runtime's session.intra_op.allow_spinning).
+`allow_spinning` ("0" or "1", ONNX Runtime's session.intra_op.allow_spinning). Without
+`intra_op_thread_count`, one instance takes ONNX Runtime's default (a thread per core) and
+each of several instances an equal share of the CPUs this process may use
+(`available_cpus`), so instances run side by side instead of fighting over every core.
 """
 
 import json
@@ -25,6 +28,31 @@ NP_DTYPES = {"TYPE_FP32": np.float32, "TYPE_UINT8": np.uint8, "TYPE_INT64": np.i
              "TYPE_INT32": np.int32, "TYPE_FP16": np.float16}
 
 
+def available_cpus(cpu_max: str = "/sys/fs/cgroup/cpu.max") -> int:
+    """CPUs this process may run on: its affinity mask, capped by a cgroup v2 CPU quota (a
+    container's CPU limit, as Kubernetes sets it) where there is one."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        with open(cpu_max) as f:
+            quota, period = f.read().split()[:2]
+        if quota != "max":
+            n = min(n, int(quota) // int(period))
+    except (OSError, ValueError):
+        pass
+    return max(1, n)
+
+
+def intra_op_threads(params: dict, config: dict, cpus: int) -> int:
+    """ONNX Runtime's intra-op threads for one instance: the `intra_op_thread_count` parameter
+    where set; else 0 (ORT's default) for a lone instance, and `cpus` shared equally (at least
+    one each) among several."""
+    threads = int(params.get("intra_op_thread_count") or 0)
+    count = sum(int(g.get("count", 1)) for g in config.get("instance_group", []) if g.get("kind") != "KIND_GPU")
+    if threads or count <= 1:
+        return threads
+    return max(1, cpus // count)
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
@@ -37,7 +65,7 @@ class TritonPythonModel:
         params = {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
         opts = ort.SessionOptions()
-        opts.intra_op_num_threads = int(params.get("intra_op_thread_count") or 0)
+        opts.intra_op_num_threads = intra_op_threads(params, config, available_cpus())
         opts.inter_op_num_threads = int(params.get("inter_op_thread_count") or 0)
         # ORT's intra-op threads spin while waiting for work; beside Triton's own threads on a
         # small CPU that spinning steals the cores the gRPC frontend needs.
