@@ -254,7 +254,7 @@ def export_tensorrt(args) -> int:
     repository = Path(args.repository)
     summary = export_generator(args.run, repository, name=args.name,
                                max_batch_size=args.max_batch_size or 64, version=args.version,
-                               instances=args.instances or GENERATOR_INSTANCES,
+                               instances=GENERATOR_INSTANCES if args.instances is None else args.instances,
                                intra_op_threads=args.threads)
     cache = Path.home() / ".cache" / "ganforge" / f"trt-timing-{compute_capability()}.cache"
     info = write_plan_model(repository, summary["generator"], fp16=args.fp16,

@@ -143,11 +143,14 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     """Export whatever a run holds, by its checkpoint's kind: a generator (seeded graph + sampler + generator) or
     an image-to-image model (denoiser, inpainter)."""
     _quiet_exporter()
+    if instances is not None and instances < 1:
+        raise UsageError(f"--instances: {instances} is not allowed; must be >= 1")
     payload = load_checkpoint(run)
     kind = payload.get("kind")
     if kind in GENERATORS:
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
-                                version=version, instances=instances or GENERATOR_INSTANCES,
+                                version=version,
+                                instances=GENERATOR_INSTANCES if instances is None else instances,
                                 intra_op_threads=intra_op_threads, ort_trt=ort_trt, log=log)
     if ort_trt:
         raise UsageError(f"--ort-trt: {kind!r} models have no TensorRT-provider export yet; "
@@ -171,7 +174,8 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
         net.load_state_dict(payload["state"]["net"])
         return export_image_model(payload, net.eval(), "denoise" if kind == "denoiser" else "inpaint",
                                   repository, name or default_name(payload), tile,
-                                  max_batch_size or 16, version, instances or IMAGE_MODEL_INSTANCES,
+                                  max_batch_size or 16, version,
+                                  IMAGE_MODEL_INSTANCES if instances is None else instances,
                                   intra_op_threads,
                                   source_info(payload), log=log)
     raise UsageError(f"export: {payload['path']} holds a {kind!r} model, which has no export")
@@ -214,6 +218,8 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
         raise UsageError(f"--max-batch-size: {max_batch_size} is not allowed; must be in [1, 1024]")
     if version < 1:
         raise UsageError(f"--version: {version} is not allowed; must be >= 1")
+    if instances < 1:
+        raise UsageError(f"--instances: {instances} is not allowed; must be >= 1")
     G, cfg = build_generator(payload)
     module = UInt8Images(G).eval()
     repository = Path(repository)

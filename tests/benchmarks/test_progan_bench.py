@@ -15,9 +15,12 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     for arm in ("dcgan", "progan"):
-        assert len(res[arm]["seconds"]) == len(res[arm]["fd"]) >= 3, arm   # at 0 s, 1 s, 2 s
-        assert res[arm]["seconds"] == sorted(res[arm]["seconds"]) and res[arm]["steps"] > 0, arm
-        assert res[arm]["seconds"][-1] >= 2.0, arm
+        seconds = res[arm]["seconds"]
+        # at 0 s, then after each second of the arm's training (a step can outlast a second on a
+        # loaded host, which skips a mark), and at the end: at least the first and the last
+        assert len(seconds) == len(res[arm]["fd"]) >= 2 and seconds[0] == 0.0, arm
+        assert all(b - a >= 1.0 for a, b in zip(seconds[:-2], seconds[1:-1])), (arm, seconds)
+        assert seconds == sorted(seconds) and seconds[-1] >= 2.0 and res[arm]["steps"] > 0, arm
     assert res["dcgan_final_fd"] == res["dcgan"]["fd"][-1]
     assert "speedup_to_dcgan_final" in res and res["progan"]["final_stage_side"] == 8
     s = res["settings"]

@@ -109,6 +109,13 @@ def test_cli_export_refuses_a_file_that_is_not_a_checkpoint(tmp_path):
     assert r.stderr.strip().splitlines()[-1].startswith(f"Error: checkpoint: {bogus} is not a ganforge checkpoint")
 
 
+def test_cli_export_refuses_zero_instances(tiny_run, tmp_path):
+    r = run_cli("export", str(tiny_run), "--repository", str(tmp_path / "r"), "--instances", "0")
+    assert r.returncode == 2
+    assert "Error: --instances: 0 is not allowed; must be >= 1" in r.stderr
+    assert not (tmp_path / "r").exists()
+
+
 def test_cli_export_refuses_a_bad_model_name(tiny_run, tmp_path):
     r = run_cli("export", str(tiny_run), "--repository", str(tmp_path / "r"), "--name", "9 bad")
     assert r.returncode == 2
