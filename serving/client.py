@@ -11,6 +11,8 @@ Nothing here imports torch.
 from __future__ import annotations
 
 import os
+import queue
+import time
 
 import numpy as np
 
@@ -20,6 +22,26 @@ from ganforge.serving.sampler import SEED_MAX
 
 # Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+
+# A request that outlives its timeout is abandoned, not cancelled: the caller stops waiting on
+# its own clock and the call runs out on the server, its answer dropped. Cancelling would gain
+# nothing (Triton does not stop a request that is executing) and can crash the server: Triton
+# before 2.59 has races in its gRPC frontend between a cancellation and the answer (fixed in
+# 2.53, 2.57 and 2.59), and the nvidia-pytriton wheel's server is 2.51 (docs/performance.md,
+# "Timeouts"). The gRPC deadline stays, far behind the timeout, as a guard against a hung server.
+ABANDON_GRACE_S = 120.0
+# How long close() lets abandoned requests finish before the channel (and they) are closed.
+ABANDON_DRAIN_S = 10.0
+
+
+def grpc_deadline(timeout: float | None) -> float | None:
+    """The gRPC deadline behind a request timeout of `timeout` seconds (None: none)."""
+    return None if timeout is None else timeout + ABANDON_GRACE_S
+
+
+def timed_out(model: str | None, url: str, timeout: float) -> Timeout:
+    return Timeout(f"request to {model or 'the server'} at {url} timed out: no answer within "
+                   f"{timeout:g} s")
 
 
 def map_error(exc: Exception, model: str | None = None, url: str = "") -> GanforgeError:
@@ -63,7 +85,8 @@ class Client:
 
     Args:
         url: host:port of the server's gRPC endpoint.
-        timeout: seconds per request before Timeout is raised (None: wait forever).
+        timeout: seconds per request before Timeout is raised (None: wait forever); a request
+            that times out is abandoned, not cancelled (see ABANDON_GRACE_S).
         ssl: use TLS; `root_certificates`, `private_key`, `certificate_chain` are PEM file paths
             (the last two for mutual TLS).
         headers: extra gRPC metadata sent with every request.
@@ -87,6 +110,7 @@ class Client:
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{flag}: {path} is not a file")
         self._configs: dict[str, dict] = {}
+        self._abandoned: list[queue.SimpleQueue] = []  # timed-out requests still on the server
         self._client = grpcclient.InferenceServerClient(
             url, ssl=ssl, root_certificates=root_certificates, private_key=private_key,
             certificate_chain=certificate_chain,
@@ -122,8 +146,21 @@ class Client:
             t.set_data_from_numpy(array)
             reqs.append(t)
         outs = [self._grpc.InferRequestedOutput(o) for o in outputs]
-        result = self._call(self._client.infer, model, reqs, outputs=outs,
-                            client_timeout=self.timeout, headers=self.headers, model=model)
+        if self.timeout is None:  # nothing to give up on: the plain blocking call
+            result = self._call(self._client.infer, model, reqs, outputs=outs,
+                                headers=self.headers, model=model)
+            return {o: result.as_numpy(o) for o in outputs}
+        answer: queue.SimpleQueue = queue.SimpleQueue()
+        self._call(self._client.async_infer, model, reqs,
+                   lambda result, error: answer.put((result, error)), outputs=outs,
+                   client_timeout=grpc_deadline(self.timeout), headers=self.headers, model=model)
+        try:
+            result, error = answer.get(timeout=self.timeout)
+        except queue.Empty:  # abandoned (ABANDON_GRACE_S); close() lets it finish
+            self._abandoned = [q for q in self._abandoned if q.empty()] + [answer]
+            raise timed_out(model, self.url, self.timeout) from None
+        if error is not None:
+            raise map_error(error, model, self.url) from None
         return {o: result.as_numpy(o) for o in outputs}
 
     # -- API -----------------------------------------------------------------------------------
@@ -220,6 +257,15 @@ class Client:
                              max_batch)
 
     def close(self) -> None:
+        """Close the channel, after letting abandoned requests finish (at most ABANDON_DRAIN_S):
+        closing it cancels whatever is still in flight."""
+        end = time.monotonic() + ABANDON_DRAIN_S
+        for answer in self._abandoned:
+            try:
+                answer.get(timeout=max(end - time.monotonic(), 0.001))
+            except queue.Empty:
+                break  # the drain time is spent
+        self._abandoned = []
         self._client.close()
 
     def __enter__(self) -> "Client":

@@ -341,6 +341,7 @@ class TritonEngine:
     def __init__(self, url: str, model: str, timeout_s: float | None = 60.0):
         self.url, self.model, self.timeout_s = url, model, timeout_s
         self._client = None
+        self._abandoned: set[asyncio.Future] = set()  # timed-out requests still on the server
         self.tile = self.max_batch = 0
 
     async def open(self) -> None:
@@ -391,22 +392,33 @@ class TritonEngine:
     async def infer(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
         import tritonclient.grpc.aio as aio
 
+        from ganforge.serving.client import grpc_deadline, timed_out
+
         inputs = []
         for name, a in (("image", x), ("mask", m)):
             t = aio.InferInput(name, list(a.shape), "UINT8")
             t.set_data_from_numpy(a)
             inputs.append(t)
-        call = self._call(self._client.infer, self.model, inputs,
-                          outputs=[aio.InferRequestedOutput(self.output)],
-                          client_timeout=self.timeout_s)
+        call = asyncio.ensure_future(self._call(
+            self._client.infer, self.model, inputs,
+            outputs=[aio.InferRequestedOutput(self.output)],
+            client_timeout=grpc_deadline(self.timeout_s)))
+        if not self.timeout_s:
+            return (await call).as_numpy(self.output)
         try:
-            # gRPC's deadline alone lets a reply that beats its timer through; the job's own
-            # clock makes --timeout a bound on the whole call
-            result = await asyncio.wait_for(call, self.timeout_s) if self.timeout_s else await call
+            # timed out on the job's own clock and abandoned, not cancelled (client.py,
+            # ABANDON_GRACE_S): the shield keeps the call running on the server
+            result = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
         except asyncio.TimeoutError:
-            raise Timeout(f"request to {self.model} at {self.url} timed out: "
-                          f"no answer within {self.timeout_s:g} s") from None
+            self._abandoned.add(call)
+            call.add_done_callback(self._forget)
+            raise timed_out(self.model, self.url, self.timeout_s) from None
         return result.as_numpy(self.output)
+
+    def _forget(self, call: asyncio.Future) -> None:
+        self._abandoned.discard(call)
+        if not call.cancelled():
+            call.exception()  # an abandoned call's error is nobody's: retrieve it, drop it
 
     async def ready(self) -> bool:
         try:
@@ -416,6 +428,10 @@ class TritonEngine:
             return False
 
     async def close(self) -> None:
+        from ganforge.serving.client import ABANDON_DRAIN_S
+
+        if self._abandoned:  # closing the channel would cancel them: let them finish first
+            await asyncio.wait(list(self._abandoned), timeout=ABANDON_DRAIN_S)
         if self._client is not None:
             await self._client.close()
 

@@ -173,7 +173,7 @@ def test_prometheus_adapter_rule_serves_the_metric_the_hpa_reads():
 @pytest.fixture
 def good():
     return docs_of((DEPLOY / "base" / "deployment.yaml").read_text().replace(
-        "image: tritonserver", "image: nvcr.io/nvidia/tritonserver:25.01-py3").replace(
+        "image: tritonserver", "image: nvcr.io/nvidia/tritonserver:25.06-py3").replace(
         "image: model-sync", "image: amazon/aws-cli:2.22.35"))
 
 
