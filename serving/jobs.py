@@ -409,9 +409,11 @@ class TritonEngine:
             # timed out on the job's own clock and abandoned, not cancelled (client.py,
             # ABANDON_GRACE_S): the shield keeps the call running on the server
             result = await asyncio.wait_for(asyncio.shield(call), self.timeout_s)
-        except asyncio.TimeoutError:
+        except (asyncio.TimeoutError, asyncio.CancelledError) as exc:  # timed out, or the job stops
             self._abandoned.add(call)
             call.add_done_callback(self._forget)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
             raise timed_out(self.model, self.url, self.timeout_s) from None
         return result.as_numpy(self.output)
 
