@@ -136,10 +136,11 @@ def _train_inpainter(args) -> int:
 
     cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
                              tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
-                             lr=args.lr or 5e-4, seed=args.seed, threads=args.threads,
+                             lr=args.lr or 5e-4, seed=args.seed, threads=args.threads, pool=args.pool,
                              network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
                                                           fill=args.fill, diffuse=args.diffuse,
-                                                          bilaplace=args.bilaplace, thinplate=args.thinplate))
+                                                          bilaplace=args.bilaplace, thinplate=args.thinplate,
+                                                          head=args.head, blend_thinplate=args.blend_thinplate))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -434,7 +435,7 @@ def build_parser() -> Parser:
                    help="denoiser: crop side as a fraction of the photo's shorter side (a side at or under "
                    "--patch is a crop at the photo's own resolution)")
     t.add_argument("--crop-scale-max", type=float, default=0.5)
-    t.add_argument("--pool", type=int, default=4096, help="denoiser: training crops drawn once per run")
+    t.add_argument("--pool", type=int, default=4096, help="denoiser / inpainter: training crops drawn once per run")
     t.add_argument("--init", default=None, help="denoiser: start from this run's (or checkpoint's) weights")
     t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter: Adam learning rate "
                    "(default 1e-3 / 5e-4)")
@@ -451,6 +452,11 @@ def build_parser() -> Parser:
     t.add_argument("--bilaplace", type=_int_arg(0), default=0, help="inpainter --prefill cascade: biharmonic steps per level")
     t.add_argument("--thinplate", type=_int_arg(0), default=0,
                    help="inpainter --prefill: conjugate-gradient steps on the thin-plate energy after the fill")
+    t.add_argument("--head", choices=["residual", "blend"], default="residual",
+                   help="inpainter --prefill: learn a residual on the fill, or per-pixel weights over "
+                   "three classical fills (needs --fill cascade --thinplate N; docs/inpainting.md)")
+    t.add_argument("--blend-thinplate", type=_int_arg(0), default=350,
+                   help="inpainter --head blend: further thin-plate steps of the converged fill")
     t.add_argument("--prefill", action="store_true",
                    help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")

@@ -48,6 +48,11 @@ class ContextEncoderConfig:
     fill: str = "harmonic"
     bilaplace: int = 0
     thinplate: int = 0         # prefill: conjugate-gradient steps on the thin-plate energy after the fill
+    # what F learns on the prefill: "residual" (added to the fill) or "blend" (per-pixel convex
+    # weights over three classical fills: the thin plate, it run `blend_thinplate` CG steps
+    # further, the cascade before the thin plate)
+    head: str = "residual"
+    blend_thinplate: int = 350
 
 
 def _pull(x: torch.Tensor, known: torch.Tensor) -> tuple[list, torch.Tensor]:
@@ -167,6 +172,37 @@ def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, itera
 
 
 FILLS = ("harmonic", "cascade")
+HEADS = ("residual", "blend")
+BLEND_PRIOR = 5.0   # the blend's initial logit for the thin plate: an untrained blend is 99 % the thin plate
+
+
+class FillBlend(nn.Module):
+    """Per-pixel softmax weights over K candidate fills, from a full-resolution stack of dilated
+    3x3 convolutions (dilations 1, 2, 4, 1, 1: no downsampling, so a thin stroke is not averaged
+    into a coarse grid). It sees the first candidate, every other candidate's difference from it
+    and the mask; its output is a convex combination of the fills, so it cannot paint what none
+    of them holds: it learns where each classical fill is right."""
+
+    def __init__(self, k: int, width: int):
+        super().__init__()
+        act = lambda: nn.ELU(inplace=True)
+        self.net = nn.Sequential(nn.Conv2d(3 * k + 1, width, 3, padding=1), act(),
+                                 nn.Conv2d(width, width, 3, padding=2, dilation=2), act(),
+                                 nn.Conv2d(width, width, 3, padding=4, dilation=4), act(),
+                                 nn.Conv2d(width, width, 3, padding=1), act(),
+                                 nn.Conv2d(width, k, 3, padding=1))
+        nn.init.zeros_(self.net[-1].weight)
+        with torch.no_grad():
+            self.net[-1].bias.copy_(torch.tensor([BLEND_PRIOR] + [0.0] * (k - 1)))
+
+    def weights(self, fills: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(B, K, 3, H, W) fills, (B, 1, H, W) mask -> (B, K, H, W) weights summing to 1."""
+        base = fills[:, 0]
+        feats = torch.cat([base] + [fills[:, k] - base for k in range(1, fills.shape[1])] + [mask], dim=1)
+        return torch.softmax(self.net(feats), dim=1)
+
+    def forward(self, fills: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return (self.weights(fills, mask).unsqueeze(2) * fills).sum(1)
 
 
 class ContextEncoder(nn.Module):
@@ -177,8 +213,17 @@ class ContextEncoder(nn.Module):
         if cfg.fill not in FILLS or min(cfg.diffuse, cfg.bilaplace, cfg.thinplate) < 0:
             raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace}, "
                              f"thinplate {cfg.thinplate} not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
+        if cfg.head not in HEADS:
+            raise UsageError(f"inpainter: head {cfg.head!r} not allowed; one of {', '.join(HEADS)}")
         self.cfg = cfg
         c = cfg.width
+        if cfg.head == "blend":
+            if not (cfg.prefill and cfg.fill == "cascade" and cfg.thinplate > 0 and cfg.blend_thinplate >= 0):
+                raise UsageError(f"inpainter: head blend needs --prefill --fill cascade --thinplate N > 0 and "
+                                 f"--blend-thinplate >= 0 (got prefill {cfg.prefill}, fill {cfg.fill!r}, "
+                                 f"thinplate {cfg.thinplate}, blend_thinplate {cfg.blend_thinplate})")
+            self.blend = FillBlend(3, c)
+            return
         act = lambda: nn.ELU(inplace=True)
         self.encode = nn.Sequential(
             nn.Conv2d(4, c, 5, padding=2), act(),                           # c x T x T
@@ -209,12 +254,24 @@ class ContextEncoder(nn.Module):
             coarse = thin_plate_fill(masked_image, known, coarse, self.cfg.thinplate)
         return coarse
 
+    def fills(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The blend's three candidate fills, (B, 3, 3, H, W): the thin plate (the prefill), it
+        run `blend_thinplate` steps further, and the cascade it starts from. They have no learned
+        parameters, so training computes them once per crop-mask pair."""
+        known, cfg = 1 - mask, self.cfg
+        cascade = cascade_fill(masked_image, known, cfg.diffuse, cfg.bilaplace)
+        early = thin_plate_fill(masked_image, known, cascade, cfg.thinplate)
+        late = thin_plate_fill(masked_image, known, early, cfg.blend_thinplate) if cfg.blend_thinplate else early
+        return torch.stack([early, late, cascade], dim=1)
+
     def refine(self, coarse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The learned residual added to the prefill `coarse`."""
         residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
         return (coarse + residual).clamp(-1, 1)
 
     def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if self.cfg.head == "blend":
+            return self.blend(self.fills(masked_image, mask), mask)
         if not self.cfg.prefill:
             return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
         return self.refine(self.fill(masked_image, mask), mask)
@@ -254,6 +311,7 @@ class InpaintTrainConfig:
     threads: int = 0
     log_every: int = 25
     doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
+    pool: int = 4096           # training crops drawn once per run (with --head blend: crop-mask pairs)
     network: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
 
 
@@ -276,11 +334,40 @@ def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
     return monitor, doctor, watched
 
 
+def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progress: bool,
+                chunk: int = 64) -> torch.Tensor:
+    """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) float16."""
+    out = []
+    bar = Progress(len(crops), "classical fills", unit="crop", enabled=progress)
+    with torch.no_grad():
+        for i in range(0, len(crops), chunk):
+            x = torch.from_numpy(crops[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1
+            m = torch.from_numpy(masks[i:i + chunk]).float().div(255)[:, None]
+            out.append(G.fills(x * (1 - m), m).half())
+            bar.update(len(x))
+    bar.close()
+    return torch.cat(out)
+
+
+def _pair_batch(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor, rng: np.random.Generator,
+                n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A batch of (crop, mask, fills) pairs under one random flip and quarter turn: the fills
+    are built from symmetric stencils and pyramids, so they turn with the image."""
+    idx = rng.integers(0, len(crops), n)
+    x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(masks[idx]).float().div(255)[:, None]
+    f = fills[torch.from_numpy(idx)].float()
+    if rng.random() < 0.5:
+        x, m, f = x.flip(-1), m.flip(-1), f.flip(-1)
+    turns = int(rng.integers(4))
+    return x.rot90(turns, (-2, -1)), m.rot90(turns, (-2, -1)), f.rot90(turns, (-2, -1))
+
+
 def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True) -> dict:
     out = Path(out)
-    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.tile < 16 or cfg.tile % 4:
-        raise UsageError(f"inpainter: steps {cfg.steps}, batch size {cfg.batch_size}, tile {cfg.tile} "
-                         f"not allowed; need steps >= 1, batch >= 2, tile a multiple of 4 >= 16")
+    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.tile < 16 or cfg.tile % 4 or cfg.pool < 1:
+        raise UsageError(f"inpainter: steps {cfg.steps}, batch size {cfg.batch_size}, tile {cfg.tile}, pool "
+                         f"{cfg.pool} not allowed; need steps >= 1, batch >= 2, tile a multiple of 4 >= 16, pool >= 1")
     if not (cfg.lambda_rec >= 0 and cfg.lambda_adv >= 0 and cfg.lambda_rec + cfg.lambda_adv > 0):
         raise UsageError(f"--lambda-rec/--lambda-adv: {cfg.lambda_rec}/{cfg.lambda_adv} not allowed; "
                          f"both >= 0, not both 0")
@@ -288,9 +375,14 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    pool = datasets.random_crops(training_photos(cfg.data), 4096, cfg.tile, cfg.seed, scale=(0.1, 0.6))
-    mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
+    pool = datasets.random_crops(training_photos(cfg.data), cfg.pool, cfg.tile, cfg.seed, scale=(0.1, 0.6))
     G, D = ContextEncoder(cfg.network), Critic(cfg.network)
+    blend = cfg.network.head == "blend"
+    if blend:   # one mask per crop: the pairs' fills have no learned parameters, computed once here
+        mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(len(pool))])
+        fill_pool = _pair_fills(G, pool, mask_pool, progress)
+    else:
+        mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
     opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
     decay = lambda i: cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
@@ -301,9 +393,13 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     t0 = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as metrics:
         for step in range(1, cfg.steps + 1):
-            x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]
-            pred = G(x * (1 - m), m)
+            if blend:
+                x, m, fills = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size)
+                pred = G.blend(fills, m)
+            else:
+                x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
+                m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]
+                pred = G(x * (1 - m), m)
             fake = completed(x, pred, m)
             # D step: real photos -> 1, completions -> 0
             opt_D.zero_grad(set_to_none=True)

@@ -128,13 +128,16 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
     elif kind == "inpainter":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
-                 ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"])]
+                 ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"]),
+                 ("--pool", train.get("pool", 4096))]   # runs from before the flag drew 4,096
         if net.get("prefill"):
             flags.append(("--prefill", ""))
             flags += [("--fill", net.get("fill", "harmonic")), ("--diffuse", net.get("diffuse", 32)),
                       ("--bilaplace", net.get("bilaplace", 0))]
             if net.get("thinplate"):
                 flags.append(("--thinplate", net["thinplate"]))
+            if net.get("head", "residual") != "residual":
+                flags += [("--head", net["head"]), ("--blend-thinplate", net["blend_thinplate"])]
     elif kind == "progan":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),

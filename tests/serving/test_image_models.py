@@ -29,10 +29,16 @@ def image_repo(tmp_path_factory):
     train_inpainter(InpaintTrainConfig(steps=2, batch_size=4, tile=TILE, threads=2,
                                        network=ContextEncoderConfig(width=8, dilations=(2,), d_width=8)),
                     tmp / "ce", progress=False)
+    train_inpainter(InpaintTrainConfig(steps=2, batch_size=4, tile=TILE, threads=2, pool=4, lr=1e-2,
+                                       network=ContextEncoderConfig(width=8, prefill=True, fill="cascade",
+                                                                    diffuse=2, bilaplace=2, thinplate=3,
+                                                                    head="blend", blend_thinplate=3, d_width=8)),
+                    tmp / "blend", progress=False)
     repo = tmp / "model_repository"
     quiet = lambda m: None
     export_run(tmp / "dn", repo, name="dn", tile=TILE, max_batch_size=4, log=quiet)
     export_run(tmp / "ce", repo, name="ce", tile=TILE, max_batch_size=4, log=quiet)
+    export_run(tmp / "blend", repo, name="blend", tile=TILE, max_batch_size=4, log=quiet)
     return tmp, repo
 
 
@@ -53,16 +59,21 @@ def client(image_server):
 
 def _nets(tmp):
     from ganforge.training.autoencoders import Denoiser
-    from ganforge.training.inpainting import ContextEncoder
 
     p = load_checkpoint(tmp / "dn")
     dn = Denoiser(DenoiserConfig(**p["config"]))
     dn.load_state_dict(p["state"]["net"])
-    q = load_checkpoint(tmp / "ce")
+    return dn.eval(), _inpainter(tmp / "ce")
+
+
+def _inpainter(run):
+    from ganforge.training.inpainting import ContextEncoder
+
+    q = load_checkpoint(run)
     cfg = q["config"]
     ce = ContextEncoder(ContextEncoderConfig(**{**cfg, "dilations": tuple(cfg["dilations"])}))
     ce.load_state_dict(q["state"]["net"])
-    return dn.eval(), ce.eval()
+    return ce.eval()
 
 
 def test_torch_onnxruntime_and_triton_agree_on_both_models(image_repo, client):
@@ -79,7 +90,12 @@ def test_torch_onnxruntime_and_triton_agree_on_both_models(image_repo, client):
     o_ce = ort.InferenceSession(str(repo / "ce/1/model.onnx")).run(None, {"image": img, "mask": mask})[0]
     s_dn = client.infer("dn", {"image": img}, ["denoised"])["denoised"]
     s_ce = client.infer("ce", {"image": img, "mask": mask}, ["inpainted"])["inpainted"]
-    for a, b in ((t_dn, o_dn), (o_dn, s_dn), (t_ce, o_ce), (o_ce, s_ce)):
+    blend = _inpainter(tmp / "blend")       # the classical fills' blend, its fills in the graph
+    with torch.no_grad():
+        t_bl = UInt8Inpaint(blend)(torch.from_numpy(img), torch.from_numpy(mask)).numpy()
+    o_bl = ort.InferenceSession(str(repo / "blend/1/model.onnx")).run(None, {"image": img, "mask": mask})[0]
+    s_bl = client.infer("blend", {"image": img, "mask": mask}, ["inpainted"])["inpainted"]
+    for a, b in ((t_dn, o_dn), (o_dn, s_dn), (t_ce, o_ce), (o_ce, s_ce), (t_bl, o_bl), (o_bl, s_bl)):
         assert a.shape == b.shape and np.abs(a.astype(int) - b.astype(int)).max() <= 1
     # compositing is in the graph: outside the hole the bytes are the input's
     keep = mask[..., 0] == 0

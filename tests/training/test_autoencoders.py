@@ -215,3 +215,91 @@ def test_denoiser_fine_tune_starts_from_its_init_and_the_export_records_the_chai
                        tmp_path / "bad", progress=False)
     with pytest.raises(UsageError, match=r"--crop-scale-min/--crop-scale-max: 0.5/0.2 is not allowed"):
         train_denoiser(DenoiserTrainConfig(steps=1, crop_scale=(0.5, 0.2), network=net), tmp_path / "bad2", progress=False)
+
+
+def _blend_net(**kw):
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
+
+    return ContextEncoder(ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=4, bilaplace=6,
+                                               thinplate=5, head="blend", blend_thinplate=7, **kw)).eval()
+
+
+def _holed(n=2, size=32, seed=0):
+    x = torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    m = torch.zeros(n, 1, size, size)
+    m[:, :, 8:20, 12:24] = 1
+    m[:, :, 26:29, :] = 1          # a thin stroke across the tile
+    return x, m
+
+
+def test_blend_head_answers_a_convex_combination_of_its_three_classical_fills():
+    from ganforge.training.inpainting import BLEND_PRIOR, cascade_fill, thin_plate_fill
+
+    net = _blend_net()
+    x, m = _holed()
+    xm, known = x * (1 - m), 1 - m
+    with torch.no_grad():
+        fills = net.fills(xm, m)
+        cascade = cascade_fill(xm, known, 4, 6)
+        early = thin_plate_fill(xm, known, cascade, 5)
+        torch.testing.assert_close(fills, torch.stack([early, thin_plate_fill(xm, known, early, 7), cascade], 1))
+        w = net.blend.weights(fills, m)
+        out = net(xm, m)
+    # untrained: the prior's weights, the thin plate's the largest
+    prior = np.exp(BLEND_PRIOR) / (np.exp(BLEND_PRIOR) + 2)
+    torch.testing.assert_close(w[:, 0], torch.full_like(w[:, 0], float(prior)))
+    # every pixel lies between the fills' smallest and largest value; known pixels are the input's
+    with torch.no_grad():
+        net.blend.net[-1].weight.normal_(0, 0.5)   # weights that vary per pixel
+        w, out = net.blend.weights(fills, m), net(xm, m)
+    assert w.std() > 0.05
+    torch.testing.assert_close(w.sum(1), torch.ones_like(w[:, 0]))
+    assert (out >= fills.min(1).values - 1e-6).all() and (out <= fills.max(1).values + 1e-6).all()
+    torch.testing.assert_close(out * known, x * known)
+
+
+def test_blend_fills_turn_with_the_image_so_training_can_flip_and_rotate_them():
+    net = _blend_net()
+    x, m = _holed(seed=1)
+    with torch.no_grad():
+        fills = net.fills(x * (1 - m), m)
+        for turn in (lambda t: t.flip(-1), lambda t: t.rot90(1, (-2, -1)), lambda t: t.rot90(3, (-2, -1))):
+            turned = net.fills(turn(x * (1 - m)), turn(m))
+            assert (turned - turn(fills)).abs().max() < 1e-4
+
+
+def test_blend_head_needs_the_thin_plate_and_exports_to_onnx(tmp_path):
+    import onnxruntime as ort
+
+    from ganforge.errors import UsageError
+    from ganforge.export.onnx import export_onnx
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
+
+    with pytest.raises(UsageError, match=r"head blend needs --prefill --fill cascade --thinplate N > 0"):
+        ContextEncoder(ContextEncoderConfig(prefill=True, fill="cascade", head="blend"))
+    with pytest.raises(UsageError, match=r"head 'mixture' not allowed; one of residual, blend"):
+        ContextEncoder(ContextEncoderConfig(head="mixture"))
+    net = _blend_net()
+    with torch.no_grad():
+        net.blend.net[-1].weight.normal_(0, 0.5)
+    x, m = _holed(seed=2)
+    with torch.no_grad():
+        ref = net(x * (1 - m), m)
+    path = export_onnx(net, (x * (1 - m), m), ["masked", "mask"], ["out"], tmp_path / "blend.onnx", 4)
+    got = ort.InferenceSession(str(path)).run(None, {"masked": (x * (1 - m)).numpy(), "mask": m.numpy()})[0]
+    assert np.abs(got - ref.numpy()).max() < 1e-4
+
+
+def test_blend_training_computes_the_fills_once_per_pair_and_learns_the_weights(tmp_path):
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+
+    net = ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
+                               head="blend", blend_thinplate=3)
+    summary = train_inpainter(InpaintTrainConfig(steps=3, batch_size=4, tile=32, pool=6, threads=1, lr=1e-2,
+                                                 doctor_every=3, network=net), tmp_path / "b", progress=False)
+    payload = load_checkpoint(tmp_path / "b")
+    assert payload["config"]["head"] == "blend" and payload["train"]["pool"] == 6
+    last = payload["state"]["net"]["blend.net.8.weight"]
+    assert last.abs().max() > 0          # the zero-initialised layer moved: the weights were trained
+    assert np.isfinite(summary["l_rec"])

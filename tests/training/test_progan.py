@@ -231,3 +231,7 @@ def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps
     inpainter = InpaintTrainConfig(network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50))
     args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(inpainter), "runs/i"))[1:])
     assert (args.prefill, args.fill, args.thinplate) == (True, "cascade", 50)
+    blend = InpaintTrainConfig(pool=2048, network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50,
+                                                                    head="blend", blend_thinplate=120))
+    args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(blend), "runs/b"))[1:])
+    assert (args.head, args.blend_thinplate, args.pool, args.thinplate) == ("blend", 120, 2048, 50)
