@@ -32,13 +32,10 @@ def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_name
     module = module.eval()
     batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
     dynamic_shapes = tuple({0: batch} for _ in input_names)  # positional, matches `example`
-    # optimize=False: the exporter's own graph optimizer takes minutes on the inpainters' long
-    # unrolled fills (their thousands of small ops) and ONNX Runtime optimizes every graph at load
-    # anyway (constant folding, fusions), so the served graph is the same work
     with torch.no_grad():
         program = torch.onnx.export(module, example, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,
-                                    dynamo=True, verbose=False, optimize=False)
+                                    dynamo=True, verbose=False)
     program.save(str(path))
     return path
 
