@@ -290,15 +290,25 @@ def test_blend_head_needs_the_thin_plate_and_exports_to_onnx(tmp_path):
     assert np.abs(got - ref.numpy()).max() < 1e-4
 
 
-def test_blend_training_computes_the_fills_once_per_pair_and_learns_the_weights(tmp_path):
+def test_blend_training_computes_the_fills_once_per_pair_and_learns_the_weights(tmp_path, monkeypatch):
     from ganforge.training.gan import load_checkpoint
-    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, InpaintTrainConfig, train_inpainter
 
+    calls = []
+    fills = ContextEncoder.fills
+    monkeypatch.setattr(ContextEncoder, "fills", lambda self, x, m: calls.append(len(x)) or fills(self, x, m))
     net = ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
                                head="blend", blend_thinplate=3)
-    summary = train_inpainter(InpaintTrainConfig(steps=3, batch_size=4, tile=32, pool=6, threads=1, lr=1e-2,
-                                                 doctor_every=3, network=net), tmp_path / "b", progress=False)
-    payload = load_checkpoint(tmp_path / "b")
+    counted = {}
+    for steps in (2, 6):
+        calls.clear()
+        summary = train_inpainter(InpaintTrainConfig(steps=steps, batch_size=4, tile=32, pool=6, threads=1, lr=1e-2,
+                                                     doctor_every=100, network=net), tmp_path / f"b{steps}",
+                                  progress=False)
+        counted[steps] = list(calls)
+    # the pool's 6 pairs once, then only the doctor's and the samples' forwards: not one per step
+    assert counted[2] == counted[6] and counted[6][0] == 6
+    payload = load_checkpoint(tmp_path / "b6")
     assert payload["config"]["head"] == "blend" and payload["train"]["pool"] == 6
     last = payload["state"]["net"]["blend.net.8.weight"]
     assert last.abs().max() > 0          # the zero-initialised layer moved: the weights were trained
