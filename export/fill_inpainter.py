@@ -116,6 +116,7 @@ def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", 
     """
     import onnx
 
+    from ganforge.masks import MASK_VALUES
     from ganforge.serving import repository as repo
 
     repository = Path(repository)
@@ -127,7 +128,8 @@ def export_fill_inpainter(repository: str | Path, name: str = "fill_inpainter", 
     onnx.save(build_onnx(tile, radius, convs), onnx_path)
     out = repo.tensor("inpainted", "UINT8", [tile, tile, 3])
     repo.write_config(model_dir, repo.onnx_model_config(name, [img, msk], [out], max_batch_size,
-                                                        intra_op_threads=intra_op_threads))
+                                                        intra_op_threads=intra_op_threads,
+                                                        allowed_values={"mask": MASK_VALUES}))
     repo.write_manifest(model_dir, {"model": name, "kind": "fill_inpainter (untrained, test model)",
                                     "tile": tile, "radius": radius, "convs": convs})
     return onnx_path

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ganforge.errors import GanforgeError, UsageError
+from ganforge.masks import MASK_VALUES
 from ganforge.export.onnx import export_onnx, parity
 from ganforge.serving import repository as repo
 from ganforge.serving.repository import tensor
@@ -99,7 +100,8 @@ def export_image_model(payload: dict, net: nn.Module, kind: str, repository: str
         raise GanforgeError(f"export: ONNX output differs from torch by {check['max_abs_diff']} grey levels "
                             f"(allowed {MAX_PARITY_DIFF}); the model was written to {onnx_path}")
     repo.write_config(model_dir, repo.onnx_model_config(
-        name, inputs, [output], max_batch_size, instances=instances, intra_op_threads=intra_op_threads))
+        name, inputs, [output], max_batch_size, instances=instances, intra_op_threads=intra_op_threads,
+        allowed_values=None if kind == "denoise" else {"mask": MASK_VALUES}))
     repo.write_manifest(model_dir, {**source, "model": name, "version": version, "format": "onnx",
                                     "task": kind, "tile": tile, "parity": check})
     log(f"export: wrote {name} ({kind}: {', '.join(names)} -> {output_name}, tile {tile}) into {repository}")

@@ -11,6 +11,8 @@ import numpy as np
 from ganforge.errors import DataError
 
 HOLE = 255
+KNOWN = 0
+MASK_VALUES = (KNOWN, HOLE)  # the only values a served inpainter's mask input may hold
 
 
 def centre(h: int, w: int, area: float = 0.25) -> np.ndarray:

@@ -53,7 +53,8 @@ def _warmup(max_batch_size: int, inputs: list[dict]) -> list[mc.ModelWarmup]:
 
 def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_batch_size: int,
                       max_queue_delay_us: int = 100, instances: int = 1,
-                      intra_op_threads: int = 0) -> mc.ModelConfig:
+                      intra_op_threads: int = 0,
+                      allowed_values: dict[str, tuple[int, ...]] | None = None) -> mc.ModelConfig:
     """An ONNX model served by Triton's `onnxruntime` backend (or ganforge's stand-in for it).
 
     Batch is the first dimension (not listed in `dims`); the dynamic batcher merges requests up
@@ -61,6 +62,10 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     percent of the generator's batch-16 run (measured in docs/performance.md: 2 ms cost a lone
     client's batch-16 requests a quarter of their throughput). The instance kind is left to
     Triton (GPU where there is one).
+
+    `allowed_values` maps an integer input to the only values it may hold (the inpainter's
+    mask: 0 and 255); ganforge's backend refuses a request holding any other value
+    (`parameters` key `allowed_values`, written as `mask=0,255`, inputs separated by `;`).
     """
     cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
                          max_batch_size=max_batch_size, default_model_filename="model.onnx")
@@ -71,7 +76,14 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     cfg.model_warmup.extend(_warmup(max_batch_size, inputs))
     if intra_op_threads:
         cfg.parameters["intra_op_thread_count"].string_value = str(intra_op_threads)
+    if allowed_values:
+        cfg.parameters["allowed_values"].string_value = format_allowed_values(allowed_values)
     return cfg
+
+
+def format_allowed_values(allowed: dict[str, tuple[int, ...]]) -> str:
+    """`{"mask": (0, 255)}` as the config parameter's text, `mask=0,255`."""
+    return ";".join(f"{name}={','.join(str(int(v)) for v in values)}" for name, values in allowed.items())
 
 
 def tensorrt_model_config(name: str, inputs: list[dict], outputs: list[dict],

@@ -139,6 +139,75 @@ def test_calling_a_model_with_the_wrong_inputs_is_a_usage_error(client):
         client.denoise("ce", np.zeros((40, 40, 3), np.uint8))
 
 
+# -- malformed requests to the image models, sent with nothing but tritonclient -----------------
+
+def _tensor(name, array):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import np_to_triton_dtype
+
+    t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
+    t.set_data_from_numpy(array)
+    return t
+
+
+def _tile(rows=1, side=TILE):
+    return np.random.default_rng(rows).integers(0, 256, (rows, side, side, 3), dtype=np.uint8)
+
+
+def _hole(rows=1, side=TILE, value=255, dtype=np.uint8):
+    m = np.zeros((rows, side, side, 1), dtype)
+    m[:, side // 4: side // 2, side // 4: side // 2] = value
+    return m
+
+
+IMAGE_CASES = {
+    "mask of the wrong size": ("ce", lambda: {"image": _tile(), "mask": _hole(side=TILE // 2)},
+                               f"unexpected shape for input 'mask' for model 'ce'. Expected [-1,{TILE},{TILE},1], got [1,{TILE // 2},{TILE // 2},1]"),
+    "mask value 7": ("ce", lambda: {"image": _tile(), "mask": _hole(value=7)},
+                     f"ce: input 'mask': value 7 at [0, {TILE // 4}, {TILE // 4}, 0] is not allowed; send only 0, 255"),
+    "mask value 128": ("ce", lambda: {"image": _tile(), "mask": _hole(value=128)}, "value 128 at"),
+    "mask as float": ("ce", lambda: {"image": _tile(), "mask": _hole(dtype=np.float32)},
+                      "input 'mask' data-type is 'FP32', but model 'ce' expects 'UINT8'"),
+    "mask without its channel": ("ce", lambda: {"image": _tile(), "mask": _hole()[..., 0]},
+                                 f"Expected [-1,{TILE},{TILE},1], got [1,{TILE},{TILE}]"),
+    "mask missing": ("ce", lambda: {"image": _tile()}, "missing required input(s) ['mask']"),
+    "image and mask rows differ": ("ce", lambda: {"image": _tile(2), "mask": _hole(3)}, "batch size does not match other inputs"),
+    "inpainter tile of the wrong size": ("ce", lambda: {"image": _tile(side=TILE + 1), "mask": _hole()},
+                                         f"Expected [-1,{TILE},{TILE},3], got [1,{TILE + 1},{TILE + 1},3]"),
+    "inpainter batch over the limit": ("ce", lambda: {"image": _tile(5), "mask": _hole(5)}, "batch-size must be <= 4"),
+    "denoiser given a mask": ("dn", lambda: {"image": _tile(), "mask": _hole()}, "expected 1 inputs but got 2 inputs"),
+    "denoiser image as int32": ("dn", lambda: {"image": _tile().astype(np.int32)}, "input 'image' data-type is 'INT32', but model 'dn' expects 'UINT8'"),
+    "denoiser greyscale tile": ("dn", lambda: {"image": _tile()[..., :1]}, f"Expected [-1,{TILE},{TILE},3], got [1,{TILE},{TILE},1]"),
+}
+
+
+def test_exported_inpainters_take_only_binary_masks(image_repo):
+    from ganforge.serving.repository import read_config
+
+    _, repo = image_repo
+    for name in ("ce", "blend"):
+        assert read_config(repo / name / "config.pbtxt").parameters["allowed_values"].string_value == "mask=0,255"
+    assert "allowed_values" not in read_config(repo / "dn" / "config.pbtxt").parameters
+
+
+@pytest.mark.parametrize("case", list(IMAGE_CASES))
+def test_malformed_image_request_is_refused_and_the_server_keeps_serving(image_server, case):
+    import tritonclient.grpc as grpcclient
+    from tritonclient.utils import InferenceServerException
+
+    model, build, message = IMAGE_CASES[case]
+    raw = grpcclient.InferenceServerClient(image_server.grpc_url)
+    try:
+        with pytest.raises(InferenceServerException) as err:
+            raw.infer(model, [_tensor(k, v) for k, v in build().items()])
+        assert err.value.status() == "StatusCode.INVALID_ARGUMENT"
+        assert message in err.value.message()
+        good = raw.infer("ce", [_tensor("image", _tile(2)), _tensor("mask", _hole(2))]).as_numpy("inpainted")
+        assert good.shape == (2, TILE, TILE, 3)
+    finally:
+        raw.close()
+
+
 # -- CLI ---------------------------------------------------------------------------------------
 
 def _save(path, array, mode=None):

@@ -8,7 +8,9 @@ inputs are checked one by one (a bad one gets its own INVALID_ARG answer), the g
 concatenated along the batch axis, run once, and the outputs split back in request order.
 
 Config parameters read (string values): `intra_op_thread_count`, `inter_op_thread_count`,
-`allow_spinning` ("0" or "1", ONNX Runtime's session.intra_op.allow_spinning). Without
+`allow_spinning` ("0" or "1", ONNX Runtime's session.intra_op.allow_spinning),
+`allowed_values` (`mask=0,255`: the only values an integer input may hold; inputs separated
+by `;`). Without
 `intra_op_thread_count`, one instance takes ONNX Runtime's default (a thread per core) and
 each of several instances an equal share of the CPUs this process may use
 (`available_cpus`), so instances run side by side instead of fighting over every core.
@@ -53,6 +55,36 @@ def intra_op_threads(params: dict, config: dict, cpus: int) -> int:
     return max(1, cpus // count)
 
 
+def parse_allowed_values(text: str) -> dict[str, np.ndarray]:
+    """The `allowed_values` parameter, `mask=0,255;other=1,2`, as a 256-entry lookup table per
+    input (True where a value is allowed). Only byte-sized integer values are supported."""
+    tables = {}
+    for part in filter(None, (p.strip() for p in text.split(";"))):
+        name, sep, values = part.partition("=")
+        if not sep or not name.strip():
+            raise ValueError(f"parameter allowed_values: {part!r} is not NAME=V1,V2,...")
+        try:
+            allowed = [int(v) for v in values.split(",")]
+        except ValueError:
+            raise ValueError(f"parameter allowed_values: {part!r} holds a value that is not an integer") from None
+        if not all(0 <= v <= 255 for v in allowed):
+            raise ValueError(f"parameter allowed_values: {part!r} holds a value outside [0, 255]")
+        table = np.zeros(256, bool)
+        table[allowed] = True
+        tables[name.strip()] = table
+    return tables
+
+
+def check_values(name: str, a: np.ndarray, table: np.ndarray) -> None:
+    """Raise ValueError naming the first value of uint8 array `a` that `table` does not allow."""
+    ok = table[a]
+    if not ok.all():
+        where = tuple(int(i) for i in np.argwhere(~ok)[0])
+        allowed = ", ".join(str(v) for v in np.flatnonzero(table))
+        raise ValueError(f"input '{name}': value {int(a[where])} at {list(where)} is not allowed; "
+                         f"send only {allowed}")
+
+
 class TritonPythonModel:
     def initialize(self, args):
         import onnxruntime as ort
@@ -78,6 +110,11 @@ class TritonPythonModel:
         self.inputs = [(i["name"], NP_DTYPES[i["data_type"]], [int(d) for d in i["dims"]])
                        for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
+        self.allowed = parse_allowed_values(params.get("allowed_values", ""))
+        for name in self.allowed:
+            dtype = next((d for n, d, _ in self.inputs if n == name), None)
+            if dtype is None or dtype != np.uint8:
+                raise ValueError(f"parameter allowed_values: input '{name}' is not a UINT8 input of {self.name}")
 
     def _check(self, request):
         """The request's inputs as arrays, or raise ValueError naming the problem. Triton has
@@ -98,6 +135,8 @@ class TritonPythonModel:
                                  + (f"[batch, {expected}]" if self.max_batch_size > 0 else f"[{expected}]"))
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ValueError(f"input '{name}': contains NaN or infinite values; send finite numbers")
+            if name in self.allowed:
+                check_values(name, a, self.allowed[name])
             if self.max_batch_size <= 0:
                 batch = 0
             elif batch is None:

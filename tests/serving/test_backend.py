@@ -1,10 +1,12 @@
-"""The onnxruntime stand-in backend's thread split: several instances share the CPUs the
-process may use; a set `intra_op_thread_count` or a lone instance keep what they ask for."""
+"""The onnxruntime stand-in backend's pure parts: the thread split (several instances share the
+CPUs the process may use; a set `intra_op_thread_count` or a lone instance keep what they ask
+for) and the `allowed_values` parameter that limits the inpainter's mask to 0 and 255."""
 
 import importlib.util
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from tests.conftest import ROOT
@@ -56,3 +58,39 @@ def test_available_cpus_honours_a_cgroup_cpu_quota(backend, tmp_path, cpu_max, c
     f.write_text(cpu_max)
     mask = len(os.sched_getaffinity(0))
     assert backend.available_cpus(str(f)) == (mask if cap is None else min(mask, cap))
+
+
+def test_allowed_values_parameter_round_trips_from_the_config(backend):
+    from ganforge.serving.repository import format_allowed_values
+
+    text = format_allowed_values({"mask": (0, 255), "labels": (1, 2, 3)})
+    assert text == "mask=0,255;labels=1,2,3"
+    tables = backend.parse_allowed_values(text)
+    assert sorted(tables) == ["labels", "mask"]
+    assert list(np.flatnonzero(tables["mask"])) == [0, 255]
+    assert list(np.flatnonzero(tables["labels"])) == [1, 2, 3]
+    assert backend.parse_allowed_values("") == {}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("mask", "'mask' is not NAME=V1,V2,..."),
+    ("=0,255", "'=0,255' is not NAME=V1,V2,..."),
+    ("mask=0,x", "'mask=0,x' holds a value that is not an integer"),
+    ("mask=0,256", "'mask=0,256' holds a value outside [0, 255]"),
+])
+def test_a_bad_allowed_values_parameter_is_refused_with_its_text(backend, text, message):
+    with pytest.raises(ValueError) as err:
+        backend.parse_allowed_values(text)
+    assert str(err.value) == f"parameter allowed_values: {message}"
+
+
+def test_check_values_names_the_first_value_that_is_not_allowed(backend):
+    table = backend.parse_allowed_values("mask=0,255")["mask"]
+    m = np.zeros((2, 4, 4, 1), np.uint8)
+    m[0, 1:3, 1:3] = 255
+    backend.check_values("mask", m, table)  # 0 and 255 only: fine
+    m[1, 2, 3, 0] = 254
+    m[1, 3, 3, 0] = 1
+    with pytest.raises(ValueError) as err:
+        backend.check_values("mask", m, table)
+    assert str(err.value) == "input 'mask': value 254 at [1, 2, 3, 0] is not allowed; send only 0, 255"
