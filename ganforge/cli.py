@@ -140,7 +140,8 @@ def _train_inpainter(args) -> int:
                              network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
                                                           fill=args.fill, diffuse=args.diffuse,
                                                           bilaplace=args.bilaplace, thinplate=args.thinplate,
-                                                          head=args.head, blend_thinplate=args.blend_thinplate))
+                                                          head=args.head, blend_thinplate=args.blend_thinplate,
+                                                          blend_validate=args.blend_validate))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
@@ -457,6 +458,9 @@ def build_parser() -> Parser:
                    "three classical fills (needs --fill cascade --thinplate N; docs/inpainting.md)")
     t.add_argument("--blend-thinplate", type=_int_arg(0), default=350,
                    help="inpainter --head blend: further thin-plate steps of the converged fill")
+    t.add_argument("--blend-validate", type=_int_arg(0), default=0,
+                   help="inpainter --head blend: score each fill on a band of this many known pixels "
+                   "around the hole, filled as if it were hole, and weigh the fills by it (0: off)")
     t.add_argument("--prefill", action="store_true",
                    help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
     t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")

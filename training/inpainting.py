@@ -53,6 +53,32 @@ class ContextEncoderConfig:
     # further, the cascade before the thin plate)
     head: str = "residual"
     blend_thinplate: int = 350
+    # blend: width in pixels of the band of known pixels around the hole that is re-filled, as if
+    # it were hole too, to score each fill on pixels whose answer is known (0: no scoring)
+    blend_validate: int = 0
+
+
+def repeat(n: int, step, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """`state = step(*state)`, `n` times. Run eagerly it is a Python loop; under torch.export
+    (so in `ganforge export`) it is one `while_loop`, which the ONNX exporter writes as one ONNX
+    Loop: the graph holds a single step's ops whatever `n` is, instead of `n` copies of them
+    (the blend inpainter's 500-odd fill steps made a 58 MB graph that took ONNX Runtime half a
+    minute to load). `step` must return new tensors of the shapes and dtypes it was given."""
+    if n <= 0:
+        return state
+    if not torch.compiler.is_exporting():
+        for _ in range(n):
+            state = step(*state)
+        return state
+    from torch._higher_order_ops.while_loop import while_loop
+
+    def cond(i, *_):
+        return i < n
+
+    def body(i, *s):
+        return (i + 1, *step(*s))
+
+    return tuple(while_loop(cond, body, (torch.zeros((), dtype=torch.int64), *state))[1:])
 
 
 def _pull(x: torch.Tensor, known: torch.Tensor) -> tuple[list, torch.Tensor]:
@@ -84,10 +110,16 @@ def harmonic_fill(x: torch.Tensor, known: torch.Tensor, iterations: int) -> torc
     """Pull-push, then `iterations` Jacobi steps of Laplace's equation inside the holes (each hole
     pixel becomes the mean of its 3x3 neighbourhood; known pixels stay): the smooth membrane
     inpainting of classical image processing, in a few convolutions an ONNX graph can hold."""
-    fill = pull_push(x, known)
-    for _ in range(iterations):
-        fill = known * x + (1 - known) * F.avg_pool2d(F.pad(fill, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    return fill
+    return _jacobi(x, known, pull_push(x, known), iterations)
+
+
+def _jacobi(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, iterations: int) -> torch.Tensor:
+    """`iterations` Jacobi steps of Laplace's equation inside the holes of `u`: each hole pixel
+    becomes the mean of its 3x3 neighbourhood, edges replicated; known pixels stay `x`."""
+    def step(u):
+        return (known * x + (1 - known) * F.avg_pool2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), 3, 1),)
+
+    return repeat(iterations, step, (u,))[0]
 
 
 BILAPLACIAN = ((0, 0, 1, 0, 0), (0, 2, -8, 2, 0), (1, -8, 20, -8, 1), (0, 2, -8, 2, 0), (0, 0, 1, 0, 0))
@@ -97,14 +129,14 @@ BILAPLACE_STEP = 1 / 40   # gradient step on the biharmonic energy: stable below
 def _smooth(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, harmonic: int, bilaplace: int) -> torch.Tensor:
     """`harmonic` Jacobi steps of Laplace's equation, then `bilaplace` gradient steps of the
     biharmonic energy (13-point stencil), inside the holes of `u`; known pixels stay `x`."""
-    for _ in range(harmonic):
-        u = known * x + (1 - known) * F.avg_pool2d(F.pad(u, (1, 1, 1, 1), mode="replicate"), 3, 1)
-    if bilaplace:
-        k = torch.tensor(BILAPLACIAN, dtype=u.dtype, device=u.device).view(1, 1, 5, 5).repeat(u.shape[1], 1, 1, 1)
-        for _ in range(bilaplace):
-            step = F.conv2d(F.pad(u, (2, 2, 2, 2), mode="replicate"), k, groups=u.shape[1])
-            u = known * x + (1 - known) * (u - BILAPLACE_STEP * step)
-    return u
+    u = _jacobi(x, known, u, harmonic)
+    k = torch.tensor(BILAPLACIAN, dtype=u.dtype, device=u.device).view(1, 1, 5, 5).repeat(u.shape[1], 1, 1, 1)
+
+    def step(u):
+        grad = F.conv2d(F.pad(u, (2, 2, 2, 2), mode="replicate"), k, groups=u.shape[1])
+        return (known * x + (1 - known) * (u - BILAPLACE_STEP * grad),)
+
+    return repeat(bilaplace, step, (u,))[0]
 
 
 def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace: int) -> torch.Tensor:
@@ -159,21 +191,24 @@ def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, itera
     hole, k = 1 - known, _laplacian_kernel(u)              # the kernel built once, not per step
     u = known * x + hole * u
     r = -hole * _laplacian_adjoint(_laplacian(u, k), k)    # minus the energy's gradient, in the hole
-    p, rr = r, (r * r).sum((2, 3), keepdim=True)           # rr: (B, C, 1, 1)
-    for _ in range(iterations):
+    rr = (r * r).sum((2, 3), keepdim=True)                 # (B, C, 1, 1)
+
+    def step(u, r, p, rr):
         ap = hole * _laplacian_adjoint(_laplacian(p, k), k)
         alpha = rr / ((p * ap).sum((2, 3), keepdim=True) + 1e-20)
-        u = u + alpha * p
-        r = r - alpha * ap
-        rr_next = (r * r).sum((2, 3), keepdim=True)
-        p = r + rr_next / (rr + 1e-20) * p
-        rr = rr_next
-    return u
+        r_next = r - alpha * ap
+        rr_next = (r_next * r_next).sum((2, 3), keepdim=True)
+        return u + alpha * p, r_next, r_next + rr_next / (rr + 1e-20) * p, rr_next
+
+    return repeat(iterations, step, (u, r, r.clone(), rr))[0]
 
 
 FILLS = ("harmonic", "cascade")
 HEADS = ("residual", "blend")
 BLEND_PRIOR = 5.0   # the blend's initial logit for the thin plate: an untrained blend is 99 % the thin plate
+# with --blend-validate: each fill's logit starts at -VALIDATE_TEMPERATURE times its band error
+# over the mean of the fills' band errors (a tile's best-scoring fill gets the largest weight)
+VALIDATE_TEMPERATURE = 3.0
 
 
 class FillBlend(nn.Module):
@@ -181,28 +216,42 @@ class FillBlend(nn.Module):
     3x3 convolutions (dilations 1, 2, 4, 1, 1: no downsampling, so a thin stroke is not averaged
     into a coarse grid). It sees the first candidate, every other candidate's difference from it
     and the mask; its output is a convex combination of the fills, so it cannot paint what none
-    of them holds: it learns where each classical fill is right."""
+    of them holds: it learns where each classical fill is right.
 
-    def __init__(self, k: int, width: int):
+    With `scored`, each call also gets the fills' band errors (B, K) (`ContextEncoder.band_errors`:
+    how well each fill predicts known pixels next to the hole, in this very tile). Divided by
+    their mean they are K more input channels, and `-VALIDATE_TEMPERATURE` times them is added
+    to the logits, so an untrained blend weighs the fills by how they score on this tile (its last
+    conv starts at zero) instead of taking the thin plate."""
+
+    def __init__(self, k: int, width: int, scored: bool = False):
         super().__init__()
         act = lambda: nn.ELU(inplace=True)
-        self.net = nn.Sequential(nn.Conv2d(3 * k + 1, width, 3, padding=1), act(),
+        self.scored = scored
+        self.net = nn.Sequential(nn.Conv2d(3 * k + 1 + (k if scored else 0), width, 3, padding=1), act(),
                                  nn.Conv2d(width, width, 3, padding=2, dilation=2), act(),
                                  nn.Conv2d(width, width, 3, padding=4, dilation=4), act(),
                                  nn.Conv2d(width, width, 3, padding=1), act(),
                                  nn.Conv2d(width, k, 3, padding=1))
         nn.init.zeros_(self.net[-1].weight)
         with torch.no_grad():
-            self.net[-1].bias.copy_(torch.tensor([BLEND_PRIOR] + [0.0] * (k - 1)))
+            self.net[-1].bias.copy_(torch.zeros(k) if scored else torch.tensor([BLEND_PRIOR] + [0.0] * (k - 1)))
 
-    def weights(self, fills: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """(B, K, 3, H, W) fills, (B, 1, H, W) mask -> (B, K, H, W) weights summing to 1."""
+    def weights(self, fills: torch.Tensor, mask: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, K, 3, H, W) fills, (B, 1, H, W) mask [, (B, K) band errors] -> (B, K, H, W)
+        weights summing to 1."""
+        if self.scored != (errors is not None):
+            raise ValueError(f"FillBlend(scored={self.scored}) called {'without' if self.scored else 'with'} band errors")
         base = fills[:, 0]
-        feats = torch.cat([base] + [fills[:, k] - base for k in range(1, fills.shape[1])] + [mask], dim=1)
-        return torch.softmax(self.net(feats), dim=1)
+        feats = [base] + [fills[:, k] - base for k in range(1, fills.shape[1])] + [mask]
+        if errors is None:
+            return torch.softmax(self.net(torch.cat(feats, dim=1)), dim=1)
+        rel = (errors / errors.mean(1, keepdim=True).clamp_min(1e-12))[..., None, None]  # (B, K, 1, 1)
+        feats.append(rel.expand(-1, -1, *mask.shape[-2:]))
+        return torch.softmax(self.net(torch.cat(feats, dim=1)) - VALIDATE_TEMPERATURE * rel, dim=1)
 
-    def forward(self, fills: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return (self.weights(fills, mask).unsqueeze(2) * fills).sum(1)
+    def forward(self, fills: torch.Tensor, mask: torch.Tensor, errors: torch.Tensor | None = None) -> torch.Tensor:
+        return (self.weights(fills, mask, errors).unsqueeze(2) * fills).sum(1)
 
 
 class ContextEncoder(nn.Module):
@@ -218,12 +267,16 @@ class ContextEncoder(nn.Module):
         self.cfg = cfg
         c = cfg.width
         if cfg.head == "blend":
-            if not (cfg.prefill and cfg.fill == "cascade" and cfg.thinplate > 0 and cfg.blend_thinplate >= 0):
-                raise UsageError(f"inpainter: head blend needs --prefill --fill cascade --thinplate N > 0 and "
-                                 f"--blend-thinplate >= 0 (got prefill {cfg.prefill}, fill {cfg.fill!r}, "
-                                 f"thinplate {cfg.thinplate}, blend_thinplate {cfg.blend_thinplate})")
-            self.blend = FillBlend(3, c)
+            if not (cfg.prefill and cfg.fill == "cascade" and cfg.thinplate > 0 and cfg.blend_thinplate >= 0
+                    and cfg.blend_validate >= 0):
+                raise UsageError(f"inpainter: head blend needs --prefill --fill cascade --thinplate N > 0, "
+                                 f"--blend-thinplate >= 0 and --blend-validate >= 0 (got prefill {cfg.prefill}, "
+                                 f"fill {cfg.fill!r}, thinplate {cfg.thinplate}, blend_thinplate "
+                                 f"{cfg.blend_thinplate}, blend_validate {cfg.blend_validate})")
+            self.blend = FillBlend(3, c, scored=cfg.blend_validate > 0)
             return
+        if cfg.blend_validate:
+            raise UsageError(f"inpainter: --blend-validate {cfg.blend_validate} needs --head blend (got head {cfg.head!r})")
         act = lambda: nn.ELU(inplace=True)
         self.encode = nn.Sequential(
             nn.Conv2d(4, c, 5, padding=2), act(),                           # c x T x T
@@ -264,6 +317,21 @@ class ContextEncoder(nn.Module):
         late = thin_plate_fill(masked_image, known, early, cfg.blend_thinplate) if cfg.blend_thinplate else early
         return torch.stack([early, late, cascade], dim=1)
 
+    def band_errors(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+        """Each candidate fill's mean squared error, (B, K), on the band of known pixels within
+        `blend_validate` pixels of the hole, when that band is filled too: how well each fill
+        predicts this tile's own known pixels next to the hole. None without `blend_validate`.
+        A tile without a band (no hole, or a hole that dilates over everything) scores every
+        fill 0, and the blend weighs them by its network alone."""
+        r = self.cfg.blend_validate
+        if not r:
+            return None
+        grown = F.max_pool2d(mask, 2 * r + 1, 1, r)
+        band = grown - mask                                                  # (B, 1, H, W)
+        fills = self.fills(masked_image * (1 - grown), grown)                # (B, K, 3, H, W)
+        sq = (fills - masked_image.unsqueeze(1)) ** 2 * band.unsqueeze(1)
+        return sq.sum((2, 3, 4)) / (3 * band.sum((1, 2, 3))).clamp_min(1).unsqueeze(1)
+
     def refine(self, coarse: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The learned residual added to the prefill `coarse`."""
         residual = self.decode(self.context(self.encode(torch.cat([coarse, mask], dim=1))))
@@ -271,7 +339,7 @@ class ContextEncoder(nn.Module):
 
     def forward(self, masked_image: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if self.cfg.head == "blend":
-            return self.blend(self.fills(masked_image, mask), mask)
+            return self.blend(self.fills(masked_image, mask), mask, self.band_errors(masked_image, mask))
         if not self.cfg.prefill:
             return self.decode(self.context(self.encode(torch.cat([masked_image, mask], dim=1))))
         return self.refine(self.fill(masked_image, mask), mask)
@@ -335,32 +403,38 @@ def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
 
 
 def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progress: bool,
-                chunk: int = 64) -> torch.Tensor:
-    """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) float16."""
-    out = []
+                chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) float16, and their
+    band errors (N, 3) (None without `blend_validate`)."""
+    out, errs = [], []
     bar = Progress(len(crops), "classical fills", unit="crop", enabled=progress)
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
             x = torch.from_numpy(crops[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1
             m = torch.from_numpy(masks[i:i + chunk]).float().div(255)[:, None]
             out.append(G.fills(x * (1 - m), m).half())
+            e = G.band_errors(x * (1 - m), m)
+            if e is not None:
+                errs.append(e)
             bar.update(len(x))
     bar.close()
-    return torch.cat(out)
+    return torch.cat(out), (torch.cat(errs) if errs else None)
 
 
 def _pair_batch(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor, rng: np.random.Generator,
-                n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A batch of (crop, mask, fills) pairs under one random flip and quarter turn: the fills
-    are built from symmetric stencils and pyramids, so they turn with the image."""
+                n: int, errors: torch.Tensor | None = None):
+    """A batch of (crop, mask, fills, band errors or None) pairs under one random flip and
+    quarter turn: the fills are built from symmetric stencils and pyramids, so they turn with
+    the image, and the band errors, sums over the tile, do not change."""
     idx = rng.integers(0, len(crops), n)
     x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
     m = torch.from_numpy(masks[idx]).float().div(255)[:, None]
     f = fills[torch.from_numpy(idx)].float()
+    e = None if errors is None else errors[torch.from_numpy(idx)]
     if rng.random() < 0.5:
         x, m, f = x.flip(-1), m.flip(-1), f.flip(-1)
     turns = int(rng.integers(4))
-    return x.rot90(turns, (-2, -1)), m.rot90(turns, (-2, -1)), f.rot90(turns, (-2, -1))
+    return x.rot90(turns, (-2, -1)), m.rot90(turns, (-2, -1)), f.rot90(turns, (-2, -1)), e
 
 
 def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True) -> dict:
@@ -380,7 +454,7 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     blend = cfg.network.head == "blend"
     if blend:   # one mask per crop: the pairs' fills have no learned parameters, computed once here
         mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(len(pool))])
-        fill_pool = _pair_fills(G, pool, mask_pool, progress)
+        fill_pool, error_pool = _pair_fills(G, pool, mask_pool, progress)
     else:
         mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
@@ -394,8 +468,8 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     with open(out / "metrics.jsonl", "w") as metrics:
         for step in range(1, cfg.steps + 1):
             if blend:
-                x, m, fills = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size)
-                pred = G.blend(fills, m)
+                x, m, fills, errors = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size, error_pool)
+                pred = G.blend(fills, m, errors)
             else:
                 x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
                 m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]

@@ -138,6 +138,8 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                 flags.append(("--thinplate", net["thinplate"]))
             if net.get("head", "residual") != "residual":
                 flags += [("--head", net["head"]), ("--blend-thinplate", net["blend_thinplate"])]
+                if net.get("blend_validate"):
+                    flags.append(("--blend-validate", net["blend_validate"]))
     elif kind == "progan":
         flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
                  ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),

@@ -220,8 +220,9 @@ def test_denoiser_fine_tune_starts_from_its_init_and_the_export_records_the_chai
 def _blend_net(**kw):
     from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
 
-    return ContextEncoder(ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=4, bilaplace=6,
-                                               thinplate=5, head="blend", blend_thinplate=7, **kw)).eval()
+    cfg = dict(width=8, prefill=True, fill="cascade", diffuse=4, bilaplace=6, thinplate=5, head="blend",
+               blend_thinplate=7)
+    return ContextEncoder(ContextEncoderConfig(**{**cfg, **kw})).eval()
 
 
 def _holed(n=2, size=32, seed=0):
@@ -312,4 +313,105 @@ def test_blend_training_computes_the_fills_once_per_pair_and_learns_the_weights(
     assert payload["config"]["head"] == "blend" and payload["train"]["pool"] == 6
     last = payload["state"]["net"]["blend.net.8.weight"]
     assert last.abs().max() > 0          # the zero-initialised layer moved: the weights were trained
+    assert np.isfinite(summary["l_rec"])
+
+
+def test_fill_iterations_export_as_onnx_loops_not_unrolled_copies(tmp_path):
+    import onnx
+    import onnxruntime as ort
+
+    from ganforge.export.onnx import export_onnx
+
+    x, m = _holed(seed=3)
+    sizes = {}
+    for name, net in (("few", _blend_net()), ("many", _blend_net(blend_thinplate=300, blend_validate=2))):
+        with torch.no_grad():
+            net.blend.net[-1].weight.normal_(0, 0.5)
+            ref = net(x * (1 - m), m)
+        path = export_onnx(net, (x * (1 - m), m), ["masked", "mask"], ["out"], tmp_path / f"{name}.onnx", 4)
+        graph = onnx.load(str(path)).graph
+        assert any(n.op_type == "Loop" for n in graph.node), name
+        got = ort.InferenceSession(str(path)).run(None, {"masked": (x * (1 - m)).numpy(), "mask": m.numpy()})[0]
+        assert np.abs(got - ref.numpy()).max() < 1e-4, name
+        sizes[name] = sum(p.stat().st_size for p in tmp_path.glob(f"{name}.onnx*"))
+    # 300 further thin-plate steps (and the band's second set of fills) cost a few ops, not 300 copies
+    assert sizes["many"] < 3 * sizes["few"], sizes
+
+
+def test_repeat_runs_the_step_n_times_eagerly():
+    from ganforge.training.inpainting import repeat
+
+    state = repeat(5, lambda a, b: (a + 1, b * 2), (torch.zeros(()), torch.ones(2)))
+    assert float(state[0]) == 5 and state[1].tolist() == [32.0, 32.0]
+    x = torch.ones(3)
+    assert repeat(0, lambda a: (a + 1,), (x,))[0] is x
+
+
+def test_scored_blend_starts_from_the_fills_band_errors_on_this_tile():
+    from ganforge.training.inpainting import VALIDATE_TEMPERATURE
+
+    net = _blend_net(blend_validate=2)
+    x, m = _holed(seed=4)
+    xm = x * (1 - m)
+    with torch.no_grad():
+        fills, errors = net.fills(xm, m), net.band_errors(xm, m)
+        w = net.blend.weights(fills, m, errors)
+        # the band: known pixels within 2 px of the hole, filled as if hole, scored against x
+        grown = torch.nn.functional.max_pool2d(m, 5, 1, 2)
+        band = (grown - m).bool()[:, 0]
+        refill = net.fills(x * (1 - grown), grown)
+        for b in range(len(x)):
+            for k in range(3):
+                expect = ((refill[b, k] - x[b]) ** 2)[:, band[b]].mean()
+                torch.testing.assert_close(errors[b, k], expect)
+    assert errors.shape == (2, 3) and (errors > 0).all()
+    # untrained: the weights are the softmax of -T times each error over the tile's mean error
+    rel = errors / errors.mean(1, keepdim=True)
+    prior = torch.softmax(-VALIDATE_TEMPERATURE * rel, 1)
+    torch.testing.assert_close(w, prior[..., None, None].expand_as(w))
+    assert int(prior[0].argmax()) == int(errors[0].argmin())
+    # the band errors are sums over the tile: a flip or a quarter turn leaves them as they are
+    for turn in (lambda t: t.flip(-1), lambda t: t.rot90(1, (-2, -1))):
+        with torch.no_grad():
+            torch.testing.assert_close(net.band_errors(turn(xm), turn(m)), errors, rtol=1e-3, atol=1e-6)
+    # a tile without a hole has no band: every fill scores 0 and the weights are uniform
+    with torch.no_grad():
+        none = torch.zeros_like(m)
+        e0 = net.band_errors(x, none)
+        assert (e0 == 0).all()
+        torch.testing.assert_close(net.blend.weights(net.fills(x, none), none, e0), torch.full((2, 3, 32, 32), 1 / 3))
+
+
+def test_scored_blend_usage_errors():
+    from ganforge.errors import UsageError
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
+
+    assert _blend_net().band_errors(*_holed()) is None
+    with pytest.raises(UsageError, match=r"--blend-validate 2 needs --head blend \(got head 'residual'\)"):
+        ContextEncoder(ContextEncoderConfig(prefill=True, blend_validate=2))
+    with pytest.raises(UsageError, match=r"--blend-validate >= 0 .*blend_validate -1"):
+        _blend_net(blend_validate=-1)
+    net = _blend_net(blend_validate=2)
+    x, m = _holed()
+    with pytest.raises(ValueError, match=r"FillBlend\(scored=True\) called without band errors"):
+        net.blend(net.fills(x, m), m)
+
+
+def test_scored_blend_training_computes_the_band_errors_once_per_pair(tmp_path, monkeypatch):
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+    from ganforge.training.loop import train_command
+
+    calls = []
+    errors = ContextEncoder.band_errors
+    monkeypatch.setattr(ContextEncoder, "band_errors", lambda self, x, m: calls.append(len(x)) or errors(self, x, m))
+    net = ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
+                               head="blend", blend_thinplate=3, blend_validate=2)
+    summary = train_inpainter(InpaintTrainConfig(steps=4, batch_size=4, tile=32, pool=6, threads=1, lr=1e-2,
+                                                 doctor_every=100, network=net), tmp_path / "s", progress=False)
+    assert calls[0] == 6 and len(calls) < 4    # the pool once, then the samples: not per step
+    payload = load_checkpoint(tmp_path / "s")
+    assert payload["config"]["blend_validate"] == 2
+    assert payload["state"]["net"]["blend.net.0.weight"].shape[1] == 3 * 3 + 1 + 3
+    assert "--blend-validate 2" in train_command("inpainter", payload["train"], tmp_path / "s")
     assert np.isfinite(summary["l_rec"])
