@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
 # seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN,
-# 130 for the denoiser, 12 for the inpainter.
+# 130 for the denoiser, 30 for the inpainter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -23,7 +23,10 @@ $GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma
     --init runs/denoiser_photos_ft --seed 2 --out runs/denoiser_photos_ft2
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 
-$GF train inpainter --data photos --steps 2000 --batch-size 16 --tile 64 --lambda-rec 0.999 \
-    --lambda-adv 0.001 --lr 0.0005 --width 32 --prefill --fill cascade --diffuse 20 --bilaplace 100 \
-    --seed 0 --out runs/inpainter_cascade
-$GF export runs/inpainter_cascade --repository model_repository --name inpainter_photos --tile 64
+# the inpainter: a learned blend of three classical fills, scored on a band of known pixels
+# around each hole (docs/inpainting.md)
+$GF train inpainter --data photos --steps 3000 --batch-size 32 --tile 64 --lambda-rec 0.999 \
+    --lambda-adv 0.001 --lr 0.001 --width 16 --pool 4096 --prefill --fill cascade --diffuse 20 \
+    --bilaplace 100 --thinplate 50 --head blend --blend-thinplate 350 --blend-validate 2 --seed 0 \
+    --out runs/inpainter_scored
+$GF export runs/inpainter_scored --repository model_repository --name inpainter_photos --tile 64
