@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ganforge.errors import GanforgeError, UsageError
+from ganforge import masks as maskgen
 from ganforge.masks import MASK_VALUES
 from ganforge.export.onnx import export_onnx, parity
 from ganforge.serving import repository as repo
@@ -87,8 +88,10 @@ def export_image_model(payload: dict, net: nn.Module, kind: str, repository: str
     else:
         module = UInt8Inpaint(net.eval()).eval()
         inputs, names = [image, tensor("mask", "UINT8", [tile, tile, 1])], ["image", "mask"]
+        # two centre holes and two free-form strokes: iterative fills must agree on both
         mask = np.zeros((4, tile, tile, 1), np.uint8)
-        mask[:, tile // 4: 3 * tile // 4, tile // 4: 3 * tile // 4] = 255
+        mask[:2, tile // 4: 3 * tile // 4, tile // 4: 3 * tile // 4] = 255
+        mask[2:, ..., 0] = np.stack([maskgen.strokes(tile, tile, seed) for seed in (1, 2)])
         feeds = {"image": rng.integers(0, 256, (4, tile, tile, 3), dtype=np.uint8), "mask": mask}
     log(f"export: {payload['path']} ({payload['kind']}, step {payload.get('step')}) -> {model_dir}")
     example = tuple(torch.from_numpy(v[:2]) for v in feeds.values())

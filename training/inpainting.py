@@ -158,6 +158,7 @@ def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace:
 
 
 LAPLACIAN = ((0, 1, 0), (1, -4, 1), (0, 1, 0))
+CG_TOLERANCE = 1e-14   # thin_plate_fill: a system's squared residual, relative to its start, where it stops
 
 
 def _laplacian_kernel(u: torch.Tensor) -> torch.Tensor:
@@ -192,13 +193,20 @@ def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, itera
     u = known * x + hole * u
     r = -hole * _laplacian_adjoint(_laplacian(u, k), k)    # minus the energy's gradient, in the hole
     rr = (r * r).sum((2, 3), keepdim=True)                 # (B, C, 1, 1)
+    # A system stops where it has converged as far as float32 goes (squared residual 1e-14 of
+    # its start): past that, rounding makes the step sizes noise and the iterates blow up
+    # (ONNX Runtime's sums reach NaN within a few hundred steps where torch's happen not to).
+    done = rr * CG_TOLERANCE
 
     def step(u, r, p, rr):
         ap = hole * _laplacian_adjoint(_laplacian(p, k), k)
-        alpha = rr / ((p * ap).sum((2, 3), keepdim=True) + 1e-20)
+        pap = (p * ap).sum((2, 3), keepdim=True)
+        live = (rr > done) & (pap > 0)
+        alpha = torch.where(live, rr / torch.where(live, pap, torch.ones_like(pap)), torch.zeros_like(pap))
         r_next = r - alpha * ap
         rr_next = (r_next * r_next).sum((2, 3), keepdim=True)
-        return u + alpha * p, r_next, r_next + rr_next / (rr + 1e-20) * p, rr_next
+        beta = torch.where(live, rr_next / torch.where(live, rr, torch.ones_like(rr)), torch.zeros_like(rr))
+        return u + alpha * p, r_next, r_next + beta * p, rr_next
 
     return repeat(iterations, step, (u, r, r.clone(), rr))[0]
 

@@ -415,3 +415,38 @@ def test_scored_blend_training_computes_the_band_errors_once_per_pair(tmp_path, 
     assert payload["state"]["net"]["blend.net.0.weight"].shape[1] == 3 * 3 + 1 + 3
     assert "--blend-validate 2" in train_command("inpainter", payload["train"], tmp_path / "s")
     assert np.isfinite(summary["l_rec"])
+
+
+def test_a_long_thin_plate_solve_stays_finite_in_onnx_runtime(tmp_path):
+    """Past convergence, float32 rounding made the conjugate gradient's step sizes noise: on this
+    tile (a window of chelsea around a stroke, as the client sends it) ONNX Runtime's iterates
+    reached NaN after 200 steps. Converged systems now stop."""
+    import onnxruntime as ort
+    from skimage import data
+
+    from ganforge.export.onnx import export_onnx
+    from ganforge.serving import inpaint as si
+    from ganforge.training.inpainting import cascade_fill, thin_plate_fill
+
+    photo = data.chelsea()
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[240:250, 30:90] = 255
+    win = si.plan_windows(mask, 64)[0]
+    crop = photo[win.y:win.y + win.size, win.x:win.x + win.size]
+    tile = si._resize(crop, 64)
+    small = si._resize(si._max_pool_to(mask[win.y:win.y + win.size, win.x:win.x + win.size], 64), 64, nearest=True)
+    x = torch.from_numpy(tile[None].copy()).permute(0, 3, 1, 2).float() / 127.5 - 1
+    m = torch.from_numpy(small[None, None] > 0).float()
+    xm = x * (1 - m)
+    start = thin_plate_fill(xm, 1 - m, cascade_fill(xm, 1 - m, 20, 100), 50)
+
+    class Solve(torch.nn.Module):
+        def forward(self, xm, m, u):
+            return thin_plate_fill(xm, 1 - m, u, 350)
+
+    path = export_onnx(Solve(), (xm, m, start), ["xm", "m", "u"], ["out"], tmp_path / "tp.onnx", 4)
+    got = ort.InferenceSession(str(path)).run(None, {"xm": xm.numpy(), "m": m.numpy(), "u": start.numpy()})[0]
+    with torch.no_grad():
+        ref = Solve()(xm, m, start).numpy()
+    assert np.isfinite(got).all() and np.isfinite(ref).all()
+    assert np.abs(got - ref).max() < 1e-4
