@@ -113,6 +113,7 @@ def source_info(payload: dict) -> dict:
         "step": payload.get("step"),
         "data": payload.get("data"),
         "seed": payload.get("seed"),
+        **({"validation": payload["validation"]} if payload.get("validation") else {}),
         "config": payload["config"],
         "exported": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
         "ganforge_version": ganforge.__version__,

@@ -137,6 +137,8 @@ def _train_inpainter(args) -> int:
     cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
                              tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
                              lr=args.lr or 5e-4, seed=args.seed, threads=args.threads, pool=args.pool,
+                             rec_reduce=args.rec_reduce, val_every=args.val_every,
+                             balance_fills=args.balance_fills,
                              network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
                                                           fill=args.fill, diffuse=args.diffuse,
                                                           bilaplace=args.bilaplace, thinplate=args.thinplate,
@@ -144,6 +146,12 @@ def _train_inpainter(args) -> int:
                                                           blend_validate=args.blend_validate))
     _writable_dir(args.out)
     summary = train_inpainter(cfg, args.out, progress=not args.quiet)
+    if "fill_wins" in summary:
+        print("best fill per training pair (thin plate, converged thin plate, cascade): "
+              + ", ".join(str(n) for n in summary["fill_wins"]))
+    if "selected_step" in summary:
+        print(f"validation: kept step {summary['selected_step']} at {summary['val_psnr']:.3f} dB "
+              f"mean hole PSNR (untrained {summary['val_psnr_untrained']:.3f} dB)")
     print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
           f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
     return 0
@@ -446,6 +454,15 @@ def build_parser() -> Parser:
     t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
     t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
     t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
+    t.add_argument("--rec-reduce", choices=["pixels", "images", "log-images"], default="pixels",
+                   help="inpainter: how the masked L2 weighs a batch's holes: pooled over pixels, "
+                   "each image's hole MSE averaged, or each image's log hole MSE averaged (mean hole PSNR)")
+    t.add_argument("--balance-fills", action="store_true",
+                   help="inpainter --head blend: draw the training pairs so each candidate fill is the "
+                   "best one (lowest hole MSE) in an equal share of them")
+    t.add_argument("--val-every", type=int, default=0,
+                   help="inpainter: score hole PSNR on the validation photos (docs/inpainting.md) every N "
+                   "steps and keep the best-scoring weights (default 0: keep the last)")
     t.add_argument("--fill", choices=["harmonic", "cascade"], default="harmonic",
                    help="inpainter --prefill: pull-push then harmonic steps, or the cascade (every "
                    "pyramid level smoothed, harmonic then biharmonic; docs/inpainting.md)")

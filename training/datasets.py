@@ -37,6 +37,9 @@ _SKIMAGE_FILES = {"motorcycle_left": "motorcycle_left.png"}
 TRAIN_PHOTOS = ("astronaut", "rocket", "hubble_deep_field", "immunohistochemistry", "retina",
                 "motorcycle_left", "camera", "coins", "moon", "brick", "grass", "gravel")
 HELD_OUT_PHOTOS = ("chelsea", "coffee")
+# Natural photos from the other installed packages, for choosing among a run's checkpoints
+# (validation): never cropped for training, never part of the held-out test.
+VALIDATION_PHOTOS = ("motorcycle_right", "china", "flower", "grace_hopper")
 # scikit-learn's 1,797 bundled 8x8 digits, split once, stratified by digit: the stacked-digits
 # GAN data and the digit classifier's training come from "train", its accuracy from "test".
 DIGITS_TEST_SHARE = 0.2
@@ -200,6 +203,20 @@ def skimage_photos(names: tuple[str, ...] | list[str] = SKIMAGE_PHOTOS) -> list[
             photos.append(read_image(_P(skdata.__file__).parent / _SKIMAGE_FILES[name]))
         else:
             photos.append(to_rgb(getattr(skdata, name)(), f"skimage.data.{name}"))
+    return photos
+
+
+def validation_photos() -> list[np.ndarray]:
+    """The VALIDATION_PHOTOS as RGB arrays: scikit-image's `motorcycle_right.png`, scikit-learn's
+    `china.jpg` and `flower.jpg`, matplotlib's `grace_hopper.jpg`, all inside the installed wheels."""
+    import matplotlib.cbook
+    from skimage import data as skdata
+    from sklearn.datasets import load_sample_images
+
+    photos = [read_image(Path(skdata.__file__).parent / "motorcycle_right.png")]
+    sample = load_sample_images()
+    photos += [to_rgb(im, f"sklearn {Path(f).name}") for im, f in zip(sample.images, sample.filenames)]
+    photos.append(read_image(matplotlib.cbook.get_sample_data("grace_hopper.jpg", asfileobj=False)))
     return photos
 
 

@@ -14,6 +14,7 @@ inputs), diagnoses in metrics.jsonl, scores.png and doctor.md in the run directo
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 import os
@@ -31,7 +32,7 @@ from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.progress import Progress
 from ganforge.training import datasets
-from ganforge.training.autoencoders import masked_mse, training_photos
+from ganforge.training.autoencoders import REC_REDUCTIONS, masked_mse, training_photos
 from ganforge.training.gan import CONFIGS, save_checkpoint
 from ganforge.training.monitor import Doctor, Monitor, log_step, write_run_report
 
@@ -388,12 +389,56 @@ class InpaintTrainConfig:
     log_every: int = 25
     doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
     pool: int = 4096           # training crops drawn once per run (with --head blend: crop-mask pairs)
+    rec_reduce: str = "pixels"  # how L_rec weighs the batch's holes: autoencoders.masked_mse
+    balance_fills: bool = False  # blend: draw pairs so each fill is the best one in an equal share
+    val_every: int = 0         # steps between validation scores; > 0 keeps the best-scoring weights
+    val_crops: int = 96        # validation crops per mask type
     network: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
 
 
 def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
     """Known pixels from x, hole pixels from the prediction."""
     return x * (1 - m) + pred * m
+
+
+VAL_SETTINGS = ("centre25", "freeform")
+
+
+class Validation:
+    """Hole PSNR on crops of the validation photos (`datasets.VALIDATION_PHOTOS`: never trained
+    on, never part of the held-out test), each with a centre 25 % hole and with seeded free-form
+    strokes, measured as the inpainting benchmark measures it: uint8 answers, each crop's PSNR
+    over its hole, the mean over crops. Its `score` is the mean over the two mask types. For a
+    blend the candidate fills and band errors are computed once here."""
+
+    def __init__(self, cfg: InpaintTrainConfig, G: ContextEncoder):
+        t = cfg.tile
+        crops = datasets.random_crops(datasets.validation_photos(), cfg.val_crops, t, seed=cfg.seed + 104729,
+                                      scale=(0.2, 0.6))
+        self.sets = {}
+        for setting in VAL_SETTINGS:
+            ms = (np.stack([maskgen.centre(t, t, 0.25)] * len(crops)) if setting == "centre25"
+                  else np.stack([maskgen.strokes(t, t, 8000 + i) for i in range(len(crops))]))
+            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+            m = torch.from_numpy(ms).float().div(255)[:, None]
+            pre = None
+            if G.cfg.head == "blend":
+                with torch.no_grad():
+                    pre = (G.fills(x * (1 - m), m), G.band_errors(x * (1 - m), m))
+            self.sets[setting] = (crops, ms > 0, x, m, pre)
+
+    def __call__(self, G: ContextEncoder) -> dict:
+        out = {}
+        with torch.no_grad():
+            for setting, (crops, hole, x, m, pre) in self.sets.items():
+                pred = G.blend(pre[0], m, pre[1]) if pre is not None else G(x * (1 - m), m)
+                got = ((completed(x, pred, m) + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+                d = (got - crops.astype(np.float32)) ** 2
+                mse = np.array([d[i][hole[i]].mean() for i in range(len(crops))], dtype=np.float64)
+                out[setting] = round(float(np.mean(np.where(mse > 0, 10 * np.log10(255.0 ** 2 / np.maximum(mse, 1e-12)),
+                                                            99.0))), 3)
+        out["score"] = round(float(np.mean([out[s] for s in VAL_SETTINGS])), 3)
+        return out
 
 
 def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
@@ -429,12 +474,31 @@ def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progres
     return torch.cat(out), (torch.cat(errs) if errs else None)
 
 
+def fill_winners(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor) -> np.ndarray:
+    """For each crop-mask pair, the index of the candidate fill with the lowest hole MSE."""
+    won = []
+    for i in range(0, len(crops), 256):
+        x = torch.from_numpy(crops[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
+        m = torch.from_numpy(masks[i:i + 256]).float().div(255)[:, None, None]     # (B, 1, 1, T, T)
+        won.append((((fills[i:i + 256].float() - x[:, None]) ** 2) * m).sum((2, 3, 4)).argmin(1))
+    return torch.cat(won).numpy()
+
+
+def balanced_draw(winners: np.ndarray, k: int) -> np.ndarray:
+    """Sampling probabilities over the pairs under which each of the `k` fills that wins any
+    pair wins an equal share: a pair's probability is 1 / (how many pairs its fill wins)."""
+    count = np.bincount(winners, minlength=k)
+    p = 1.0 / count[winners]
+    return p / p.sum()
+
+
 def _pair_batch(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor, rng: np.random.Generator,
-                n: int, errors: torch.Tensor | None = None):
+                n: int, errors: torch.Tensor | None = None, p: np.ndarray | None = None):
     """A batch of (crop, mask, fills, band errors or None) pairs under one random flip and
     quarter turn: the fills are built from symmetric stencils and pyramids, so they turn with
-    the image, and the band errors, sums over the tile, do not change."""
-    idx = rng.integers(0, len(crops), n)
+    the image, and the band errors, sums over the tile, do not change. `p`: the pairs'
+    sampling probabilities (uniform without)."""
+    idx = rng.integers(0, len(crops), n) if p is None else rng.choice(len(crops), n, p=p)
     x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
     m = torch.from_numpy(masks[idx]).float().div(255)[:, None]
     f = fills[torch.from_numpy(idx)].float()
@@ -453,6 +517,13 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     if not (cfg.lambda_rec >= 0 and cfg.lambda_adv >= 0 and cfg.lambda_rec + cfg.lambda_adv > 0):
         raise UsageError(f"--lambda-rec/--lambda-adv: {cfg.lambda_rec}/{cfg.lambda_adv} not allowed; "
                          f"both >= 0, not both 0")
+    if cfg.rec_reduce not in REC_REDUCTIONS:
+        raise UsageError(f"--rec-reduce: {cfg.rec_reduce!r} not allowed; one of {', '.join(REC_REDUCTIONS)}")
+    if cfg.balance_fills and cfg.network.head != "blend":
+        raise UsageError(f"--balance-fills needs --head blend (got head {cfg.network.head!r})")
+    if cfg.val_every < 0 or cfg.val_crops < 1:
+        raise UsageError(f"--val-every {cfg.val_every}, val crops {cfg.val_crops} not allowed; "
+                         f"--val-every >= 0 (0 = keep the last weights), val crops >= 1")
     out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
     torch.manual_seed(cfg.seed)
@@ -463,6 +534,8 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     if blend:   # one mask per crop: the pairs' fills have no learned parameters, computed once here
         mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(len(pool))])
         fill_pool, error_pool = _pair_fills(G, pool, mask_pool, progress)
+        winners = fill_winners(pool, mask_pool, fill_pool)
+        draw = balanced_draw(winners, fill_pool.shape[1]) if cfg.balance_fills else None
     else:
         mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
     opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
@@ -471,12 +544,17 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_G, opt_D)]
     (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
     monitor, doctor, watched = _doctor(cfg, G, D)
+    validate = Validation(cfg, G) if cfg.val_every else None
+    best = None                # (score, step, F's weights, D's weights) of the best validation so far
     bar = Progress(cfg.steps, "train inpainter", unit="step", enabled=progress)
     t0 = time.perf_counter()
     with open(out / "metrics.jsonl", "w") as metrics:
+        if validate:           # the untrained start, for reference: not a candidate
+            first = validate(G)
+            log_step(metrics, {"step": 0, **{f"val_{k}": v for k, v in first.items()}}, t0)
         for step in range(1, cfg.steps + 1):
             if blend:
-                x, m, fills, errors = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size, error_pool)
+                x, m, fills, errors = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size, error_pool, draw)
                 pred = G.blend(fills, m, errors)
             else:
                 x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
@@ -492,7 +570,7 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
             opt_D.step()
             # F step: masked L2 over the hole + the adversarial term
             opt_G.zero_grad(set_to_none=True)
-            l_rec = masked_mse(pred, x, m)
+            l_rec = masked_mse(pred, x, m, cfg.rec_reduce)
             d_gen = D(fake)
             l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
             loss = cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv
@@ -508,19 +586,31 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
                 rec = {"step": step, "l_rec": float(l_rec.detach()), "l_adv": float(l_adv.detach()),
                        "loss_D": float(loss_D.detach()),
                        "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
-                       "hole_psnr": round(10 * np.log10(4.0 / max(float(l_rec.detach()), 1e-12)), 3)}
+                       "hole_psnr": round(10 * np.log10(4.0 / max(float(masked_mse(pred.detach(), x, m)), 1e-12)), 3)}
                 if monitor.due(step):  # the doctor's held-out scores replace the batch's
                     found = doctor.observe(step, D, watched(G))
                     log_step(metrics, rec, t0, monitor, found)
                 else:
                     log_step(metrics, rec, t0)
-            bar.update(1, status=f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
+            if validate and (step % cfg.val_every == 0 or step == cfg.steps):
+                v = validate(G)
+                log_step(metrics, {"step": step, **{f"val_{k}": score for k, score in v.items()}}, t0)
+                if best is None or v["score"] > best[0]:
+                    best = (v["score"], step, copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict()))
+            status = f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}"
+            bar.update(1, status=status + (f" val {best[0]:.2f} dB @ {best[1]}" if best else ""))
     bar.close()
+    selected = cfg.steps
+    if best is not None:       # keep the weights that scored best on the validation photos
+        G.load_state_dict(best[2])
+        D.load_state_dict(best[3])
+        selected = best[1]
     write_run_report(out, monitor, doctor, title=f"context encoder on {cfg.data}, {cfg.steps} steps")
     G.eval()
     ckpt = save_checkpoint(out / "checkpoint.pt", "inpainter", cfg.network, {"net": G, "D": D},
-                           step=cfg.steps, data=cfg.data, seed=cfg.seed,
-                           train=json.loads(json.dumps(asdict(cfg))))
+                           step=selected, data=cfg.data, seed=cfg.seed,
+                           train=json.loads(json.dumps(asdict(cfg))),
+                           **({"validation": {"step": selected, "first": first, "best": best[0]}} if best else {}))
     held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, cfg.tile, seed=1)
     x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
     m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 5000 + i) for i in range(8)])).float().div(255)[:, None]
@@ -529,4 +619,6 @@ def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = T
     to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
     save_grid(np.concatenate([held, to8(x * (1 - m)), to8(fill)]), out / "samples.png", nrow=8)
     return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
-            "seconds": round(time.perf_counter() - t0, 1), "l_rec": float(l_rec.detach())}
+            "seconds": round(time.perf_counter() - t0, 1), "l_rec": float(l_rec.detach()),
+            **({"fill_wins": np.bincount(winners, minlength=3).tolist()} if blend else {}),
+            **({"selected_step": selected, "val_psnr": best[0], "val_psnr_untrained": first["score"]} if best else {})}

@@ -130,6 +130,12 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
                  ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"]),
                  ("--pool", train.get("pool", 4096))]   # runs from before the flag drew 4,096
+        if train.get("rec_reduce", "pixels") != "pixels":
+            flags.append(("--rec-reduce", train["rec_reduce"]))
+        if train.get("balance_fills"):
+            flags.append(("--balance-fills", ""))
+        if train.get("val_every"):
+            flags.append(("--val-every", train["val_every"]))
         if net.get("prefill"):
             flags.append(("--prefill", ""))
             flags += [("--fill", net.get("fill", "harmonic")), ("--diffuse", net.get("diffuse", 32)),

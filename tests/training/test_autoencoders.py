@@ -37,6 +37,25 @@ def test_masked_loss_ignores_the_known_region():
     assert float(masked_mse(pred_hole_wrong, target, mask)) == pytest.approx(1.0)
 
 
+def test_masked_loss_reductions_weigh_holes_per_pixel_or_per_image():
+    target = torch.zeros(3, 1, 4, 4)
+    mask = torch.zeros(3, 1, 4, 4)
+    mask[0, :, :2, :2] = 1           # 4 hole pixels, error 1 each
+    mask[1, :, 0, 0] = 1             # 1 hole pixel, error 3
+    pred = torch.zeros(3, 1, 4, 4)
+    pred[0] = 1.0
+    pred[1] = 3.0
+    pred[2] = 100.0                  # no hole: adds nothing to any reduction
+    assert float(masked_mse(pred, target, mask)) == pytest.approx((4 * 1 + 9) / 5)
+    assert float(masked_mse(pred, target, mask, "pixels")) == pytest.approx((4 * 1 + 9) / 5)
+    assert float(masked_mse(pred, target, mask, "images")) == pytest.approx((1 + 9) / 2)
+    assert float(masked_mse(pred, target, mask, "log-images")) == pytest.approx(
+        (np.log(1 + 1e-8) + np.log(9 + 1e-8)) / 2, rel=1e-6)
+    assert float(masked_mse(pred, target, torch.zeros_like(mask), "images")) == 0.0
+    with pytest.raises(ValueError, match=r"reduce 'mean' not allowed; one of pixels, images, log-images"):
+        masked_mse(pred, target, mask, "mean")
+
+
 def test_corruption_processes_are_seeded():
     x = torch.rand(4, 3, 16, 16) * 2 - 1
     g = lambda: torch.Generator().manual_seed(7)
@@ -414,7 +433,27 @@ def test_scored_blend_training_computes_the_band_errors_once_per_pair(tmp_path, 
     assert payload["config"]["blend_validate"] == 2
     assert payload["state"]["net"]["blend.net.0.weight"].shape[1] == 3 * 3 + 1 + 3
     assert "--blend-validate 2" in train_command("inpainter", payload["train"], tmp_path / "s")
+    assert "--rec-reduce" not in train_command("inpainter", payload["train"], tmp_path / "s")
     assert np.isfinite(summary["l_rec"])
+
+
+def test_inpainter_trains_on_the_per_image_log_loss_and_records_it(tmp_path):
+    from ganforge.errors import UsageError
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
+    from ganforge.training.loop import train_command
+
+    net = ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
+                               head="blend", blend_thinplate=3, blend_validate=2)
+    cfg = InpaintTrainConfig(steps=3, batch_size=4, tile=32, pool=6, threads=1, lr=1e-2, doctor_every=100,
+                             rec_reduce="log-images", network=net)
+    summary = train_inpainter(cfg, tmp_path / "log", progress=False)
+    assert summary["l_rec"] < 0          # a log of MSEs under 1 (images in [-1, 1], fills close)
+    payload = load_checkpoint(tmp_path / "log")
+    assert "--rec-reduce log-images" in train_command("inpainter", payload["train"], tmp_path / "log")
+    cfg.rec_reduce = "median"
+    with pytest.raises(UsageError, match=r"--rec-reduce: 'median' not allowed; one of pixels, images, log-images"):
+        train_inpainter(cfg, tmp_path / "bad", progress=False)
 
 
 def test_a_long_thin_plate_solve_stays_finite_in_onnx_runtime(tmp_path):
@@ -450,3 +489,125 @@ def test_a_long_thin_plate_solve_stays_finite_in_onnx_runtime(tmp_path):
         ref = Solve()(xm, m, start).numpy()
     assert np.isfinite(got).all() and np.isfinite(ref).all()
     assert np.abs(got - ref).max() < 1e-4
+
+
+def _tiny_blend(**kw):
+    from ganforge.training.inpainting import ContextEncoderConfig
+
+    return ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
+                                head="blend", blend_thinplate=3, blend_validate=2, **kw)
+
+
+def test_validation_scores_the_photos_no_split_trains_or_tests_on_and_logs_them(tmp_path):
+    import json
+
+    from ganforge.training import datasets
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, InpaintTrainConfig, Validation, train_inpainter
+    from ganforge.training.loop import train_command
+
+    photos = datasets.validation_photos()
+    assert len(photos) == len(datasets.VALIDATION_PHOTOS) == 4
+    assert all(p.dtype == np.uint8 and p.ndim == 3 and p.shape[2] == 3 and min(p.shape[:2]) >= 400 for p in photos)
+    assert not set(datasets.VALIDATION_PHOTOS) & (set(datasets.TRAIN_PHOTOS) | set(datasets.HELD_OUT_PHOTOS))
+    cfg = InpaintTrainConfig(steps=4, batch_size=4, tile=32, pool=6, threads=1, lr=5e-2, doctor_every=100,
+                             val_every=2, val_crops=4, network=_tiny_blend())
+    summary = train_inpainter(cfg, tmp_path / "v", progress=False)
+    rows = [json.loads(line) for line in (tmp_path / "v" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in rows if "val_score" in r]
+    assert [r["step"] for r in val] == [0, 2, 4]
+    for r in val:
+        assert r["val_score"] == pytest.approx((r["val_centre25"] + r["val_freeform"]) / 2, abs=2e-3)
+        assert 5 < r["val_centre25"] < 60 and 5 < r["val_freeform"] < 60
+    best = max(val[1:], key=lambda r: r["val_score"])   # the untrained start is not a candidate
+    payload = load_checkpoint(tmp_path / "v")
+    assert summary["selected_step"] == payload["step"] == best["step"]
+    assert payload["validation"] == {"step": best["step"], "first": {k[4:]: v for k, v in val[0].items()
+                                                                     if k.startswith("val_")}, "best": best["val_score"]}
+    # the saved weights score what was logged for them
+    G = ContextEncoder(ContextEncoderConfig(**payload["config"]))
+    G.load_state_dict(payload["state"]["net"])
+    assert Validation(cfg, G)(G)["score"] == best["val_score"]
+    assert "--val-every 2" in train_command("inpainter", payload["train"], tmp_path / "v")
+    # a residual model is scored through its forward; untrained, that is its prefill
+    res = ContextEncoder(ContextEncoderConfig(width=8, prefill=True, diffuse=4))
+    v, xs = Validation(cfg, res), []
+    for setting, (crops, hole, x, m, pre) in v.sets.items():
+        assert pre is None
+        with torch.no_grad():
+            got = ((res.fill(x * (1 - m), m) + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+        xs.append(np.mean([10 * np.log10(255 ** 2 / ((got[i] - crops[i].astype(np.float32)) ** 2)[hole[i]].mean())
+                           for i in range(len(crops))]))
+    assert v(res)["score"] == pytest.approx(float(np.mean(xs)), abs=2e-3)
+
+
+def test_validation_keeps_the_best_weights_not_the_last(tmp_path, monkeypatch):
+    from ganforge.errors import UsageError
+    from ganforge.training import inpainting
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import InpaintTrainConfig, train_inpainter
+
+    scripted, seen = iter([10.0, 12.0, 15.0, 11.0]), []   # the start, then steps 2, 4, 6: step 4 is best
+
+    def score(self, G):
+        seen.append({k: v.clone() for k, v in G.state_dict().items()})
+        s = next(scripted)
+        return {"centre25": s, "freeform": s, "score": s}
+    monkeypatch.setattr(inpainting.Validation, "__call__", score)
+    cfg = InpaintTrainConfig(steps=6, batch_size=4, tile=32, pool=6, threads=1, lr=5e-2, doctor_every=100,
+                             val_every=2, val_crops=2, network=_tiny_blend())
+    summary = train_inpainter(cfg, tmp_path / "b", progress=False)
+    payload = load_checkpoint(tmp_path / "b")
+    assert summary["selected_step"] == payload["step"] == 4 and summary["val_psnr_untrained"] == 10.0
+    saved, at4, last = payload["state"]["net"], seen[2], seen[3]
+    assert all(torch.equal(saved[k], at4[k]) for k in saved)
+    assert any(not torch.equal(saved[k], last[k]) for k in saved)   # training moved on after step 4
+    cfg.val_every = -1
+    with pytest.raises(UsageError, match=r"--val-every -1, val crops 2 not allowed; --val-every >= 0"):
+        train_inpainter(cfg, tmp_path / "bad", progress=False)
+
+
+def test_balanced_draw_gives_every_fill_an_equal_share_of_wins(tmp_path):
+    from ganforge.errors import UsageError
+    from ganforge.training.gan import load_checkpoint
+    from ganforge.training.inpainting import (ContextEncoderConfig, InpaintTrainConfig, balanced_draw, fill_winners,
+                                              train_inpainter)
+    from ganforge.training.loop import train_command
+
+    # three candidate fills of two crops: the winner is the one closest to the crop inside the hole
+    crops = np.full((2, 8, 8, 3), 128, np.uint8)
+    masks = np.zeros((2, 8, 8), np.uint8)
+    masks[:, 2:6, 2:6] = 255
+    x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
+    fills = x[:, None].repeat(1, 3, 1, 1, 1)
+    fills[0, 0] += 0.5                     # crop 0: fill 0 is off, fill 1 off a little, fill 2 exact
+    fills[0, 1] += 0.1
+    fills[1, 2] += 0.3                     # crop 1: fills 0 and 1 exact (the first wins), 2 off
+    fills[:, :, :, 0, 0] += 9.0            # a known pixel: never counted
+    assert fill_winners(crops, masks, fills.half()).tolist() == [2, 0]
+    p = balanced_draw(np.array([2, 2, 2, 0, 1, 2]), 3)
+    np.testing.assert_allclose(p, [1 / 12, 1 / 12, 1 / 12, 1 / 3, 1 / 3, 1 / 12])
+    shares = [p[np.array([2, 2, 2, 0, 1, 2]) == k].sum() for k in range(3)]
+    np.testing.assert_allclose(shares, [1 / 3] * 3)
+    cfg = InpaintTrainConfig(steps=2, batch_size=4, tile=32, pool=6, threads=1, doctor_every=100,
+                             balance_fills=True, network=_tiny_blend())
+    summary = train_inpainter(cfg, tmp_path / "bal", progress=False)
+    assert sum(summary["fill_wins"]) == 6
+    assert "--balance-fills" in train_command("inpainter", load_checkpoint(tmp_path / "bal")["train"], tmp_path / "bal")
+    with pytest.raises(UsageError, match=r"--balance-fills needs --head blend \(got head 'residual'\)"):
+        train_inpainter(InpaintTrainConfig(steps=1, balance_fills=True, network=ContextEncoderConfig(prefill=True)),
+                        tmp_path / "bad", progress=False)
+
+
+def test_train_inpainter_cli_reports_the_fill_wins_and_the_kept_step(tmp_path, capsys):
+    from ganforge.cli import main
+
+    base = ["train", "inpainter", "--steps", "2", "--batch-size", "4", "--tile", "32", "--pool", "6", "--threads", "1",
+            "--width", "8", "--prefill", "--fill", "cascade", "--diffuse", "2", "--bilaplace", "2", "--thinplate", "3",
+            "--head", "blend", "--blend-thinplate", "3", "--blend-validate", "2", "--quiet"]
+    assert main(base + ["--balance-fills", "--val-every", "1", "--out", str(tmp_path / "ok")]) == 0
+    out = capsys.readouterr().out
+    assert "best fill per training pair (thin plate, converged thin plate, cascade): " in out
+    assert "validation: kept step " in out and "untrained" in out
+    assert main(base + ["--val-every", "-3", "--out", str(tmp_path / "bad")]) == 2
+    assert "Error: --val-every -3, val crops 96 not allowed" in capsys.readouterr().err
