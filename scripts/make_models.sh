@@ -24,9 +24,10 @@ $GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 
 # the inpainter: a learned blend of three classical fills, scored on a band of known pixels
-# around each hole (docs/inpainting.md)
+# around each hole, trained on pairs balanced by which fill wins, the step kept by validation
+# (docs/inpainting.md)
 $GF train inpainter --data photos --steps 3000 --batch-size 32 --tile 64 --lambda-rec 0.999 \
     --lambda-adv 0.001 --lr 0.001 --width 16 --pool 4096 --prefill --fill cascade --diffuse 20 \
-    --bilaplace 100 --thinplate 50 --head blend --blend-thinplate 350 --blend-validate 2 --seed 0 \
-    --out runs/inpainter_scored
-$GF export runs/inpainter_scored --repository model_repository --name inpainter_photos --tile 64
+    --bilaplace 100 --thinplate 50 --head blend --blend-thinplate 350 --blend-validate 2 \
+    --balance-fills --val-every 250 --seed 0 --out runs/inpainter_balanced
+$GF export runs/inpainter_balanced --repository model_repository --name inpainter_photos --tile 64
