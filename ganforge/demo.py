@@ -49,7 +49,7 @@ def run_demo(out: Path, steps: int = 1000) -> int:
     with LocalServer(opts) as server:
         print(f"      ready: gRPC {server.grpc_url}, metrics {server.metrics_url}")
         with Client(server.grpc_url) as client:
-            models = ["dcgan_demo"] + (["dcgan_shapes"] if "dcgan_shapes" in shipped else [])
+            models = ["dcgan_demo"] + [m for m in ("dcgan_shapes", "progan_shapes") if m in shipped]
             for model in models:
                 print(f"[4/4] generating over gRPC: model {model}, seed 42, count 16", flush=True)
                 images = client.generate(model, seed=42, count=16)

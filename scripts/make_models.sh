@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
-# seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN,
-# 130 for the denoiser, 30 for the inpainter.
+# seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN, 25 for the
+# ProGAN, 130 for the denoiser, 30 for the inpainter.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -10,6 +10,11 @@ $GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-d
     --ndf 32 --resolution 64 --lr-g 0.0002 --lr-d 0.0002 --label-smoothing 0.1 --instance-noise 0.1 \
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
+
+# the Progressive GAN: narrow blocks, phases of 6,400 images (docs/progan.md)
+$GF train progan --data shapes --resolution 64 --steps 10000 --batch-size 32 --n-images 8192 --z-dim 64 \
+    --stable-images 6400 --fade-images 6400 --fmap-base 256 --fmap-min 8 --seed 0 --out runs/progan_shapes
+$GF export runs/progan_shapes --repository model_repository --name progan_shapes
 
 # the denoiser: 8,000 steps on mostly downscaled crops, then two fine-tunes on crops at the
 # photos' own resolution (docs/denoising.md)

@@ -15,7 +15,7 @@ def test_demo_trains_exports_serves_and_writes_generated_grids(tmp_path):
     assert "seed 42 twice: byte-identical = True; seed 7 differs = True" in r.stdout
     last = r.stdout.strip().splitlines()
     assert f"  {out / 'generated' / 'dcgan_demo_seed42_grid.png'}" in last
-    for model in ("dcgan_demo", "dcgan_shapes"):
+    for model in ("dcgan_demo", "dcgan_shapes", "progan_shapes"):
         grid = Image.open(out / "generated" / f"{model}_seed42_grid.png")
         assert grid.size == (4 * 66 + 2, 4 * 66 + 2)
     assert len(list((out / "generated").glob("dcgan_demo_seed42_0*.png"))) == 16

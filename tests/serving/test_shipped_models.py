@@ -36,7 +36,7 @@ def photo() -> np.ndarray:
 
 
 def test_every_shipped_model_has_its_training_command_and_source(server):
-    for name in ("dcgan_shapes_generator", "denoiser_photos", "inpainter_photos"):
+    for name in ("dcgan_shapes_generator", "progan_shapes_generator", "denoiser_photos", "inpainter_photos"):
         manifest = json.loads((REPO / name / "manifest.json").read_text())
         assert manifest["train_command"].startswith("ganforge train "), name
         assert len(manifest["source_commit"]) == 40 and not manifest["source_commit"].endswith("dirty"), name
@@ -70,3 +70,16 @@ def test_default_inpainter_fills_holes_and_keeps_every_known_byte(server, photo,
     grey = photo.copy()
     grey[hole] = 128
     assert psnr(out[hole], photo[hole]) > psnr(grey[hole], photo[hole]) + 5
+
+
+def test_shipped_progan_serves_by_seed_deterministically(server):
+    from ganforge.serving.client import Client
+
+    manifest = json.loads((REPO / "progan_shapes_generator" / "manifest.json").read_text())
+    assert manifest["kind"] == "progan" and manifest["train_command"].startswith("ganforge train progan ")
+    with Client(server.grpc_url) as c:
+        a, b = c.generate("progan_shapes", seed=42, count=8), c.generate("progan_shapes", seed=42, count=8)
+        other = c.generate("progan_shapes", seed=43, count=8)
+    assert a.shape == (8, 64, 64, 3) and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, other)
+    assert len({img.tobytes() for img in a}) == 8 and a.std() > 20   # eight different, not flat, images
