@@ -421,10 +421,7 @@ class Validation:
                   else np.stack([maskgen.strokes(t, t, 8000 + i) for i in range(len(crops))]))
             x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
             m = torch.from_numpy(ms).float().div(255)[:, None]
-            pre = None
-            if G.cfg.head == "blend":
-                with torch.no_grad():
-                    pre = (G.fills(x * (1 - m), m), G.band_errors(x * (1 - m), m))
+            pre = _pair_fills(G, crops, ms, False, dtype=torch.float32) if G.cfg.head == "blend" else None
             self.sets[setting] = (crops, ms > 0, x, m, pre)
 
     def __call__(self, G: ContextEncoder) -> dict:
@@ -454,16 +451,17 @@ def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
 
 
 def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progress: bool,
-                chunk: int = 64) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) float16, and their
-    band errors (N, 3) (None without `blend_validate`)."""
+                chunk: int = 64, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) in `dtype` (float16
+    for the training pool, which is large), and their band errors (N, 3) (None without
+    `blend_validate`)."""
     out, errs = [], []
     bar = Progress(len(crops), "classical fills", unit="crop", enabled=progress)
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
             x = torch.from_numpy(crops[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1
             m = torch.from_numpy(masks[i:i + chunk]).float().div(255)[:, None]
-            out.append(G.fills(x * (1 - m), m).half())
+            out.append(G.fills(x * (1 - m), m).to(dtype))
             e = G.band_errors(x * (1 - m), m)
             if e is not None:
                 errs.append(e)
