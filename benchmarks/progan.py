@@ -41,6 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--phase-images", type=int, default=3200,
                    help="ProGAN images per fade-in and per stable phase")
+    p.add_argument("--lr", type=float, default=ProGANTrainConfig.lr,
+                   help="ProGAN: Adam learning rate of G and D (equalized LR)")
+    p.add_argument("--dcgan-lr", type=float, default=TrainConfig.lr_g,
+                   help="DCGAN: Adam learning rate of G and D")
     p.add_argument("--ema-images", type=int, default=10_000,
                    help="ProGAN: half-life in images of G's weight average, which is evaluated (0: G itself)")
     widths = ProGANConfig()
@@ -79,6 +83,9 @@ def run(argv: list[str]) -> int:
                               fmap_max=args.fmap_max, fmap_min=args.fmap_min)
     except ValueError as exc:
         raise SystemExit(f"Error: ProGAN network: {exc}") from None
+    for flag, value in (("--lr", args.lr), ("--dcgan-lr", args.dcgan_lr)):
+        if not value > 0:
+            raise SystemExit(f"Error: {flag} must be > 0, got {value}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     classifier, accuracy = metrics.load_classifier(args.cache_dir)
@@ -89,8 +96,9 @@ def run(argv: list[str]) -> int:
 
     dc = GANTrainer(TrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
                                 label_smoothing=0.1, instance_noise=0.1,
+                                lr_g=args.dcgan_lr, lr_d=args.dcgan_lr,
                                 network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path("."))
-    pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
+    pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0, lr=args.lr,
                                          stable_images=args.phase_images,
                                          fade_images=args.phase_images, ema_images=args.ema_images,
                                          network=pg_net),

@@ -446,8 +446,8 @@ def build_parser() -> Parser:
     t.add_argument("--crop-scale-max", type=float, default=0.5)
     t.add_argument("--pool", type=int, default=4096, help="denoiser / inpainter: training crops drawn once per run")
     t.add_argument("--init", default=None, help="denoiser: start from this run's (or checkpoint's) weights")
-    t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter: Adam learning rate "
-                   "(default 1e-3 / 5e-4)")
+    t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter / progan: Adam learning rate "
+                   "(default 1e-3 / 5e-4 / 1e-3)")
     t.add_argument("--width", type=int, default=None, help="denoiser / inpainter: feature maps of the first "
                    "layer (default 48 / 24)")
     t.add_argument("--depth", type=int, default=8, help="denoiser: conv layers")

@@ -10,7 +10,7 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     out = tmp_path / "progan.json"
     r = run_cli("bench", "progan", "--resolution", "8", "--seconds", "2", "--eval-every", "1",
                 "--slice", "0.5", "--n-fd", "64", "--n-images", "64", "--batch-size", "8",
-                "--phase-images", "16", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
+                "--phase-images", "16", "--lr", "0.002", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
                 "--cache-dir", str(tmp_path / "cache"), "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -25,10 +25,18 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     assert "speedup_to_dcgan_final" in res and res["progan"]["final_stage_side"] == 8
     s = res["settings"]
     assert (s["fmap_base"], s["fmap_max"], s["fmap_min"]) == (64, 16, 4)
+    assert (s["lr"], s["dcgan_lr"]) == (0.002, 2e-4)
     assert (tmp_path / "progan.png").stat().st_size > 0
 
 
 def test_bench_progan_refuses_a_bad_width_before_training(tmp_path):
     r = run_cli("bench", "progan", "--fmap-base", "0", "--json", str(tmp_path / "x.json"))
     assert r.returncode == 1 and "fmap_base must be >= 1, got 0" in r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_progan_refuses_a_bad_learning_rate_before_training(tmp_path):
+    for flag in ("--lr", "--dcgan-lr"):
+        r = run_cli("bench", "progan", flag, "-0.001", "--json", str(tmp_path / "x.json"))
+        assert r.returncode == 1 and f"{flag} must be > 0, got -0.001" in r.stderr, r.stderr
     assert not (tmp_path / "x.json").exists()
