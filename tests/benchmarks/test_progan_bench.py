@@ -26,6 +26,8 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     s = res["settings"]
     assert (s["fmap_base"], s["fmap_max"], s["fmap_min"]) == (64, 16, 4)
     assert (s["lr"], s["dcgan_lr"]) == (0.002, 2e-4)
+    assert res["progan"]["adam_lr"] == {"G": 0.002, "D": 0.002}
+    assert res["dcgan"]["adam_lr"] == {"G": 2e-4, "D": 2e-4}
     assert (tmp_path / "progan.png").stat().st_size > 0
 
 
