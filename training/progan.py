@@ -26,7 +26,6 @@ dropout) go through `knobs()` / `set_knob()`; a larger z_dim is a restart decisi
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import math
@@ -45,6 +44,7 @@ from ganforge.errors import CheckpointError, UsageError
 from ganforge.images import save_grid
 from ganforge.progress import Progress
 from ganforge.training import datasets
+from ganforge.training.ema import averaged_copy, ema_beta, update_average
 from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint, save_checkpoint
 from ganforge.training.loop import check_flags, to_tensor, to_uint8
 from ganforge.training.monitor import (Doctor, Intervention, Monitor, Thresholds, follow_stages, log_step,
@@ -393,7 +393,7 @@ class ProGANTrainer:
         self.G, self.D = Generator(net), Discriminator(net)
         # G's exponential moving average (Karras et al. 2018, sec. A.1; half-life and ramp-up as
         # in StyleGAN2): what samples, the benchmark and export use; the doctor watches G itself
-        self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False) if cfg.ema_images else None
+        self.G_ema = averaged_copy(self.G) if cfg.ema_images else None
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
@@ -426,12 +426,8 @@ class ProGANTrainer:
         if self.G_ema is None:
             return
         cfg = self.cfg
-        half_life = min(cfg.ema_images, self.shown * cfg.ema_rampup)
-        beta = 0.5 ** (cfg.batch_size / max(half_life, 1e-8))
-        for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
-            pe.lerp_(p, 1.0 - beta)
-        for be, b in zip(self.G_ema.buffers(), self.G.buffers()):
-            be.copy_(b)
+        update_average(self.G_ema, self.G,
+                       ema_beta(cfg.batch_size, self.shown, cfg.ema_images, cfg.ema_rampup))
 
     @property
     def stage(self) -> int:

@@ -3,6 +3,7 @@ the JSON holds the fields the comparison is read from, and the ProGAN's widths a
 
 import json
 
+from ganforge.benchmarks.progan import first_time_at_or_below, speedup
 from tests.conftest import run_cli
 
 
@@ -28,6 +29,11 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     assert (s["lr"], s["dcgan_lr"]) == (0.002, 2e-4)
     assert res["progan"]["adam_lr"] == {"G": 0.002, "D": 0.002}
     assert res["dcgan"]["adam_lr"] == {"G": 2e-4, "D": 2e-4}
+    for arm in ("dcgan", "progan"):      # both arms evaluate their weight average
+        assert res[arm]["evaluated"] == "G_ema (half-life 10000 images)", arm
+    m3 = res["median_of_3"]
+    assert set(m3) == {"dcgan_final_fd", "seconds_to_dcgan_final", "speedup_to_dcgan_final"}
+    assert min(res["dcgan"]["fd"][-3:]) <= m3["dcgan_final_fd"] <= max(res["dcgan"]["fd"][-3:])
     assert (tmp_path / "progan.png").stat().st_size > 0
 
 
@@ -42,3 +48,19 @@ def test_bench_progan_refuses_a_bad_learning_rate_before_training(tmp_path):
         r = run_cli("bench", "progan", flag, "-0.001", "--json", str(tmp_path / "x.json"))
         assert r.returncode == 1 and f"{flag} must be > 0, got -0.001" in r.stderr, r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_time_to_quality_on_single_evaluations_and_on_3_evaluation_medians():
+    seconds = [0, 60, 120, 180, 240, 300]
+    dcgan = [600.0, 40.0, 90.0, 80.0, 35.0, 45.0]   # one lucky early evaluation at 60 s
+    progan = [900.0, 100.0, 30.0, 20.0, 25.0, 10.0]
+    assert first_time_at_or_below(seconds, dcgan, 45.0) == 60
+    assert first_time_at_or_below(seconds, progan, 45.0) == 120
+    assert speedup(60, 120) == 0.5
+    # medians of 3: the DCGAN's [80, 35, 45] first holds at 300 s, the ProGAN's [100, 30, 20] at 180 s
+    target = 45.0
+    assert first_time_at_or_below(seconds, dcgan, target, window=3) == 300
+    assert first_time_at_or_below(seconds, progan, target, window=3) == 180
+    assert speedup(300, 180) == 1.667
+    assert first_time_at_or_below(seconds, dcgan, 1.0, window=3) is None
+    assert speedup(None, 180) is None
