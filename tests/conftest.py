@@ -3,6 +3,7 @@ serving it for the whole session (no mocks of Triton or gRPC)."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -26,11 +27,14 @@ def has_gpu() -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    if has_gpu():
+    if not has_gpu():
+        skip, marks = pytest.mark.skip(reason="no NVIDIA GPU on this machine (nvidia-smi -L fails)"), ("gpu", "tensorrt")
+    elif importlib.util.find_spec("tensorrt") is None:
+        skip, marks = pytest.mark.skip(reason="TensorRT is not installed (pip install 'ganforge[gpu]')"), ("tensorrt",)
+    else:
         return
-    skip = pytest.mark.skip(reason="no NVIDIA GPU on this machine (nvidia-smi -L fails)")
     for item in items:
-        if "gpu" in item.keywords or "tensorrt" in item.keywords:
+        if any(m in item.keywords for m in marks):
             item.add_marker(skip)
 
 

@@ -3,6 +3,7 @@ Runtime TensorRT provider write, and — on a GPU — plans checked against ONNX
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -16,6 +17,8 @@ NO_GPU_LINE = ("Error: export --format tensorrt: no NVIDIA GPU on this machine (
                "fails); TensorRT builds engines on the GPU that runs them: run this on a GPU machine\n")
 
 cpu_only = pytest.mark.skipif(has_gpu(), reason="checks the behaviour on a machine without a GPU")
+without_tensorrt = pytest.mark.skipif(importlib.util.find_spec("tensorrt") is not None,
+                                      reason="checks the behaviour where TensorRT is not installed")
 
 LATENT = repo.tensor("latent", "FP32", [16])
 IMAGE = repo.tensor("image", "UINT8", [64, 64, 3])
@@ -36,6 +39,19 @@ def test_tensorrt_benchmark_without_a_gpu_measures_nothing_and_says_why(tiny_run
     assert out.returncode == 1
     assert out.stderr == ("bench tensorrt: no NVIDIA GPU on this machine (nvidia-smi -L fails); "
                           "nothing measured\n")
+    assert not (tmp_path / "t.json").exists()
+
+
+@pytest.mark.gpu
+@without_tensorrt
+def test_tensorrt_export_and_benchmark_on_a_gpu_without_tensorrt_say_how_to_install_it(tiny_run, tmp_path):
+    out = run_cli("export", str(tiny_run), "--format", "tensorrt", "--repository", str(tmp_path / "repo"))
+    assert out.returncode == 1, out.stderr
+    assert out.stderr.startswith("Error: TensorRT is not installed (")
+    assert "pip install 'ganforge[gpu]'" in out.stderr and out.stderr.count("\n") == 1
+    assert not (tmp_path / "repo").exists()  # nothing half-written
+    out = run_cli("bench", "tensorrt", str(tiny_run), "--out", str(tmp_path / "t.json"))
+    assert out.returncode == 1 and out.stderr.startswith("bench tensorrt: TensorRT is not installed ("), out.stderr
     assert not (tmp_path / "t.json").exists()
 
 
