@@ -345,6 +345,12 @@ def schedule(shown: int, n_stages: int, stable_images: int, fade_images: int) ->
     return stage, 1.0
 
 
+def stage_birth(stage: int, stable_images: int, fade_images: int) -> int:
+    """The images shown when `stage`'s block first trains: the start of its fade-in (0 for
+    stage 0)."""
+    return 0 if stage == 0 else stable_images + (stage - 1) * (fade_images + stable_images)
+
+
 def stage_spans(cfg: ProGANTrainConfig, steps: int | None = None,
                 resumed: tuple[int, int] = (0, 0)) -> list[dict]:
     """The stages a run of `steps` (default cfg.steps) trains, as the doctor reports them:
@@ -421,13 +427,20 @@ class ProGANTrainer:
 
     @torch.no_grad()
     def update_ema(self) -> None:
-        """G_ema <- beta G_ema + (1 - beta) G, beta = 0.5 ** (batch / half-life), the half-life
-        capped at `ema_rampup` of the images shown so far, so the first steps' noise fades fast."""
+        """G_ema <- beta G_ema + (1 - beta) G, stage by stage: beta = 0.5 ** (batch / half-life),
+        the half-life capped at `ema_rampup` of the images shown since the stage's block first
+        trained. A block born at a fade-in is in its first, fastest-moving steps, as the whole
+        net is at step 0; averaged over the run's images instead, its copy in G_ema would lag
+        the block being faded in by a half-life as long as the fade itself. Blocks not yet
+        trained are copied (they equal G's initial ones)."""
         if self.G_ema is None:
             return
         cfg = self.cfg
-        update_average(self.G_ema, self.G,
-                       ema_beta(cfg.batch_size, self.shown, cfg.ema_images, cfg.ema_rampup))
+        for k in range(cfg.network.n_stages):
+            since = max(self.shown - stage_birth(k, cfg.stable_images, cfg.fade_images), 0)
+            beta = ema_beta(cfg.batch_size, since, cfg.ema_images, cfg.ema_rampup)
+            update_average(self.G_ema.blocks[k], self.G.blocks[k], beta)
+            update_average(self.G_ema.to_rgb[k], self.G.to_rgb[k], beta)
 
     @property
     def stage(self) -> int:

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from ganforge.training.gan import load_checkpoint
 from ganforge.training.progan import (Discriminator, EqualizedConv2d, EqualizedLinear, Generator,
                                       MinibatchStd, PixelNorm, ProGANConfig, ProGANTrainConfig,
-                                      ProGANTrainer, build_progan, schedule, train_progan)
+                                      ProGANTrainer, build_progan, schedule, stage_birth, train_progan)
 
 TINY = ProGANConfig(z_dim=8, resolution=16, fmap_base=64, fmap_max=16, fmap_min=8)
 
@@ -142,23 +142,37 @@ def test_resume_mid_stage_continues_from_the_recorded_stage_and_alpha(tmp_path):
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
 
 
-def test_g_ema_moves_towards_g_by_the_half_life_and_ramp_up():
-    cfg = tiny_train(ema_images=64, ema_rampup=0.5)
+def test_g_ema_moves_towards_g_by_the_half_life_ramped_up_from_each_blocks_birth():
+    cfg = tiny_train(ema_images=64, ema_rampup=0.5)      # stages born at 0, 24 and 80 images
+    assert [stage_birth(k, cfg.stable_images, cfg.fade_images) for k in range(3)] == [0, 24, 80]
     trainer = ProGANTrainer(cfg, ".")
-    w = [p.detach().clone() for p in trainer.G_ema.parameters()]
+    assert {id(p) for k in range(3) for m in (trainer.G.blocks[k], trainer.G.to_rgb[k])
+            for p in m.parameters()} == {id(p) for p in trainer.G.parameters()}
+
+    def per_stage(net):
+        return [[p.detach().clone() for m in (net.blocks[k], net.to_rgb[k]) for p in m.parameters()]
+                for k in range(3)]
+
+    w = per_stage(trainer.G_ema)
     for p in trainer.G.parameters():                      # pretend a step moved G by +1
         p.data += 1.0
-    trainer.shown = 32                                    # half-life min(64, 0.5 * 32) = 16 images
+    trainer.shown = 40
     trainer.update_ema()
-    beta = 0.5 ** (8 / 16)                                # batch 8: half a half-life
-    for old, new, g in zip(w, trainer.G_ema.parameters(), trainer.G.parameters()):
-        torch.testing.assert_close(new, beta * old + (1 - beta) * g)
+    # half-lives min(64, 0.5 * images since birth): stage 0 20 images, stage 1 8, stage 2 not
+    # born yet (copied); batch 8
+    betas = [0.5 ** (8 / 20), 0.5 ** (8 / 8), 0.0]
+    for beta, old, new, g in zip(betas, w, per_stage(trainer.G_ema), per_stage(trainer.G)):
+        for o, n, gg in zip(old, new, g):
+            torch.testing.assert_close(n, beta * o + (1 - beta) * gg)
     trainer.shown = 10_000                                # ramp-up over: the 64-image half-life
-    before = [p.detach().clone() for p in trainer.G_ema.parameters()]
+    before = per_stage(trainer.G_ema)
+    for p in trainer.G.parameters():
+        p.data += 1.0
     trainer.update_ema()
     beta = 0.5 ** (8 / 64)
-    for old, new, g in zip(before, trainer.G_ema.parameters(), trainer.G.parameters()):
-        torch.testing.assert_close(new, beta * old + (1 - beta) * g)
+    for old, new, g in zip(before, per_stage(trainer.G_ema), per_stage(trainer.G)):
+        for o, n, gg in zip(old, new, g):
+            torch.testing.assert_close(n, beta * o + (1 - beta) * gg)
 
 
 def test_samples_and_export_use_g_ema_and_ema_0_uses_g(tmp_path):
