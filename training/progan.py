@@ -307,7 +307,7 @@ class ProGANTrainConfig:
     r1_gamma: float = 1.0         # R1 penalty on D's real gradients (0: off), applied lazily
     r1_every: int = 8             # steps between R1 penalties
     ema_images: int = 10_000      # half-life, in images shown, of G's weight average (0: none)
-    ema_rampup: float = 0.05      # ... at most this fraction of the images shown so far
+    ema_rampup: float = 0.05      # ... at most this fraction of the images shown since the block was born
     seed: int = 0
     sample_every: int = 200       # steps between sample grids
     log_every: int = 10           # steps between metrics lines
