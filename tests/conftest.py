@@ -101,6 +101,17 @@ def digit_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session")
+def shapes_cache(tmp_path_factory) -> Path:
+    """A cache directory holding the shapes classifier of the Fréchet distance, trained once
+    from its seed (under a minute on 2 cores) and shared by the tests that need it."""
+    from ganforge.training.metrics import load_classifier
+
+    cache = tmp_path_factory.mktemp("shapes_cache")
+    load_classifier(cache)
+    return cache
+
+
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """Run the installed `ganforge` command as a user would."""
     exe = Path(sys.executable).parent / "ganforge"

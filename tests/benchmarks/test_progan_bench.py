@@ -7,12 +7,12 @@ from ganforge.benchmarks.progan import first_time_at_or_below, speedup
 from tests.conftest import run_cli
 
 
-def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_path):
+def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_path, shapes_cache):
     out = tmp_path / "progan.json"
     r = run_cli("bench", "progan", "--resolution", "8", "--seconds", "2", "--eval-every", "1",
                 "--slice", "0.5", "--n-fd", "64", "--n-images", "64", "--batch-size", "8",
                 "--phase-images", "16", "--lr", "0.002", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
-                "--cache-dir", str(tmp_path / "cache"), "--json", str(out), timeout=600)
+                "--cache-dir", str(shapes_cache), "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     for arm in ("dcgan", "progan"):
@@ -34,6 +34,7 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     m3 = res["median_of_3"]
     assert set(m3) == {"dcgan_final_fd", "seconds_to_dcgan_final", "speedup_to_dcgan_final"}
     assert min(res["dcgan"]["fd"][-3:]) <= m3["dcgan_final_fd"] <= max(res["dcgan"]["fd"][-3:])
+    assert set(res["classifier_accuracy"]) == {"shape", "outline", "colour", "both"}
     assert (tmp_path / "progan.png").stat().st_size > 0
 
 
