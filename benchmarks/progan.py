@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=4096, help="training pool (shapes, seed 0)")
     p.add_argument("--batch-size", type=int, default=32)
     # the ProGAN arm's defaults are the settings measured best for it on this data at 64 px on
-    # 2 cores (docs/progan.md): narrow blocks, long phases, a learning rate of 3e-3
+    # 2 cores, by the FD that sees outlines (docs/progan.md): 16 feature maps at 32 and 64 px,
+    # long phases, a learning rate of 3e-3
     p.add_argument("--phase-images", type=int, default=6400,
                    help="ProGAN images per fade-in and per stable phase")
     p.add_argument("--lr", type=float, default=3e-3,
@@ -56,10 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--ema-images", type=int, default=10_000,
                    help="both arms: half-life in images of G's weight average, which is evaluated (0: G itself)")
     widths = ProGANConfig()
-    p.add_argument("--fmap-base", type=int, default=256,
+    p.add_argument("--fmap-base", type=int, default=512,
                    help="ProGAN: feature maps at side s are min(fmap-max, fmap-base / s) ...")
     p.add_argument("--fmap-max", type=int, default=widths.fmap_max, help="ProGAN: ... at most this many ...")
-    p.add_argument("--fmap-min", type=int, default=8, help="ProGAN: ... and at least this many")
+    p.add_argument("--fmap-min", type=int, default=16, help="ProGAN: ... and at least this many")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p
