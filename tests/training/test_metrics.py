@@ -44,7 +44,8 @@ def test_shapes_classifier_tells_the_outlines_and_colours_of_held_out_shapes(sha
     # ceiling that leaves, well above chance (0.25)
     assert 0.6 <= acc["shape"] <= acc["outline"]
     # the cached file gives back the accuracy it was trained to: measure it again here
-    test = datasets.shapes(metrics.ClassifierSettings().n_test, 64, seed=metrics.ClassifierSettings().seed + 1)
+    settings = metrics.ClassifierSettings()
+    test = datasets.shapes(settings.n_test, settings.size, seed=settings.seed + 1)
     with torch.no_grad():
         _, shape, colour = model(to_tensor(test.images))
     assert (colour.argmax(1).numpy() == test.colour).mean() == pytest.approx(acc["colour"])
