@@ -54,6 +54,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="ProGAN: Adam learning rate of G and D (equalized LR; `train progan` defaults to the paper's 1e-3)")
     p.add_argument("--dcgan-lr", type=float, default=TrainConfig.lr_g,
                    help="DCGAN: Adam learning rate of G and D")
+    p.add_argument("--decay-from", type=float, default=1.0,
+                   help="both arms: after this fraction of --seconds of an arm's training, its Adam "
+                        "learning rates fall linearly to 0 at --seconds (1: constant)")
     p.add_argument("--ema-images", type=int, default=10_000,
                    help="both arms: half-life in images of G's weight average, which is evaluated (0: G itself)")
     widths = ProGANConfig()
@@ -66,16 +69,33 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def lr_factor(clock: float, budget: float, decay_from: float) -> float:
+    """The budgeted linear schedule: 1 until `decay_from` of the budget, then linearly to 0 at
+    the budget (pix2pix's second half when `decay_from` is 0.5)."""
+    start = decay_from * budget
+    if decay_from >= 1 or clock <= start:
+        return 1.0
+    return max(0.0, (budget - clock) / (budget - start))
+
+
 class Arm:
-    def __init__(self, name: str, step, generate, z: torch.Tensor):
+    def __init__(self, name: str, step, generate, z: torch.Tensor, optimizers=(),
+                 budget: float = 0.0, decay_from: float = 1.0):
         self.name, self.step, self.generate, self.z = name, step, generate, z
         self.clock, self.steps = 0.0, 0
         self.seconds: list[float] = []
         self.fd: list[float] = []
+        self.budget, self.decay_from = budget, decay_from
+        # each param group's base learning rate, which the schedule scales
+        self.groups = [(g, g["lr"]) for opt in optimizers for g in opt.param_groups]
 
     def train_for(self, seconds: float) -> None:
         t0 = time.perf_counter()
-        while time.perf_counter() - t0 < seconds:
+        while (elapsed := time.perf_counter() - t0) < seconds:
+            if self.decay_from < 1:
+                f = lr_factor(self.clock + elapsed, self.budget, self.decay_from)
+                for g, base in self.groups:
+                    g["lr"] = base * f
             self.step()
             self.steps += 1
         self.clock += time.perf_counter() - t0
@@ -109,6 +129,8 @@ def run(argv: list[str]) -> int:
     for flag, value in (("--lr", args.lr), ("--dcgan-lr", args.dcgan_lr)):
         if not value > 0:
             raise SystemExit(f"Error: {flag} must be > 0, got {value}")
+    if not 0 <= args.decay_from <= 1:
+        raise SystemExit(f"Error: --decay-from must be in [0, 1], got {args.decay_from}")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     classifier, accuracy = metrics.load_classifier(args.cache_dir)
@@ -147,7 +169,9 @@ def run(argv: list[str]) -> int:
     def pg_generate(zz):
         return torch.cat([pg.generate(zz[i:i + 256]) for i in range(0, len(zz), 256)])
 
-    arms = [Arm("dcgan", dc_step, dc_generate, z), Arm("progan", pg.train_step, pg_generate, z)]
+    schedule = {"budget": args.seconds, "decay_from": args.decay_from}
+    arms = [Arm("dcgan", dc_step, dc_generate, z, (dc.opt_G, dc.opt_D), **schedule),
+            Arm("progan", pg.train_step, pg_generate, z, (pg.opt_G, pg.opt_D), **schedule)]
 
     def evaluate(arm: Arm) -> None:
         fake = arm.generate(arm.z).clamp(-1, 1)
@@ -171,17 +195,17 @@ def run(argv: list[str]) -> int:
     dcg, prg = arms
     target = dcg.fd[-1]
 
-    def adam_lr(trainer) -> dict[str, float]:  # what the optimizers trained with, not the flags
-        return {"G": trainer.opt_G.param_groups[0]["lr"], "D": trainer.opt_D.param_groups[0]["lr"]}
+    def adam_lr(arm: Arm) -> dict[str, float]:  # the base rates the optimizers trained with
+        return dict(zip(("G", "D"), (base for _, base in arm.groups)))
 
     t_dc, t_pg = (first_time_at_or_below(a.seconds, a.fd, target) for a in arms)
     target3 = statistics.median(dcg.fd[-3:])
     t3_dc, t3_pg = (first_time_at_or_below(a.seconds, a.fd, target3, window=3) for a in arms)
     evaluated = f"G_ema (half-life {args.ema_images} images)" if args.ema_images else "G"
     result = {
-        "dcgan": {"seconds": dcg.seconds, "fd": dcg.fd, "steps": dcg.steps, "adam_lr": adam_lr(dc),
+        "dcgan": {"seconds": dcg.seconds, "fd": dcg.fd, "steps": dcg.steps, "adam_lr": adam_lr(dcg),
                   "evaluated": evaluated},
-        "progan": {"seconds": prg.seconds, "fd": prg.fd, "steps": prg.steps, "adam_lr": adam_lr(pg),
+        "progan": {"seconds": prg.seconds, "fd": prg.fd, "steps": prg.steps, "adam_lr": adam_lr(prg),
                    "evaluated": evaluated,
                    "final_stage_side": pg.cfg.network.side(pg.stage), "final_alpha": pg.alpha},
         "dcgan_final_fd": target,

@@ -3,7 +3,9 @@ the JSON holds the fields the comparison is read from, and the ProGAN's widths a
 
 import json
 
-from ganforge.benchmarks.progan import first_time_at_or_below, speedup
+import torch
+
+from ganforge.benchmarks.progan import Arm, first_time_at_or_below, lr_factor, speedup
 from tests.conftest import run_cli
 
 
@@ -11,7 +13,7 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     out = tmp_path / "progan.json"
     r = run_cli("bench", "progan", "--resolution", "8", "--seconds", "2", "--eval-every", "1",
                 "--slice", "0.5", "--n-fd", "64", "--n-images", "64", "--batch-size", "8",
-                "--phase-images", "16", "--lr", "0.002", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
+                "--phase-images", "16", "--lr", "0.002", "--decay-from", "0.5", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
                 "--cache-dir", str(shapes_cache), "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -26,7 +28,7 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     assert "speedup_to_dcgan_final" in res and res["progan"]["final_stage_side"] == 8
     s = res["settings"]
     assert (s["fmap_base"], s["fmap_max"], s["fmap_min"]) == (64, 16, 4)
-    assert (s["lr"], s["dcgan_lr"]) == (0.002, 2e-4)
+    assert (s["lr"], s["dcgan_lr"], s["decay_from"]) == (0.002, 2e-4, 0.5)
     assert res["progan"]["adam_lr"] == {"G": 0.002, "D": 0.002}
     assert res["dcgan"]["adam_lr"] == {"G": 2e-4, "D": 2e-4}
     for arm in ("dcgan", "progan"):      # both arms evaluate their weight average
@@ -49,6 +51,36 @@ def test_bench_progan_refuses_a_bad_learning_rate_before_training(tmp_path):
         r = run_cli("bench", "progan", flag, "-0.001", "--json", str(tmp_path / "x.json"))
         assert r.returncode == 1 and f"{flag} must be > 0, got -0.001" in r.stderr, r.stderr
     assert not (tmp_path / "x.json").exists()
+
+
+def test_bench_progan_refuses_a_decay_start_outside_the_budget(tmp_path):
+    r = run_cli("bench", "progan", "--decay-from", "1.5", "--json", str(tmp_path / "x.json"))
+    assert r.returncode == 1 and "--decay-from must be in [0, 1], got 1.5" in r.stderr, r.stderr
+    assert not (tmp_path / "x.json").exists()
+
+
+def test_budgeted_linear_decay_holds_then_falls_to_zero_at_the_budget():
+    assert lr_factor(0, 900, 0.5) == lr_factor(450, 900, 0.5) == 1.0
+    assert lr_factor(675, 900, 0.5) == 0.5 and lr_factor(900, 900, 0.5) == 0.0
+    assert lr_factor(950, 900, 0.5) == 0.0             # a step that overruns the budget
+    assert lr_factor(225, 900, 0.0) == 0.75
+    assert lr_factor(899, 900, 1.0) == 1.0             # 1: constant
+
+
+def test_an_arm_scales_every_param_group_from_its_base_rate_on_its_own_clock():
+    w = torch.nn.Parameter(torch.zeros(1))
+    opt_a, opt_b = torch.optim.SGD([w], lr=0.1), torch.optim.Adam([w], lr=0.004)
+    seen = []
+    arm = Arm("x", lambda: seen.append((opt_a.param_groups[0]["lr"], opt_b.param_groups[0]["lr"])),
+              None, None, (opt_a, opt_b), budget=0.4, decay_from=0.5)
+    arm.train_for(0.2)                                  # the first half: constant
+    assert set(seen) == {(0.1, 0.004)}
+    n = len(seen)
+    arm.train_for(0.2)                                  # the second half: falls towards 0
+    a, b = zip(*seen[n:])
+    assert list(a) == sorted(a, reverse=True) and a[-1] < 0.02 and b[-1] < 0.0008
+    assert all(abs(x / 0.1 - y / 0.004) < 1e-9 for x, y in zip(a, b))   # one factor for all groups
+    assert [base for _, base in arm.groups] == [0.1, 0.004]
 
 
 def test_time_to_quality_on_single_evaluations_and_on_3_evaluation_medians():
