@@ -6,7 +6,9 @@ see the same load on a shared machine; each arm's clock counts only its own trai
 Every `--eval-every` seconds of an arm's training, its G (eval mode; the weight average G_ema,
 kept the same way for both arms, unless `--ema-images 0`) draws `--n-fd` images from fixed
 latents and the Fréchet distance to held-out real shapes is measured (not timed). The EMA update
-is part of each arm's timed step.
+is part of each arm's timed step. Both arms train on the same budgeted schedule: their Adam
+learning rates hold until `--decay-from` of `--seconds` of their own training, then fall
+linearly to 0 at `--seconds`, so each arm's final FD is that of a run planned for the budget.
 
 Beside the first time an arm's FD is at or below the DCGAN's final FD, the JSON reports the same
 comparison made on 3-evaluation medians ("median_of_3"), which one lucky or unlucky evaluation
@@ -46,15 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--n-images", type=int, default=4096, help="training pool (shapes, seed 0)")
     p.add_argument("--batch-size", type=int, default=32)
     # the ProGAN arm's defaults are the settings measured best for it on this data at 64 px on
-    # 2 cores, by the FD that sees outlines (docs/progan.md): 16 feature maps at 32 and 64 px,
-    # long phases, a learning rate of 3e-3
+    # 2 cores, by the FD that sees outlines (docs/progan.md): 16 feature maps in G and 32 in D at
+    # 32 and 64 px, long phases, a learning rate of 3e-3; both arms' rates decay over the
+    # budget's second half
     p.add_argument("--phase-images", type=int, default=6400,
                    help="ProGAN images per fade-in and per stable phase")
     p.add_argument("--lr", type=float, default=3e-3,
                    help="ProGAN: Adam learning rate of G and D (equalized LR; `train progan` defaults to the paper's 1e-3)")
     p.add_argument("--dcgan-lr", type=float, default=TrainConfig.lr_g,
                    help="DCGAN: Adam learning rate of G and D")
-    p.add_argument("--decay-from", type=float, default=1.0,
+    p.add_argument("--decay-from", type=float, default=0.5,
                    help="both arms: after this fraction of --seconds of an arm's training, its Adam "
                         "learning rates fall linearly to 0 at --seconds (1: constant)")
     p.add_argument("--ema-images", type=int, default=10_000,
@@ -64,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="ProGAN: feature maps at side s are min(fmap-max, fmap-base / s) ...")
     p.add_argument("--fmap-max", type=int, default=widths.fmap_max, help="ProGAN: ... at most this many ...")
     p.add_argument("--fmap-min", type=int, default=16, help="ProGAN: ... and at least this many")
+    p.add_argument("--d-fmap-min", type=int, default=32,
+                   help="ProGAN: D's own minimum, for a D wider than G at the top sides (0: --fmap-min)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p
@@ -123,7 +128,8 @@ def run(argv: list[str]) -> int:
     args = parser.parse_args(argv)
     try:
         pg_net = ProGANConfig(z_dim=64, resolution=args.resolution, fmap_base=args.fmap_base,
-                              fmap_max=args.fmap_max, fmap_min=args.fmap_min)
+                              fmap_max=args.fmap_max, fmap_min=args.fmap_min,
+                              d_fmap_min=args.d_fmap_min)
     except ValueError as exc:
         raise SystemExit(f"Error: ProGAN network: {exc}") from None
     for flag, value in (("--lr", args.lr), ("--dcgan-lr", args.dcgan_lr)):

@@ -490,6 +490,8 @@ def build_parser() -> Parser:
                    help="progan: feature maps at side s are min(fmap-max, fmap-base / s) ...")
     t.add_argument("--fmap-max", type=int, default=64, help="progan: ... at most this many ...")
     t.add_argument("--fmap-min", type=int, default=16, help="progan: ... and at least this many")
+    t.add_argument("--d-fmap-min", type=int, default=0,
+                   help="progan: D's own minimum, for a D wider than G at the top sides (0: --fmap-min)")
     t.add_argument("--task", choices=["inpaint", "edges"], default="inpaint",
                    help="pix2pix: masked image -> image, or edge map -> image")
     t.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 loss")

@@ -153,6 +153,7 @@ def train_command(kind: str, train: dict, out: str | Path) -> str:
                  ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
                  ("--ema-images", train.get("ema_images", 0)),   # runs from before the average had none
                  ("--fmap-base", net["fmap_base"]), ("--fmap-max", net["fmap_max"]), ("--fmap-min", net["fmap_min"]),
+                 ("--d-fmap-min", net.get("d_fmap_min", 0)),   # runs from before D had its own widths
                  ("--sample-every", train["sample_every"])]
     else:
         raise ValueError(f"no train command for kind {kind!r}")

@@ -59,6 +59,7 @@ class ProGANConfig:
     fmap_base: int = 1024     # feature maps at side s: min(fmap_max, fmap_base // s) ...
     fmap_max: int = 64        # ... at most this many
     fmap_min: int = 16        # ... and at least this many
+    d_fmap_min: int = 0       # D's own minimum, for a D wider than G at the top sides (0: fmap_min)
     mbstd_group: int = 4      # minibatch-stddev group size in D
 
     def __post_init__(self):
@@ -67,6 +68,8 @@ class ProGANConfig:
         for name in ("z_dim", "channels", "fmap_base", "fmap_max", "fmap_min", "mbstd_group"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.d_fmap_min < 0:
+            raise ValueError(f"d_fmap_min must be >= 0 (0: fmap_min), got {self.d_fmap_min}")
 
     @property
     def n_stages(self) -> int:
@@ -76,7 +79,12 @@ class ProGANConfig:
         return 4 * 2 ** stage
 
     def nf(self, stage: int) -> int:
+        """G's feature maps at the stage's side."""
         return max(self.fmap_min, min(self.fmap_max, self.fmap_base // self.side(stage)))
+
+    def d_nf(self, stage: int) -> int:
+        """D's feature maps at the stage's side: G's, with D's own minimum where one is set."""
+        return max(self.d_fmap_min or self.fmap_min, min(self.fmap_max, self.fmap_base // self.side(stage)))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -238,10 +246,10 @@ class Discriminator(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.from_rgb = nn.ModuleList(
-            [EqualizedConv2d(cfg.channels, cfg.nf(k), 1) for k in range(cfg.n_stages)])
+            [EqualizedConv2d(cfg.channels, cfg.d_nf(k), 1) for k in range(cfg.n_stages)])
         self.blocks = nn.ModuleList(
-            [DFinal(cfg.nf(0), cfg.mbstd_group)]
-            + [DBlock(cfg.nf(k), cfg.nf(k - 1)) for k in range(1, cfg.n_stages)])
+            [DFinal(cfg.d_nf(0), cfg.mbstd_group)]
+            + [DBlock(cfg.d_nf(k), cfg.d_nf(k - 1)) for k in range(1, cfg.n_stages)])
         self.stage, self.alpha = cfg.n_stages - 1, 1.0
 
     def forward(self, img: torch.Tensor, stage: int | None = None,
@@ -654,7 +662,7 @@ def train_from_args(args) -> int:
     """`ganforge train progan ...` (the flags are declared in ganforge/cli.py)."""
     try:
         net = ProGANConfig(z_dim=args.z_dim, resolution=args.resolution, fmap_base=args.fmap_base,
-                           fmap_max=args.fmap_max, fmap_min=args.fmap_min)
+                           fmap_max=args.fmap_max, fmap_min=args.fmap_min, d_fmap_min=args.d_fmap_min)
     except ValueError as exc:
         raise UsageError(f"network: {exc}") from None
     cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,

@@ -13,7 +13,8 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     out = tmp_path / "progan.json"
     r = run_cli("bench", "progan", "--resolution", "8", "--seconds", "2", "--eval-every", "1",
                 "--slice", "0.5", "--n-fd", "64", "--n-images", "64", "--batch-size", "8",
-                "--phase-images", "16", "--lr", "0.002", "--decay-from", "0.5", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
+                "--phase-images", "16", "--lr", "0.002", "--decay-from", "0.25", "--fmap-base", "64", "--fmap-max", "16", "--fmap-min", "4",
+                "--d-fmap-min", "8",
                 "--cache-dir", str(shapes_cache), "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
@@ -27,8 +28,8 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
     assert res["dcgan_final_fd"] == res["dcgan"]["fd"][-1]
     assert "speedup_to_dcgan_final" in res and res["progan"]["final_stage_side"] == 8
     s = res["settings"]
-    assert (s["fmap_base"], s["fmap_max"], s["fmap_min"]) == (64, 16, 4)
-    assert (s["lr"], s["dcgan_lr"], s["decay_from"]) == (0.002, 2e-4, 0.5)
+    assert (s["fmap_base"], s["fmap_max"], s["fmap_min"], s["d_fmap_min"]) == (64, 16, 4, 8)
+    assert (s["lr"], s["dcgan_lr"], s["decay_from"]) == (0.002, 2e-4, 0.25)
     assert res["progan"]["adam_lr"] == {"G": 0.002, "D": 0.002}
     assert res["dcgan"]["adam_lr"] == {"G": 2e-4, "D": 2e-4}
     for arm in ("dcgan", "progan"):      # both arms evaluate their weight average

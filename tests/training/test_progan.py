@@ -206,7 +206,7 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
     r = run_cli("train", "progan", "--data", "shapes", "--resolution", "8", "--steps", "3",
                 "--batch-size", "4", "--n-images", "16", "--stable-images", "4",
                 "--fade-images", "4", "--z-dim", "8", "--fmap-base", "64", "--fmap-max", "12",
-                "--fmap-min", "4", "--out", str(out), "--quiet")
+                "--fmap-min", "4", "--d-fmap-min", "10", "--out", str(out), "--quiet")
     assert r.returncode == 0, r.stderr
     assert "stage 1, 8 px" in r.stdout
     assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
@@ -214,9 +214,12 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
 
     ckpt = load_checkpoint(out)
     net = ckpt["config"]
-    assert (net["fmap_base"], net["fmap_max"], net["fmap_min"]) == (64, 12, 4)
+    assert (net["fmap_base"], net["fmap_max"], net["fmap_min"], net["d_fmap_min"]) == (64, 12, 4, 10)
     # 12 maps at 4 px (64 / 4 = 16, capped), 8 at 8 px: the widths reached the layers
     assert {v.shape[0] for k, v in ckpt["state"]["G"].items() if k.endswith("weight") and v.ndim == 4} >= {12, 8}
+    # D's own minimum reached D alone: 10 maps out of its 8 px fromRGB, where G's toRGB reads 8
+    assert ckpt["state"]["D"]["from_rgb.1.weight"].shape[0] == 10
+    assert ckpt["state"]["G"]["to_rgb.1.weight"].shape[1] == 8
 
 
 def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps():
@@ -232,13 +235,13 @@ def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps
     from ganforge.training.progan import ProGANConfig, ProGANTrainConfig
 
     progan = ProGANTrainConfig(ema_images=2500, network=ProGANConfig(resolution=8, fmap_base=256, fmap_max=32,
-                                                                    fmap_min=8))
+                                                                    fmap_min=8, d_fmap_min=16))
     args = build_parser().parse_args(shlex.split(train_command("progan", dataclasses.asdict(progan), "runs/p"))[1:])
     assert (args.ema_images, args.stable_images, args.resolution) == (2500, progan.stable_images, 8)
-    assert (args.fmap_base, args.fmap_max, args.fmap_min) == (256, 32, 8)
+    assert (args.fmap_base, args.fmap_max, args.fmap_min, args.d_fmap_min) == (256, 32, 8, 16)
     plain = build_parser().parse_args(["train", "progan", "--out", "runs/p"])   # the CLI's defaults are the network's
-    assert (plain.fmap_base, plain.fmap_max, plain.fmap_min) == (ProGANConfig.fmap_base, ProGANConfig.fmap_max,
-                                                                 ProGANConfig.fmap_min)
+    assert (plain.fmap_base, plain.fmap_max, plain.fmap_min, plain.d_fmap_min) == (
+        ProGANConfig.fmap_base, ProGANConfig.fmap_max, ProGANConfig.fmap_min, ProGANConfig.d_fmap_min)
     old = {k: v for k, v in dataclasses.asdict(progan).items() if k != "ema_images"}  # a run from before
     assert "--ema-images 0 " in train_command("progan", old, "runs/p")
 
@@ -249,3 +252,14 @@ def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps
                                                                     head="blend", blend_thinplate=120))
     args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(blend), "runs/b"))[1:])
     assert (args.head, args.blend_thinplate, args.pool, args.thinplate) == ("blend", 120, 2048, 50)
+
+
+def test_a_discriminator_minimum_widens_only_the_discriminator_at_the_top_sides():
+    cfg = ProGANConfig(z_dim=8, resolution=64, fmap_base=512, fmap_max=64, fmap_min=16, d_fmap_min=32)
+    assert [cfg.nf(k) for k in range(cfg.n_stages)] == [64, 64, 32, 16, 16]
+    assert [cfg.d_nf(k) for k in range(cfg.n_stages)] == [64, 64, 32, 32, 32]
+    assert [ProGANConfig(fmap_base=512).d_nf(k) for k in range(5)] == [64, 64, 32, 16, 16]  # 0: G's
+    D = Discriminator(cfg)
+    assert D.from_rgb[4].weight.shape[0] == 32 and D(torch.zeros(4, 3, 64, 64)).shape == (4,)
+    with pytest.raises(ValueError, match="d_fmap_min must be >= 0"):
+        ProGANConfig(d_fmap_min=-1)
