@@ -213,25 +213,32 @@ def cmd_serve(args) -> int:
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
-    server.start()
-    from ganforge.serving.client import Client
-
-    with Client(server.grpc_url, **server.client_kwargs()) as c:
-        names = [m["name"] for m in c.models()]
-    print(f"serving {len(names)} models from {opts.model_repository}: {', '.join(names)}")
-    print(f"  gRPC     {server.grpc_url}" + (" (TLS" + (", client certificates required)" if opts.tls_ca else ")") if opts.tls_cert else ""))
-    print(f"  HTTP     {server.http_url}")
-    print(f"  metrics  {server.metrics_url}")
-    print("Ctrl-C to stop", flush=True)
-    while server.proc.poll() is None and stop["sig"] is None:
-        time.sleep(0.1)
-    if stop["sig"] is None:
+    try:
+        # Ready means every model of the repository is ready (LocalServer checks each one, over
+        # HTTP when gRPC speaks TLS): nothing more is asked of the server here, so start-up
+        # works the same in every TLS mode.
+        server.start()
+        names = server.models
+        tls = ""
+        if opts.tls_cert:
+            tls = " (TLS" + (", client certificates required)" if opts.tls_ca else ")")
+        print(f"serving {len(names)} models from {opts.model_repository}: {', '.join(names)}")
+        print(f"  gRPC     {server.grpc_url}{tls}")
+        print(f"  HTTP     {server.http_url}")
+        print(f"  metrics  {server.metrics_url}")
+        print("Ctrl-C to stop", flush=True)
+        while server.proc.poll() is None and stop["sig"] is None:
+            time.sleep(0.1)
+    finally:
+        # whatever happened: drain, stop, and kill the server's process group (backend stubs)
         code = server.stop()
-        print(f"Error: tritonserver exited unexpectedly with code {code}", file=sys.stderr)
-        for line in server.errors()[-5:]:
-            print(f"  {line}", file=sys.stderr)
+    if stop["sig"] is None:
+        how = (f"killed by {signal.Signals(-code).name}" if code is not None and code < 0
+               and -code in signal.Signals._value2member_map_ else f"exit code {code}")
+        last = server.errors(since_ready=True)[-1:]  # Triton's own reason, when it gave one
+        print(f"Error: tritonserver exited unexpectedly ({how}); ganforge serve stopped"
+              + (f"; its last error: {last[0].strip()}" if last else ""), file=sys.stderr)
         return 1
-    code = server.stop()  # drain pending requests, then Triton's own graceful exit
     print(f"stopped (signal {signal.Signals(stop['sig']).name}); tritonserver exited with {code}")
     return 0
 
@@ -247,14 +254,30 @@ def _key_value(text: str | None, flag: str) -> tuple[str, str] | None:
 
 # -- client verbs -----------------------------------------------------------------------------
 
+def _tls_files(args):
+    """The client's TLS files from --tls-ca/--tls-cert/--tls-key; None: plaintext."""
+    from ganforge.serving.client import TLSFiles
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise UsageError(f"--tls-cert and --tls-key: both are needed for a client certificate "
+                         f"(got cert={args.tls_cert}, key={args.tls_key})")
+    for flag, path in (("--tls-ca", args.tls_ca), ("--tls-cert", args.tls_cert),
+                       ("--tls-key", args.tls_key)):
+        if path is not None and not os.path.isfile(path):
+            raise UsageError(f"{flag}: {path} is not a file")
+    if not (args.tls_ca or args.tls_cert):
+        return None
+    return TLSFiles(ca=args.tls_ca, cert=args.tls_cert, key=args.tls_key)
+
+
 def _client(args):
     from ganforge.serving.client import Client
 
     kv = _key_value(getattr(args, "key", None), "--key")
-    tls = bool(args.tls_ca or args.tls_cert)
-    return Client(args.url, timeout=args.timeout, ssl=tls, root_certificates=args.tls_ca,
-                  private_key=args.tls_key, certificate_chain=args.tls_cert,
-                  key=kv)
+    tls = _tls_files(args)
+    return Client(args.url, timeout=args.timeout, ssl=tls is not None,
+                  root_certificates=tls and tls.ca, private_key=tls and tls.key,
+                  certificate_chain=tls and tls.cert, key=kv)
 
 
 def cmd_models(args) -> int:
@@ -293,7 +316,8 @@ def cmd_batch_inpaint(args) -> int:
                            batch_size=args.batch_size, workers=args.workers, retries=args.retries,
                            wait_for_server_s=args.wait_for_server, timeout_s=args.timeout,
                            dilate=args.dilate, resume=args.resume, shard_index=index,
-                           num_shards=num_shards, progress=not args.quiet)
+                           num_shards=num_shards, progress=not args.quiet,
+                           tls=_tls_files(args), key=_key_value(args.key, "--key"))
     # SIGTERM (a Kubernetes pod being stopped) stops the job as Ctrl-C does: cleanly. A shell
     # that starts the job in the background (`nohup ganforge batch-inpaint ... &`) hands it
     # SIGINT ignored, which would turn both into no-ops: Python's own SIGINT handler comes back.
@@ -538,14 +562,17 @@ def build_parser() -> Parser:
                    help="CA (PEM) that client certificates must chain to: mutual TLS")
     s.set_defaults(fn=cmd_serve)
 
-    def client_args(q):
-        q.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
-        q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+    def security_args(q):
         q.add_argument("--key", metavar="KEY=VALUE", default=None,
                        help="header for a server started with --restricted-key")
         q.add_argument("--tls-ca", default=None, help="CA certificate (PEM) to verify the server: TLS")
         q.add_argument("--tls-cert", default=None, help="client certificate (PEM) for mutual TLS")
         q.add_argument("--tls-key", default=None, help="client private key (PEM) for mutual TLS")
+
+    def client_args(q):
+        q.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
+        q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
+        security_args(q)
 
     m = sub.add_parser("models", help="list the models a server serves")
     client_args(m)
@@ -586,6 +613,7 @@ def build_parser() -> Parser:
                     help="how long to wait for an unavailable server before stopping")
     bi.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
     bi.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    security_args(bi)
     bi.set_defaults(fn=cmd_batch_inpaint)
 
     dn = sub.add_parser("denoise", help="denoise an image of any size with a served denoiser")
@@ -619,6 +647,9 @@ def build_parser() -> Parser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # gRPC's C core logs a failed TLS handshake at INFO level on stderr, beside our one-line
+    # error; GRPC_VERBOSITY set by the user still wins
+    os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)

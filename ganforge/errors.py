@@ -8,10 +8,12 @@
      ├── ServerStartError      the local Triton server did not come up
      └── ServerError           a request that the server refused or could not answer
           ├── ServerUnavailable   nothing answers at the URL (refused, down, restarting)
+          │    └── TLSError       the TLS handshake failed: certificate required or refused,
+          │                       unknown CA, name mismatch, TLS on one side only
           ├── Timeout             the deadline passed before an answer
           ├── ModelNotFound       the server does not serve that model or version
           ├── InvalidArgument     the server rejected the request's content
-          └── PermissionDenied    a restricted protocol without its key, or TLS refused
+          └── PermissionDenied    a restricted protocol without its key
 
 Messages name the field, the bad value and what is allowed. The CLI prints them as one
 `Error: …` line.
@@ -50,6 +52,10 @@ class ServerError(GanforgeError):
 
 class ServerUnavailable(ServerError):
     pass
+
+
+class TLSError(ServerUnavailable):
+    """Not transient: retrying with the same certificates fails the same way."""
 
 
 class Timeout(ServerError):

@@ -12,12 +12,15 @@ from __future__ import annotations
 
 import os
 import queue
+import re
 import time
+from dataclasses import dataclass
 
 import numpy as np
 
 from ganforge.errors import (GanforgeError, InvalidArgument, ModelNotFound, PermissionDenied,
-                             ServerError, ServerUnavailable, Timeout, UsageError)
+                             ServerError, ServerUnavailable, Timeout, TLSError,
+                             UsageError)
 from ganforge.serving.sampler import SEED_MAX
 
 # Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
@@ -44,8 +47,93 @@ def timed_out(model: str | None, url: str, timeout: float) -> Timeout:
                    f"{timeout:g} s")
 
 
-def map_error(exc: Exception, model: str | None = None, url: str = "") -> GanforgeError:
-    """Map a tritonclient InferenceServerException to ganforge's error tree by gRPC code."""
+@dataclass(frozen=True)
+class TLSFiles:
+    """The PEM files a client speaks TLS with (CLI: --tls-ca, --tls-cert, --tls-key); None for a
+    plaintext client. Only used to say why a handshake failed."""
+
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+def tls_probe(url: str, timeout: float = 3.0) -> str | None:
+    """What the server at `url` does with a TLS handshake that presents no certificate and
+    checks none: "tls" it answers over TLS, "closed" it completes the handshake and then closes
+    the connection (it wants a client certificate: mutual TLS), "plain" it does not speak TLS,
+    None nothing could be reached. The stdlib ssl module, on the error path only: gRPC reports a
+    server that closes the connection as "Socket closed", whatever the reason."""
+    import socket
+    import ssl
+
+    host, _, port = url.rpartition(":")
+    host = host.strip("[]") or "localhost"
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout) as raw:
+            with ctx.wrap_socket(raw, server_hostname=host) as s:
+                s.settimeout(1.0)
+                try:
+                    return "closed" if s.recv(1) == b"" else "tls"
+                except socket.timeout:
+                    return "tls"
+                except OSError:  # ssl.SSLError included: an alert after the handshake
+                    return "closed"
+    except ssl.SSLError:
+        return "plain"
+    except (OSError, ValueError):
+        return None
+
+
+def tls_error(msg: str, url: str, tls: TLSFiles | None) -> TLSError | None:
+    """The TLS cause of a gRPC UNAVAILABLE error `msg`, as a TLSError naming the flag to change;
+    None when the failure is not a TLS one."""
+    where = f"TLS handshake with {url} failed"
+    verify = re.search(r"CERTIFICATE_VERIFY_FAILED:?\s*([^:]*)", msg)
+    if verify:
+        why = verify.group(1).strip() or "certificate verify failed"
+        trusted = f"--tls-ca {tls.ca}" if tls and tls.ca else "the system's CAs (no --tls-ca)"
+        return TLSError(f"{where}: the server's certificate is not trusted by {trusted} ({why}); "
+                        f"pass --tls-ca with the CA that signed the server's certificate")
+    if "Hostname Verification Check failed" in msg or "hostname mismatch" in msg.lower():
+        host = url.rpartition(":")[0].strip("[]")
+        return TLSError(f"{where}: the server's certificate does not name {host!r} (hostname "
+                        f"verification failed); connect with a --url host that the certificate "
+                        f"lists in its subjectAltName")
+    if "WRONG_VERSION_NUMBER" in msg:
+        return TLSError(f"{where}: the server does not speak TLS on that port (wrong version "
+                        f"number); leave out --tls-ca/--tls-cert/--tls-key or check the port")
+    if "Socket closed" not in msg:
+        return None
+    probe = tls_probe(url)
+    if tls is None:
+        if probe in ("tls", "closed"):
+            return TLSError(f"{url} speaks TLS and closed the plaintext connection: pass --tls-ca "
+                            f"with the CA that signed the server's certificate"
+                            + (" (and --tls-cert/--tls-key: it also asks for a client certificate)"
+                               if probe == "closed" else ""))
+        return None
+    if probe == "plain":
+        return TLSError(f"{where}: the server does not speak TLS on that port (it closed the "
+                        f"connection); leave out --tls-ca/--tls-cert/--tls-key or check the port")
+    if probe == "closed":
+        if not tls.cert:
+            return TLSError(f"{where}: the server requires a client certificate (mutual TLS) and "
+                            f"closed the connection; pass --tls-cert and --tls-key signed by the "
+                            f"CA the server trusts")
+        return TLSError(f"{where}: the server refused the client certificate --tls-cert {tls.cert} "
+                        f"and closed the connection; it must be signed by the CA the server trusts "
+                        f"(ganforge serve --tls-ca) and be valid now")
+    return None
+
+
+def map_error(exc: Exception, model: str | None = None, url: str = "",
+              tls: TLSFiles | None = None) -> GanforgeError:
+    """Map a tritonclient InferenceServerException to ganforge's error tree by gRPC code.
+    `tls`: the client's TLS files (None: plaintext), to name the cause of a failed handshake."""
     status = str(getattr(exc, "status", lambda: "")() or "")
     msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
     low = msg.lower()
@@ -53,7 +141,7 @@ def map_error(exc: Exception, model: str | None = None, url: str = "") -> Ganfor
         return PermissionDenied(f"permission denied by {url}: {msg} (a server started with "
                                 f"--restricted-key needs that key: --key KEY=VALUE)")
     if "UNAVAILABLE" in status:
-        return ServerUnavailable(f"server unavailable at {url}: {msg}")
+        return tls_error(msg, url, tls) or ServerUnavailable(f"server unavailable at {url}: {msg}")
     if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in low:
         return Timeout(f"request to {model or 'the server'} at {url} timed out: {msg}")
     if "NOT_FOUND" in status or "unknown model" in low or "is not found" in low:
@@ -109,6 +197,7 @@ class Client:
                            ("certificate_chain", certificate_chain)):
             if path is not None and not os.path.isfile(path):
                 raise UsageError(f"{flag}: {path} is not a file")
+        self.tls = TLSFiles(root_certificates, certificate_chain, private_key) if ssl else None
         self._configs: dict[str, dict] = {}
         self._abandoned: list[queue.SimpleQueue] = []  # timed-out requests still on the server
         self._client = grpcclient.InferenceServerClient(
@@ -125,7 +214,7 @@ class Client:
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            raise map_error(exc, model, self.url) from None
+            raise map_error(exc, model, self.url, self.tls) from None
 
     def config(self, model: str) -> dict:
         """The model's config.pbtxt as a dict (cached per client)."""
@@ -160,7 +249,7 @@ class Client:
             self._abandoned = [q for q in self._abandoned if q.empty()] + [answer]
             raise timed_out(model, self.url, self.timeout) from None
         if error is not None:
-            raise map_error(error, model, self.url) from None
+            raise map_error(error, model, self.url, self.tls) from None
         return {o: result.as_numpy(o) for o in outputs}
 
     # -- API -----------------------------------------------------------------------------------

@@ -51,7 +51,7 @@ from pathlib import Path
 import numpy as np
 
 from ganforge.errors import (DataError, GanforgeError, InvalidArgument, ModelNotFound, ServerError,
-                             ServerUnavailable, Timeout, UsageError)
+                             ServerUnavailable, Timeout, TLSError, UsageError)
 from ganforge.images import IMAGE_SUFFIXES, read_image
 
 DEFAULT_MODEL = None  # the one served model with inputs `image` and `mask`
@@ -338,8 +338,12 @@ def _channel_args() -> list:
 class TritonEngine:
     """A served inpainting model over asynchronous gRPC (tritonclient.grpc.aio)."""
 
-    def __init__(self, url: str, model: str, timeout_s: float | None = 60.0):
+    def __init__(self, url: str, model: str, timeout_s: float | None = 60.0, tls=None,
+                 key: tuple[str, str] | None = None):
         self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.tls = tls  # serving.client.TLSFiles, None: plaintext
+        # a server started with --restricted-key wants it for the repository index (no --model)
+        self.headers = {f"triton-grpc-protocol-{key[0]}": key[1]} if key else {}
         self._client = None
         self._abandoned: set[asyncio.Future] = set()  # timed-out requests still on the server
         self.tile = self.max_batch = 0
@@ -347,10 +351,14 @@ class TritonEngine:
     async def open(self) -> None:
         import tritonclient.grpc.aio as aio
 
-        self._client = aio.InferenceServerClient(self.url, channel_args=_channel_args())
+        t = self.tls
+        self._client = aio.InferenceServerClient(
+            self.url, ssl=t is not None, root_certificates=t and t.ca, private_key=t and t.key,
+            certificate_chain=t and t.cert, channel_args=_channel_args())
         if self.model is None:
             self.model = await self._find_inpainter()
-        cfg = (await self._call(self._client.get_model_config, self.model, as_json=True))["config"]
+        cfg = (await self._call(self._client.get_model_config, self.model, as_json=True,
+                                     headers=self.headers))["config"]
         image = next((i for i in cfg.get("input", []) if i["name"] == "image"), None)
         names = sorted(i["name"] for i in cfg.get("input", []))
         if image is None or names != ["image", "mask"]:
@@ -365,12 +373,14 @@ class TritonEngine:
 
     async def _find_inpainter(self) -> str:
         """The one served model that takes `image` and `mask`: the default --model."""
-        index = await self._call(self._client.get_model_repository_index, as_json=True)
+        index = await self._call(self._client.get_model_repository_index, as_json=True,
+                                 headers=self.headers)
         found = []
         for m in index.get("models", []):
             if m.get("state") != "READY":
                 continue
-            cfg = (await self._call(self._client.get_model_config, m["name"], as_json=True))["config"]
+            cfg = (await self._call(self._client.get_model_config, m["name"], as_json=True,
+                                         headers=self.headers))["config"]
             if sorted(i["name"] for i in cfg.get("input", [])) == ["image", "mask"]:
                 found.append(m["name"])
         if len(found) != 1:
@@ -387,7 +397,7 @@ class TritonEngine:
         try:
             return await fn(*args, **kwargs)
         except InferenceServerException as exc:
-            raise map_error(exc, self.model, self.url) from None
+            raise map_error(exc, self.model, self.url, self.tls) from None
 
     async def infer(self, x: np.ndarray, m: np.ndarray) -> np.ndarray:
         import tritonclient.grpc.aio as aio
@@ -402,7 +412,7 @@ class TritonEngine:
         call = asyncio.ensure_future(self._call(
             self._client.infer, self.model, inputs,
             outputs=[aio.InferRequestedOutput(self.output)],
-            client_timeout=grpc_deadline(self.timeout_s)))
+            client_timeout=grpc_deadline(self.timeout_s), headers=self.headers))
         if not self.timeout_s:
             return (await call).as_numpy(self.output)
         try:
@@ -483,6 +493,8 @@ class JobOptions:
     backoff_s: float = 0.5          # first retry delay, doubled each time (at most 10 s)
     wait_for_server_s: float = 300.0  # how long an unavailable server is waited for
     timeout_s: float | None = 60.0  # per request
+    tls: object = None              # serving.client.TLSFiles: TLS to the server; None: plaintext
+    key: tuple[str, str] | None = None  # --key of a server started with --restricted-key
     dilate: int = 0                 # grow holes by this many pixels
     max_pixels: int | None = 64_000_000
     memory_bytes: int = 1 << 30     # decoded pixels held between reading and writing
@@ -555,7 +567,8 @@ class Job:
                  engine=None, failures: list[dict] | None = None, stream=None):
         self.items, self.opts = items, dataclasses.replace(opts)  # the job fills in opts.model
         self.output_dir = Path(output_dir)
-        self.engine = engine or TritonEngine(opts.url, opts.model, opts.timeout_s)
+        self.engine = engine or TritonEngine(opts.url, opts.model, opts.timeout_s, opts.tls,
+                                             opts.key)
         self.pre_failures = failures or []
         self.stream = stream
         self.summary = Summary(model=opts.model, url=opts.url, shard_index=opts.shard_index,
@@ -716,6 +729,8 @@ class Job:
             try:
                 await self.engine.open()
                 break
+            except TLSError:  # certificates do not change by waiting
+                raise
             except ServerUnavailable:  # not up yet: wait (bounded) as for a restart
                 await self._wait_for_server(time.monotonic())
         self.opts.model = self.summary.model = self.engine.model

@@ -199,6 +199,9 @@ class LocalServer:
         self.log_tail: deque[str] = deque(maxlen=400)
         self._tmp: tempfile.TemporaryDirectory | None = None
         self._reader: threading.Thread | None = None
+        self.models: list[str] = []  # the repository's models, every one ready once start() returns
+        self._lines = 0        # log lines read so far
+        self._ready_line = 0   # ... when start() returned
 
     @property
     def grpc_url(self) -> str:
@@ -245,12 +248,19 @@ class LocalServer:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace").rstrip("\n")
             self.log_tail.append(line)
+            self._lines += 1
             if self.stream is not None:
                 print(line, file=self.stream, flush=True)
 
-    def errors(self) -> list[str]:
-        """Triton's error lines (log lines starting with 'E'), the reasons a start failed."""
-        return [ln for ln in self.log_tail if ln.startswith("E") or "error:" in ln.lower()]
+    def errors(self, since_ready: bool = False) -> list[str]:
+        """Triton's error lines (log lines starting with 'E'), the reasons a start failed; with
+        since_ready, only those logged after start() returned (not the start-up notes of a
+        machine without a GPU)."""
+        tail = list(self.log_tail)
+        first = self._lines - len(tail)  # the number of the oldest line kept
+        return [ln for i, ln in enumerate(tail)
+                if (ln.startswith("E") or "error:" in ln.lower())
+                and (not since_ready or first + i >= self._ready_line)]
 
     def start(self) -> "LocalServer":
         configs = self.preflight()
@@ -262,18 +272,9 @@ class LocalServer:
         self._reader = threading.Thread(target=self._pump, daemon=True)
         self._reader.start()
         self._wait_ready(set(configs))
+        self.models = sorted(configs)
+        self._ready_line = self._lines
         return self
-
-    def client_kwargs(self) -> dict:
-        """What a Client needs to talk to this server (TLS files, the restricted-protocol header)."""
-        o = self.options
-        kw: dict = {}
-        if o.tls_cert:
-            kw["ssl"] = True
-            kw["root_certificates"] = str(o.tls_ca or o.tls_cert)
-        if o.restricted_key is not None:
-            kw["key"] = o.restricted_key
-        return kw
 
     def _wait_ready(self, models: set[str]) -> None:
         import tritonclient.grpc as grpcclient
