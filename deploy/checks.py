@@ -164,8 +164,54 @@ def check_security(docs) -> list[str]:
     return out
 
 
+def _mount_of(c: dict, volumes: dict, path: str) -> tuple[dict | None, dict]:
+    """The container's volume mount holding `path` (longest mount path first) and its volume."""
+    mounts = sorted(c.get("volumeMounts", []), key=lambda m: -len(m.get("mountPath", "")))
+    for m in mounts:
+        root = m.get("mountPath", "").rstrip("/") + "/"
+        if path.startswith(root):
+            return m, volumes.get(m.get("name"), {})
+    return None, {}
+
+
+def check_grpc_tls(docs) -> list[str]:
+    """Triton's gRPC TLS flags come with their files, each on a read-only mount of a Secret,
+    and no probe speaks plain gRPC to a TLS port (the kubelet's gRPC probe has no TLS)."""
+    out = []
+    for obj, _, pod in pod_specs(docs):
+        volumes = {v.get("name"): v for v in pod.get("volumes", [])}
+        for role, c in containers(pod, init=False):
+            if not is_triton(c):
+                continue
+            ssl = triton_arg(c, "--grpc-use-ssl") == "true"
+            mutual = triton_arg(c, "--grpc-use-ssl-mutual") == "true"
+            if not (ssl or mutual):
+                continue
+            where = f"{obj} container {c.get('name')}"
+            needed = ["--grpc-server-cert", "--grpc-server-key"] + (["--grpc-root-cert"] if mutual else [])
+            for flag in needed:
+                path = triton_arg(c, flag)
+                if not path:
+                    out.append(f"{where}: gRPC TLS is on but {flag} is not set")
+                    continue
+                mount, vol = _mount_of(c, volumes, path)
+                if mount is None:
+                    out.append(f"{where}: {flag} {path} is on no mounted volume")
+                elif mount.get("readOnly") is not True or not ("secret" in vol or "projected" in vol):
+                    out.append(f"{where}: {flag} {path} is not on a read-only Secret volume "
+                               f"(volume {mount.get('name')!r})")
+            grpc_port = int(triton_arg(c, "--grpc-port") or 8001)
+            ports = {p.get("name"): p.get("containerPort") for p in c.get("ports", [])}
+            for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
+                g = (c.get(probe) or {}).get("grpc")
+                if g is not None and ports.get(g.get("port"), g.get("port")) == grpc_port:
+                    out.append(f"{where}: {probe} is a gRPC probe of the TLS port {grpc_port}; the "
+                               f"kubelet's gRPC probe has no TLS: probe /v2/health/* over HTTP")
+    return out
+
+
 CHECKS = [check_probes, check_images_pinned, check_limits, check_dev_shm, check_grace_period,
-          check_security]
+          check_security, check_grpc_tls]
 
 
 def run_checks(text: str) -> list[str]:
