@@ -15,6 +15,7 @@ import sys
 import yaml
 
 TRITON_DEFAULT_EXIT_TIMEOUT_S = 30   # tritonserver's --exit-timeout-secs default
+TORCHRUN_DEFAULT_SHUTDOWN_S = 30     # torchrun's --shutdown-timeout default (SIGTERM to SIGKILL)
 K8S_DEFAULT_GRACE_S = 30             # terminationGracePeriodSeconds default
 WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "Job", "CronJob"}
 
@@ -48,6 +49,12 @@ def is_triton(c: dict) -> bool:
     """The Triton server container: its command starts tritonserver."""
     cmd = [*c.get("command", []), *c.get("args", [])][:1]
     return bool(cmd) and str(cmd[0]).rsplit("/", 1)[-1] == "tritonserver"
+
+
+def is_torchrun(c: dict) -> bool:
+    """A container that starts torchrun (itself or through a wrapper script)."""
+    words = [str(w) for w in [*c.get("command", []), *c.get("args", [])]]
+    return any(w.rsplit("/", 1)[-1] == "torchrun" or w == "torch.distributed.run" for w in words)
 
 
 def triton_arg(c: dict, flag: str) -> str | None:
@@ -105,12 +112,13 @@ def check_probes(docs) -> list[str]:
 
 
 def check_dev_shm(docs) -> list[str]:
-    """Triton's Python backend passes tensors through /dev/shm: an in-memory emptyDir there."""
+    """Triton's Python backend passes tensors through /dev/shm, and so do torchrun's DataLoader
+    workers and NCCL: an in-memory emptyDir there."""
     out = []
     for obj, _, pod in pod_specs(docs):
         volumes = {v.get("name"): v for v in pod.get("volumes", [])}
         for role, c in containers(pod, init=False):
-            if not is_triton(c):
+            if not (is_triton(c) or is_torchrun(c)):
                 continue
             mounts = [m for m in c.get("volumeMounts", []) if m.get("mountPath") == "/dev/shm"]
             if not mounts:
@@ -134,12 +142,20 @@ def _prestop_sleep(c: dict) -> int:
 
 def check_grace_period(docs) -> list[str]:
     """The pod must outlive preStop + Triton's drain (--exit-timeout-secs), or in-flight
-    requests are cut off by SIGKILL."""
+    requests are cut off by SIGKILL; a torchrun pod must outlive torchrun's --shutdown-timeout,
+    the time its workers get to write the SIGTERM checkpoint."""
     out = []
     for obj, _, pod in pod_specs(docs):
         grace = int(pod.get("terminationGracePeriodSeconds", K8S_DEFAULT_GRACE_S))
         for role, c in containers(pod, init=False):
+            if not (is_triton(c) or is_torchrun(c)):
+                continue
             if not is_triton(c):
+                shutdown = int(triton_arg(c, "--shutdown-timeout") or TORCHRUN_DEFAULT_SHUTDOWN_S)
+                if grace < shutdown:
+                    out.append(f"{obj}: terminationGracePeriodSeconds {grace} is shorter than torchrun's "
+                               f"--shutdown-timeout ({shutdown} s) of container {c.get('name')}: the "
+                               f"SIGTERM checkpoint would be cut off")
                 continue
             exit_timeout = int(triton_arg(c, "--exit-timeout-secs") or TRITON_DEFAULT_EXIT_TIMEOUT_S)
             need = exit_timeout + _prestop_sleep(c)
@@ -210,8 +226,94 @@ def check_grpc_tls(docs) -> list[str]:
     return out
 
 
+def _env_of(docs: list[dict], job: dict, c: dict) -> dict[str, str]:
+    """The container's environment as far as the manifests tell: literal values (with $(VAR)
+    references expanded), ConfigMaps from envFrom, and the Job's name from the job-name label."""
+    maps = {d.get("metadata", {}).get("name"): d.get("data") or {} for d in docs if d.get("kind") == "ConfigMap"}
+    env: dict[str, str] = {}
+    for src in c.get("envFrom", []):
+        ref = src.get("configMapRef") or {}
+        env.update({src.get("prefix", "") + k: str(v) for k, v in maps.get(ref.get("name"), {}).items()})
+    job_name = job.get("metadata", {}).get("name", "")
+    for e in c.get("env", []):
+        if "value" in e:
+            env[e["name"]] = expand(str(e["value"]), env)
+        elif "job-name" in ((e.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", ""):
+            env[e["name"]] = job_name
+    return env
+
+
+def expand(text: str, env: dict[str, str]) -> str:
+    """Kubernetes' $(VAR) expansion in command, args and env values (unknown names stay)."""
+    return re.sub(r"\$\(([A-Za-z_][A-Za-z0-9_]*)\)", lambda m: env.get(m.group(1), m.group(0)), text)
+
+
+def check_torchrun_jobs(docs) -> list[str]:
+    """A multi-node torchrun Job: one pod per node, all at once (Indexed, parallelism ==
+    completions == --nnodes), the c10d rendezvous on pod 0's name on a headless Service that
+    selects the pods, and a preempted pod restarted without counting as a failure."""
+    out = []
+    services = {d.get("metadata", {}).get("name"): d for d in docs if d.get("kind") == "Service"}
+    for d in docs:
+        if d.get("kind") != "Job":
+            continue
+        spec = d.get("spec", {})
+        template = spec.get("template", {})
+        pod = template.get("spec", {})
+        name = d.get("metadata", {}).get("name")
+        obj = f"Job/{name}"
+        for c in pod.get("containers", []):
+            if not is_torchrun(c):
+                continue
+            env = _env_of(docs, d, c)
+            args = [expand(str(a), env) for a in [*c.get("command", []), *c.get("args", [])]]
+            flags = dict(a.split("=", 1) for a in args if a.startswith("--") and "=" in a)
+            nnodes = flags.get("--nnodes", "1")
+            if nnodes == "1":
+                continue
+            where = f"{obj} container {c.get('name')}"
+            if spec.get("completionMode") != "Indexed":
+                out.append(f"{obj}: completionMode is not Indexed (torchrun on {nnodes} nodes needs one "
+                           f"stable pod name per node)")
+            if nnodes.isdigit():
+                for field in ("completions", "parallelism"):
+                    if str(spec.get(field)) != nnodes:
+                        out.append(f"{obj}: {field} {spec.get(field)} is not --nnodes {nnodes}")
+            else:
+                out.append(f"{where}: --nnodes {nnodes!r} is not a number the manifests define")
+            if flags.get("--rdzv-backend") != "c10d":
+                out.append(f"{where}: --rdzv-backend is {flags.get('--rdzv-backend')!r}, expected 'c10d'")
+            subdomain = pod.get("subdomain")
+            host = flags.get("--rdzv-endpoint", "").rsplit(":", 1)[0]
+            if not subdomain:
+                out.append(f"{obj}: the pod template has no subdomain (no DNS name per pod)")
+            elif host != f"{name}-0.{subdomain}":
+                out.append(f"{where}: --rdzv-endpoint host {host!r} is not pod 0's name "
+                           f"'{name}-0.{subdomain}'")
+            svc = services.get(subdomain)
+            labels = template.get("metadata", {}).get("labels", {})
+            if subdomain and svc is None:
+                out.append(f"{obj}: no Service {subdomain!r} for the pods' subdomain")
+            elif svc is not None:
+                sel = svc.get("spec", {}).get("selector") or {}
+                if svc.get("spec", {}).get("clusterIP") != "None":
+                    out.append(f"Service/{subdomain}: clusterIP is not None (not headless)")
+                if not sel or not sel.items() <= labels.items():
+                    out.append(f"Service/{subdomain}: selector {sel} does not select the pods of {obj}")
+            if pod.get("restartPolicy") != "Never":
+                out.append(f"{obj}: restartPolicy is {pod.get('restartPolicy')!r}, expected 'Never' "
+                           f"(podFailurePolicy)")
+            rules = (spec.get("podFailurePolicy") or {}).get("rules", [])
+            if not any(r.get("action") == "Ignore" and any(
+                    p.get("type") == "DisruptionTarget" and p.get("status", "True") == "True"
+                    for p in r.get("onPodConditions", [])) for r in rules):
+                out.append(f"{obj}: podFailurePolicy does not Ignore DisruptionTarget: a preempted "
+                           f"pod counts as a failure")
+    return out
+
+
 CHECKS = [check_probes, check_images_pinned, check_limits, check_dev_shm, check_grace_period,
-          check_security, check_grpc_tls]
+          check_security, check_grpc_tls, check_torchrun_jobs]
 
 
 def run_checks(text: str) -> list[str]:
