@@ -107,9 +107,11 @@ def learned(path: str) -> tuple[Callable, str]:
         from ganforge.export.image import UInt8Inpaint
         from ganforge.training.gan import CONFIGS, load_checkpoint
 
-        payload = load_checkpoint(p, kinds=("inpainter", "pix2pix"))
+        payload = load_checkpoint(p, kinds=("inpainter", "pix2pix", "context-encoder"))
         if payload["kind"] == "pix2pix":
             from ganforge.training.pix2pix import UNet as Net
+        elif payload["kind"] == "context-encoder":
+            from ganforge.training.context_encoder import UNet as Net
         else:
             from ganforge.training.inpainting import ContextEncoder as Net
         net = Net(CONFIGS[payload["kind"]](**payload["config"]))

@@ -22,9 +22,9 @@ covered and KL(q || uniform over 1,000).
 All variants run the same steps, the same seeds, side by side in this one process. Writes the
 JSON (`{"<mixture>": {"<variant>": {"modes": [per seed], "hq" | "kl": [per seed], ...}},
 "settings": {...}, "wall_seconds": s}`); per run, `<json stem>_samples/<mixture>_<variant>_seed<k>.npy`
-(2-D: the samples; stacked: each sample's mode index); a scatter PNG per 2-D mixture; for
-stacked, the run directories under `<json stem>_runs/` and a PNG grid of seed 0's samples per
-variant, `<json stem>_stacked_<variant>.png`.
+(2-D: the samples; stacked: each sample's mode index); the run directories under
+`<json stem>_runs/`; a scatter PNG per 2-D mixture; for stacked, a PNG grid of seed 0's samples
+per variant, `<json stem>_stacked_<variant>.png`.
 """
 
 from __future__ import annotations
@@ -52,6 +52,7 @@ VARIANTS = {  # name -> overrides of the healthy preset
 }
 # variant -> the variant whose trained G it samples with discriminator rejection sampling
 DRS_OF = {"doctor-auto+drs": "doctor-auto"}
+MIXTURE_DOCTOR_EVERY = 100   # steps between the doctor's observations on the 2-D mixtures
 STACKED = "stacked"
 STACKED_VARIANTS = ("vanilla", "doctor-auto")
 NOT_STACKED = {"pacgan2": "the DCGAN has no packing",  # the DCGAN's D judges one image at a time
@@ -150,11 +151,13 @@ def run(argv: list[str]) -> int:
 
 
 def _mixture(m: str, settings: dict, variants: list[str], out: Path, sample_dir: Path) -> dict:
-    """The MLP GAN on 2-D mixture `m`, every variant and seed."""
-    from ganforge.training.mixtures import mixture, preset_config, scatter, train_mixture
+    """The MLP GAN on 2-D mixture `m`, every variant and seed; run directories under
+    `<json stem>_runs/`."""
+    from ganforge.training import options
+    from ganforge.training.mixtures import MixtureTrainConfig, mixture, rejection_sample_run, scatter, train_mixture
 
+    run_dir = out.parent / f"{out.stem}_runs"
     rows, panels, trained = {}, {}, {}
-    drs_of = {DRS_OF[v] for v in variants if v in DRS_OF}  # trained once, sampled both ways
     for v in variants:
         base = DRS_OF.get(v, v)
         over = json.loads(json.dumps(VARIANTS[base]))
@@ -163,11 +166,19 @@ def _mixture(m: str, settings: dict, variants: list[str], out: Path, sample_dir:
         if v in DRS_OF:
             row["accepted"] = []
         for seed in range(settings["seeds"]):
+            where = run_dir / f"{m}_{base}_seed{seed}"
             if (base, seed) not in trained:
-                cfg = preset_config("healthy", data=m, steps=settings["steps"], seed=seed, network=net, **over)
-                trained[base, seed] = train_mixture(cfg, drs=base in drs_of)
+                cfg = options.config_from(MixtureTrainConfig, "mlpgan", "healthy", overrides={
+                    "data": m, "steps": settings["steps"], "seed": seed, "threads": 1,
+                    "doctor_every": MIXTURE_DOCTOR_EVERY, "checkpoint_every": settings["steps"],
+                    "network": net, **over})
+                trained[base, seed] = train_mixture(cfg, where, progress=False)
             s = trained[base, seed]
-            got = s["drs"] if v in DRS_OF else s
+            if v in DRS_OF:   # the same G, sampled by discriminator rejection sampling
+                kept, accepted = rejection_sample_run(where, 2500, seed + 1)
+                got = {**mixture(m).coverage(kept), "samples": kept, "accepted": round(accepted, 4)}
+            else:
+                got = {"modes": s["modes"], "hq": s["hq"], "samples": np.load(s["points"])}
             np.save(sample_dir / f"{m}_{v}_seed{seed}.npy", got["samples"])
             row["modes"].append(got["modes"])
             row["hq"].append(round(got["hq"], 4))
@@ -193,19 +204,19 @@ def _stacked(settings: dict, variants: list[str], classifier, out: Path, sample_
 
     from ganforge.images import save_grid
     from ganforge.training import metrics
-    from ganforge.training.gan import DCGANConfig, build_dcgan, load_checkpoint
+    from ganforge.training import options
+    from ganforge.training.gan import build_dcgan, load_checkpoint
     from ganforge.training.loop import TrainConfig, to_uint8, train_dcgan
 
     run_dir = out.parent / f"{out.stem}_runs"
-    net = DCGANConfig(z_dim=64, ngf=settings["width"], ndf=settings["width"],
-                      resolution=settings["resolution"])
     rows = {}
     for v in variants:
         row = {"modes": [], "kl": [], "seconds": [], "diagnoses": [], "interventions": [], "runs": []}
         for seed in range(settings["seeds"]):
-            cfg = TrainConfig(data="stacked_digits", n_images=settings["n_images"], steps=settings["steps"],
-                              seed=seed, threads=1, doctor=VARIANTS[v]["doctor"],
-                              checkpoint_every=settings["steps"], network=net)
+            cfg = options.config_from(TrainConfig, "dcgan", "stacked-digits", overrides={
+                "n_images": settings["n_images"], "steps": settings["steps"], "seed": seed, "threads": 1,
+                "doctor": VARIANTS[v]["doctor"], "checkpoint_every": settings["steps"],
+                "network": {"ngf": settings["width"], "ndf": settings["width"], "resolution": settings["resolution"]}})
             where = run_dir / f"{STACKED}_{v}_seed{seed}"
             s = train_dcgan(cfg, where, progress=False)
             G, _ = build_dcgan(load_checkpoint(s["checkpoint"]))
@@ -222,7 +233,7 @@ def _stacked(settings: dict, variants: list[str], classifier, out: Path, sample_
                   f"{s['interventions']} interventions", flush=True)
             if seed == 0:
                 z = torch.from_numpy(np.random.default_rng(10_000).standard_normal(
-                    (64, net.z_dim)).astype(np.float32))
+                    (64, cfg.network.z_dim)).astype(np.float32))
                 with torch.no_grad():
                     images = to_uint8(G(z))                                 # (64, 16, 16, 3)
                 images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)  # (64, 64, 64, 3)

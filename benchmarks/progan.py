@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -91,7 +92,8 @@ class Arm:
         self.seconds: list[float] = []
         self.fd: list[float] = []
         self.budget, self.decay_from = budget, decay_from
-        # each param group's base learning rate, which the schedule scales
+        # each param group's base learning rate, which the schedule scales (the engine's
+        # `base_lr` where the optimizer is stepped by the training engine)
         self.groups = [(g, g["lr"]) for opt in optimizers for g in opt.param_groups]
 
     def train_for(self, seconds: float) -> None:
@@ -100,7 +102,7 @@ class Arm:
             if self.decay_from < 1:
                 f = lr_factor(self.clock + elapsed, self.budget, self.decay_from)
                 for g, base in self.groups:
-                    g["lr"] = base * f
+                    g["base_lr" if "base_lr" in g else "lr"] = base * f
             self.step()
             self.steps += 1
         self.clock += time.perf_counter() - t0
@@ -142,18 +144,19 @@ def run(argv: list[str]) -> int:
     classifier, accuracy = metrics.load_classifier(args.cache_dir)
     real = datasets.shapes(args.n_fd, args.resolution, seed=10_000).images  # held out
     real_f = metrics.features(classifier, real)
-    images = datasets.load_images("shapes", args.n_images, args.resolution, 0)
     z = torch.from_numpy(np.random.default_rng(99).standard_normal((args.n_fd, 64)).astype(np.float32))
 
-    dc = GANTrainer(TrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
+    # each arm is the model `ganforge train` builds, stepped by this loop; its run directory
+    # (sample grids, checkpoints) is not kept
+    runs = tempfile.TemporaryDirectory(prefix="bench-progan-")
+    dc = GANTrainer(TrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0, threads=args.threads,
                                 label_smoothing=0.1, instance_noise=0.1,
                                 lr_g=args.dcgan_lr, lr_d=args.dcgan_lr,
-                                network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path("."))
-    pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0, lr=args.lr,
-                                         stable_images=args.phase_images,
+                                network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path(runs.name) / "dcgan")
+    pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
+                                         threads=args.threads, lr=args.lr, stable_images=args.phase_images,
                                          fade_images=args.phase_images, ema_images=args.ema_images,
-                                         network=pg_net),
-                       Path("."), images=images)
+                                         network=pg_net), Path(runs.name) / "progan")
 
     # the DCGAN's weight average, kept as the ProGAN keeps its own (training/ema.py)
     dc_ema = averaged_copy(dc.G) if args.ema_images else None
@@ -168,7 +171,7 @@ def run(argv: list[str]) -> int:
         G = dc_ema if dc_ema is not None else dc.G
         G.eval()
         with torch.no_grad():
-            out = torch.cat([G(zz[i:i + 256]) for i in range(0, len(zz), 256)])
+            out = torch.cat([G(zz[i:i + 256].to(dc.engine.device)).cpu() for i in range(0, len(zz), 256)])
         dc.G.train()
         return out
 
@@ -251,4 +254,5 @@ def run(argv: list[str]) -> int:
     print(f"on 3-evaluation medians: DCGAN final FD {target3}; seconds to reach it: DCGAN {t3_dc}, "
           f"ProGAN {t3_pg}; speedup {result['median_of_3']['speedup_to_dcgan_final']}")
     print(f"wrote {args.json} and {plot}")
+    runs.cleanup()
     return 0

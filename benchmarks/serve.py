@@ -507,7 +507,7 @@ def run(argv: list[str]) -> int:
     flops = matmul_flops()
     rounds = a.rounds or (3 if a.quick else 5)
     pa = None if a.no_perf_analyzer else perf_analyzer_path()
-    print(f"load generators: Python asyncio client" + (f", perf_analyzer ({pa})" if pa else
+    print("load generators: Python asyncio client" + (f", perf_analyzer ({pa})" if pa else
           " (perf_analyzer not installed: `make venv` installs it)"), flush=True)
     results = bench_repository(a.repository, seconds, a.quick, a.url, rounds, pa)
     results["clients"] = ["python"] + (["perf_analyzer"] if pa else [])

@@ -140,14 +140,49 @@ IMAGE_MODEL_INSTANCES = 1
 def export_run(run: str | Path, repository: str | Path, name: str | None = None,
                max_batch_size: int | None = None, version: int = 1, instances: int | None = None,
                intra_op_threads: int = 0, tile: int = 128, ort_trt: str | None = None,
-               log=print) -> dict:
+               precision: str = "fp32", calibration: int = 256, calibration_seed: int = 0,
+               max_loss: float | None = None, log=print, warn=None) -> dict:
     """Export whatever a run holds, by its checkpoint's kind: a generator (seeded graph + sampler + generator) or
-    an image-to-image model (denoiser, inpainter)."""
+    an image-to-image model (denoiser, inpainter); at `precision` (export/quantize.py: the FP32
+    graph is exported and checked against torch first, then converted and checked against it)."""
+    from ganforge.export import quantize
+
     _quiet_exporter()
     if instances is not None and instances < 1:
         raise UsageError(f"--instances: {instances} is not allowed; must be >= 1")
+    if precision not in quantize.PRECISIONS:
+        raise UsageError(f"--precision: {precision!r} is not allowed; choose {', '.join(quantize.PRECISIONS)}")
+    if calibration < 1:
+        raise UsageError(f"--calibration: {calibration} is not allowed; must be >= 1")
+    if precision != "fp32" and ort_trt:
+        raise UsageError(f"--precision: {precision} is not allowed with --ort-trt (TensorRT picks its "
+                         f"own precision); leave --precision fp32")
     payload = load_checkpoint(run)
     kind = payload.get("kind")
+    name = name or default_name(payload)
+    repository = Path(repository)
+    dirs = ([name, f"{name}_generator", f"{name}_sampler"] if kind in GENERATORS else [name])
+    before = {d: quantize.version_records(quantize.read_manifest(repository / d)) for d in dirs}
+    summary = _export_fp32(run, repository, name, max_batch_size, version, instances, intra_op_threads,
+                           tile, ort_trt, payload, kind, log)
+    converted = [name, f"{name}_generator"] if kind in GENERATORS else [name]
+    for d in dirs:
+        model_dir = repository / d
+        record = {"precision": "fp32"}
+        if precision != "fp32" and d in converted:
+            record = quantize.write_precision(
+                model_dir / str(version) / "model.onnx", model_dir, version, precision, calibration,
+                calibration_seed, max_loss, with_quality=(d == name), source="the FP32 export of the "
+                "same checkpoint (its torch parity in the manifest's `parity`)", log=log, warn=warn)
+            if d == name:
+                summary.update(precision=precision, precision_record=record)
+        quantize._set_version_policy(model_dir)
+        quantize.record_version(model_dir, version, record, keep=before[d])
+    return summary
+
+
+def _export_fp32(run, repository, name, max_batch_size, version, instances, intra_op_threads, tile,
+                 ort_trt, payload, kind, log) -> dict:
     if kind in GENERATORS:
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
                                 version=version,
@@ -159,7 +194,7 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     if kind == "pix2pix" and payload["config"].get("task") != "inpaint":
         raise UsageError(f"export: {payload['path']} holds a pix2pix model for task "
                          f"{payload['config'].get('task')!r}; only task 'inpaint' has a served contract")
-    if kind in ("denoiser", "inpainter", "pix2pix"):
+    if kind in ("denoiser", "inpainter", "pix2pix", "context-encoder"):
         from ganforge.export.image import export_image_model
         from ganforge.training.gan import CONFIGS
 
@@ -167,6 +202,8 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
             from ganforge.training.autoencoders import Denoiser as Net
         elif kind == "pix2pix":
             from ganforge.training.pix2pix import UNet as Net
+        elif kind == "context-encoder":
+            from ganforge.training.context_encoder import UNet as Net
         else:
             from ganforge.training.inpainting import ContextEncoder as Net
         if version < 1:
@@ -180,6 +217,20 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
                                   intra_op_threads,
                                   source_info(payload), log=log)
     raise UsageError(f"export: {payload['path']} holds a {kind!r} model, which has no export")
+
+
+def _clear(model_dir: Path, version: int) -> None:
+    """Make way for `version` of an ONNX model directory: its other versions stay (a
+    reduced-precision version beside the FP32 one); a directory that held another kind of
+    model (a Python sampler, an ensemble) goes entirely."""
+    if not model_dir.exists():
+        return
+    cfg = model_dir / "config.pbtxt"
+    if cfg.is_file() and repo.read_config(cfg).platform == "onnxruntime_onnx":
+        if (model_dir / str(version)).exists():
+            shutil.rmtree(model_dir / str(version))
+    else:
+        shutil.rmtree(model_dir)
 
 
 def export_generator(run: str | Path, repository: str | Path, name: str | None = None,
@@ -265,8 +316,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     seed_in, index_in = tensor("seed", "INT64", [1]), tensor("index", "INT64", [1])
     graph = sampler.latent_graph(cfg.z_dim)
     sampler_path = sampler_dir / str(version) / "model.onnx"
-    if sampler_dir.exists():
-        shutil.rmtree(sampler_dir)   # an older export's Python sampler must not linger
+    _clear(sampler_dir, version)   # an older export's Python sampler must not linger
     sampler_path.parent.mkdir(parents=True)
     onnx.save(graph, sampler_path)
     repo.write_config(sampler_dir, repo.onnx_model_config(
@@ -277,8 +327,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     merged = compose.merge_models(graph, onnx.load(onnx_path), io_map=[("latent", "latent")])
     merged.graph.name = name
     seeded_path = seeded_dir / str(version) / "model.onnx"
-    if seeded_dir.exists():
-        shutil.rmtree(seeded_dir)       # an older export's files (it was an ensemble before)
+    _clear(seeded_dir, version)       # an older export's files (it was an ensemble before)
     seeded_path.parent.mkdir(parents=True)
     onnx.save(merged, seeded_path)
     count = min(5, max_batch_size)

@@ -44,64 +44,109 @@ def _writable_dir(path: str, flag: str = "--out") -> Path:
 
 # -- train ------------------------------------------------------------------------------------
 
+def train_parser(model: str) -> Parser:
+    """`ganforge train MODEL`'s own options: the model's config fields (options.py), its presets,
+    and how the run is placed and launched."""
+    from ganforge.training import models, options
+
+    spec = models.get(model)
+    p = Parser(prog=f"ganforge train {model}",
+               description=f"Train {model}: {models.REGISTRY[model][1]}. Values come from the defaults, "
+               f"then --preset, then --config, then the flags typed. Under torchrun, each process is one rank.")
+    run = p.add_argument_group("run")
+    run.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, samples/)")
+    names = options.preset_names(model)
+    run.add_argument("--preset", default=None, choices=names or None,
+                     help=f"a named preset from training/presets/{model}/ ({', '.join(names)})")
+    run.add_argument("--config", default=None, metavar="FILE", help="a TOML or JSON file of option values")
+    run.add_argument("--resume", action="store_true",
+                     help="continue the run in --out from its checkpoint (a new run when it has none)")
+    run.add_argument("--nproc", type=_int_arg(1), default=None,
+                     help="start N processes on this machine through torchrun (DDP)")
+    run.add_argument("--quiet", action="store_true", help="no progress line")
+    options.add_options(p, spec.config, f"{model} options")
+    return p
+
+
 def cmd_train(args) -> int:
-    from ganforge.training.monitor import Thresholds
+    from ganforge.training import models
 
-    if args.model == "progan":
-        from ganforge.training.progan import train_from_args
-        return train_from_args(args)
-    if args.resume:
-        raise UsageError(f"--resume: not supported for {args.model}; only for progan")
-    thresholds = Thresholds.parse(args.thresholds or "")
-    if args.model == "mlpgan":
-        return _train_mlpgan(args, thresholds)
-    if args.model == "denoiser":
-        return _train_denoiser(args)
-    if args.model == "inpainter":
-        return _train_inpainter(args)
-    if args.model == "pix2pix":
-        return _train_pix2pix(args)
-    from ganforge.training.gan import DCGANConfig
-    from ganforge.training.loop import TrainConfig, apply_preset, train_dcgan
+    from ganforge.training import options
 
+    spec = models.get(args.model)
+    ns = vars(train_parser(args.model).parse_args(args.args))
+    run = {k: ns.pop(k) for k in ("out", "preset", "config", "resume", "nproc", "quiet")}
+    cfg = options.config_from(spec.config, args.model, run["preset"], run["config"],
+                              options.typed_values(spec.config, ns))
+    if run["nproc"] and "RANK" not in os.environ:
+        return _torchrun(run["nproc"], ["train", args.model, *_without_nproc(args.args)])
+    _writable_dir(run["out"])
+    summary = spec.train(cfg, run["out"], progress=not run["quiet"], resume=run["resume"])
+    if int(os.environ.get("RANK", 0)) != 0:
+        return 0
+    if "interrupted" in summary:
+        print(f"stopped on {summary['interrupted']} at step {summary['steps']}; checkpoint {summary['checkpoint']}; "
+              f"continue with: ganforge train {args.model} --resume ... --out {run['out']}")
+        return 0
+    ranks = f", {summary['world_size']} ranks" if summary["world_size"] > 1 else ""
+    print(f"trained {summary['steps']} steps in {summary['seconds']} s on {summary['device']} "
+          f"({summary['precision']}{ranks}); checkpoint {summary['checkpoint']}"
+          + (f"; samples {summary['samples']}" if "samples" in summary else "")
+          + f"; peak memory {summary['max_rss_mb']} MB")
+    for line in spec.describe(summary):
+        print(line)
+    bad = summary.get("bad_files") or {}
+    if bad:
+        shown = "; ".join(f"{path}: {why}" for path, why in list(bad.items())[:3])
+        print(f"skipped {len(bad)} unreadable files ({shown}{'; ...' if len(bad) > 3 else ''}); "
+              f"all listed in {Path(run['out']) / 'bad_files.json'}")
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        out.append(a)
+    return out
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """`ganforge ARGV` in `nproc` processes on this machine, through torchrun; its exit code."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "ganforge", *argv]
+    proc = subprocess.Popen(cmd, start_new_session=False)
+
+    def forward(sig, _frame):   # preemption reaches every rank through torchrun
+        proc.send_signal(sig)
+
+    old = {s: signal.signal(s, forward) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        net = DCGANConfig(z_dim=args.z_dim, ngf=args.ngf or 32, ndf=args.ndf, resolution=args.resolution,
-                          d_dropout=args.d_dropout)
-    except ValueError as exc:
-        raise UsageError(f"network: {exc}") from None
-    cfg = TrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
-                      batch_size=args.batch_size or 64, lr_g=args.lr_g, lr_d=args.lr_d, seed=args.seed,
-                      label_smoothing=args.label_smoothing, instance_noise=args.instance_noise,
-                      sample_every=args.sample_every, network=net, doctor=args.doctor,
-                      doctor_every=args.doctor_every, thresholds=thresholds, threads=args.threads)
-    if args.preset:
-        cfg = apply_preset(cfg, args.preset)
-    _writable_dir(args.out)
-    summary = train_dcgan(cfg, args.out, progress=not args.quiet)
-    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
-          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
-    if args.doctor != "off":
-        print(f"doctor ({args.doctor}): diagnoses {', '.join(summary['diagnoses']) or 'none'}; "
-              f"{summary['interventions']} interventions; report {Path(args.out) / 'doctor.md'}")
+        code = proc.wait()
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
+    if code:
+        print(f"Error: torchrun exited with code {code} (see the ranks' output above)", file=sys.stderr)
+        return 1
     return 0
 
 
-def _train_mlpgan(args, thresholds) -> int:
-    from ganforge.training.mixtures import preset_config, train_mixture
-
-    args.data = args.data or "ring"
-    if args.data not in ("ring", "grid"):
-        raise UsageError(f"--data: {args.data!r} is not a 2-D mixture; mlpgan trains on ring or grid")
-    cfg = preset_config(args.preset or "healthy", data=args.data, steps=args.steps, seed=args.seed,
-                        doctor=args.doctor, doctor_every=args.doctor_every, thresholds=thresholds)
-    _writable_dir(args.out)
-    s = train_mixture(cfg, args.out, log=None if args.quiet else print)
-    print(f"trained {s['steps']} steps in {s['seconds']} s: {s['modes']} modes covered, "
-          f"{100 * s['hq']:.1f} % high-quality samples; run {args.out}")
-    if args.doctor != "off":
-        print(f"doctor ({args.doctor}): diagnoses {', '.join(s['diagnoses']) or 'none'}; "
-              f"{s['interventions']} interventions; report {Path(args.out) / 'doctor.md'}")
-    return 0
+def parse_train_args(argv: list[str]) -> argparse.Namespace:
+    """`train MODEL ...` parsed with the model's own parser."""
+    args = build_parser().parse_args(argv)
+    ns = train_parser(args.model).parse_args(args.args)
+    ns.model = args.model
+    return ns
 
 
 def cmd_doctor(args) -> int:
@@ -112,81 +157,36 @@ def cmd_doctor(args) -> int:
     return 0
 
 
-def _train_denoiser(args) -> int:
-    from ganforge.training.autoencoders import DenoiserConfig, DenoiserTrainConfig, train_denoiser
-
-    if not 0 <= args.sigma_min <= args.sigma_max:
-        raise UsageError(f"--sigma-min/--sigma-max: {args.sigma_min}/{args.sigma_max} is not allowed; "
-                         f"need 0 <= min <= max (0-255 scale)")
-    cfg = DenoiserTrainConfig(data=args.data or "photos", steps=args.steps,
-                              batch_size=args.batch_size or 32,
-                              patch=args.patch, sigma=(args.sigma_min, args.sigma_max), lr=args.lr or 1e-3,
-                              seed=args.seed, threads=args.threads,
-                              crop_scale=(args.crop_scale_min, args.crop_scale_max), pool=args.pool,
-                              init=args.init, network=DenoiserConfig(width=args.width or 48, depth=args.depth))
-    _writable_dir(args.out)
-    summary = train_denoiser(cfg, args.out, progress=not args.quiet)
-    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
-          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
-    return 0
-
-
-def _train_inpainter(args) -> int:
-    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
-
-    cfg = InpaintTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
-                             tile=args.tile, lambda_rec=args.lambda_rec, lambda_adv=args.lambda_adv,
-                             lr=args.lr or 5e-4, seed=args.seed, threads=args.threads, pool=args.pool,
-                             rec_reduce=args.rec_reduce, val_every=args.val_every,
-                             balance_fills=args.balance_fills,
-                             network=ContextEncoderConfig(width=args.width or 24, prefill=args.prefill,
-                                                          fill=args.fill, diffuse=args.diffuse,
-                                                          bilaplace=args.bilaplace, thinplate=args.thinplate,
-                                                          head=args.head, blend_thinplate=args.blend_thinplate,
-                                                          blend_validate=args.blend_validate))
-    _writable_dir(args.out)
-    summary = train_inpainter(cfg, args.out, progress=not args.quiet)
-    if "fill_wins" in summary:
-        print("best fill per training pair (thin plate, converged thin plate, cascade): "
-              + ", ".join(str(n) for n in summary["fill_wins"]))
-    if "selected_step" in summary:
-        print(f"validation: kept step {summary['selected_step']} at {summary['val_psnr']:.3f} dB "
-              f"mean hole PSNR (untrained {summary['val_psnr_untrained']:.3f} dB)")
-    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
-          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
-    return 0
-
-
-def _train_pix2pix(args) -> int:
-    from ganforge.training.pix2pix import Pix2PixConfig, Pix2PixTrainConfig, train_pix2pix
-
-    if not 0 <= args.dropout < 1:
-        raise UsageError(f"--dropout: {args.dropout} is not allowed; must be in [0, 1)")
-    cfg = Pix2PixTrainConfig(data=args.data or "photos", steps=args.steps, batch_size=args.batch_size or 16,
-                             tile=args.tile, lambda_l1=args.lambda_l1, lr=args.lr or 2e-4, seed=args.seed,
-                             threads=args.threads,
-                             network=Pix2PixConfig(task=args.task, ngf=args.ngf or 16, ndf=args.ndf,
-                                                   dropout=args.dropout))
-    _writable_dir(args.out)
-    summary = train_pix2pix(cfg, args.out, progress=not args.quiet)
-    print(f"trained {summary['steps']} steps in {summary['seconds']} s; "
-          f"checkpoint {summary['checkpoint']}; samples {summary['samples']}")
-    return 0
-
-
 # -- export -----------------------------------------------------------------------------------
 
 def cmd_export(args) -> int:
+    args.repository_given = args.repository is not None
+    args.repository = args.repository or "model_repository"
     if args.format != "onnx":
+        if args.precision != "fp32":
+            raise UsageError(f"--precision: {args.precision} is not allowed with --format {args.format}; "
+                             f"use --fp16 for TensorRT")
+        args.version = args.version or 1
         from ganforge.export.tensorrt import export_tensorrt  # GPU machines only
 
         return export_tensorrt(args)
+    warn = lambda line: print(line, file=sys.stderr, flush=True)
+    if (Path(args.run) / "config.pbtxt").is_file():   # a model directory: convert its FP32 graph
+        from ganforge.export.quantize import export_from_directory
+
+        summary = export_from_directory(args.run, args.repository if args.repository_given else None,
+                                        args.name, args.version, args.precision, args.calibration,
+                                        args.calibration_seed, args.max_loss, warn=warn)
+        print(f"exported {summary['model']} version {summary['version']} ({summary['precision']}) to "
+              f"{summary['repository']} (vs fp32: max abs diff {summary['parity']['max_abs_diff']} grey levels)")
+        return 0
     from ganforge.export.triton import export_run
 
     summary = export_run(args.run, args.repository, name=args.name,
-                         max_batch_size=args.max_batch_size, version=args.version,
+                         max_batch_size=args.max_batch_size, version=args.version or 1,
                          instances=args.instances, intra_op_threads=args.threads, tile=args.tile,
-                         ort_trt=args.ort_trt)
+                         ort_trt=args.ort_trt, precision=args.precision, calibration=args.calibration,
+                         calibration_seed=args.calibration_seed, max_loss=args.max_loss, warn=warn)
     print(f"exported {summary['model']} to {summary['repository']} "
           f"(parity max abs diff {summary['parity']['max_abs_diff']} grey levels)")
     return 0
@@ -431,95 +431,14 @@ def build_parser() -> Parser:
     p = Parser(prog="ganforge", description="Train, export and serve generative image models.")
     sub = p.add_subparsers(dest="verb", required=True, parser_class=Parser)
 
-    t = sub.add_parser("train", help="train a model into a run directory")
-    t.add_argument("model", choices=["dcgan", "progan", "mlpgan", "denoiser", "inpainter", "pix2pix"],
-                   help="model family (inpainter: the context encoder; mlpgan: 2-D mixtures)")
-    t.add_argument("--data", default=None,
-                   help="'shapes', 'stacked_digits', 'photos' or a folder of images (default: shapes for GANs, "
-                   "photos otherwise); "
-                   "ring or grid for mlpgan")
-    t.add_argument("--steps", type=int, default=1000)
-    t.add_argument("--threads", type=int, default=0, help="torch threads (default: every core)")
-    t.add_argument("--out", required=True, help="run directory")
-    t.add_argument("--batch-size", type=int, default=None, help="default 64 (dcgan), 32 (denoiser), 16 (inpainter)")
-    t.add_argument("--n-images", type=int, default=8192, help="training pool size")
-    t.add_argument("--z-dim", type=int, default=64)
-    t.add_argument("--ngf", type=int, default=None, help="generator filters (default 32 for dcgan, 16 for pix2pix)")
-    t.add_argument("--ndf", type=int, default=32)
-    t.add_argument("--resolution", type=int, default=64)
-    t.add_argument("--lr-g", type=float, default=2e-4)
-    t.add_argument("--lr-d", type=float, default=2e-4)
-    t.add_argument("--label-smoothing", type=float, default=0.1)
-    t.add_argument("--instance-noise", type=float, default=0.1)
-    t.add_argument("--d-dropout", type=float, default=0.0)
-    t.add_argument("--sample-every", type=int, default=100)
-    t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--quiet", action="store_true", help="no progress line")
-    t.add_argument("--doctor", choices=["auto", "report", "off"], default="report",
-                   help="training doctor: auto (diagnose and remedy), report (diagnose), off")
-    t.add_argument("--doctor-every", type=_int_arg(1), default=50, help="steps between s_G/s_D checks")
-    t.add_argument("--thresholds", default=None, help="doctor thresholds, NAME=VALUE,... (docs/doctor.md)")
-    t.add_argument("--preset", default=None,
-                   help="healthy, d-dominates, g-dominates, mode-collapse (reproduce a failure)")
-    t.add_argument("--patch", type=int, default=48, help="denoiser: training crop side")
-    t.add_argument("--sigma-min", type=float, default=5.0, help="denoiser: noise sigma range, 0-255")
-    t.add_argument("--sigma-max", type=float, default=55.0)
-    t.add_argument("--crop-scale-min", type=float, default=0.05,
-                   help="denoiser: crop side as a fraction of the photo's shorter side (a side at or under "
-                   "--patch is a crop at the photo's own resolution)")
-    t.add_argument("--crop-scale-max", type=float, default=0.5)
-    t.add_argument("--pool", type=int, default=4096, help="denoiser / inpainter: training crops drawn once per run")
-    t.add_argument("--init", default=None, help="denoiser: start from this run's (or checkpoint's) weights")
-    t.add_argument("--lr", type=float, default=None, help="denoiser / inpainter / progan: Adam learning rate "
-                   "(default 1e-3 / 5e-4 / 1e-3)")
-    t.add_argument("--width", type=int, default=None, help="denoiser / inpainter: feature maps of the first "
-                   "layer (default 48 / 24)")
-    t.add_argument("--depth", type=int, default=8, help="denoiser: conv layers")
-    t.add_argument("--tile", type=int, default=64, help="inpainter: training crop side")
-    t.add_argument("--lambda-rec", type=float, default=0.999, help="inpainter: weight of the masked L2")
-    t.add_argument("--lambda-adv", type=float, default=0.001, help="inpainter: weight of the adversarial loss")
-    t.add_argument("--rec-reduce", choices=["pixels", "images", "log-images"], default="pixels",
-                   help="inpainter: how the masked L2 weighs a batch's holes: pooled over pixels, "
-                   "each image's hole MSE averaged, or each image's log hole MSE averaged (mean hole PSNR)")
-    t.add_argument("--balance-fills", action="store_true",
-                   help="inpainter --head blend: draw the training pairs so each candidate fill is the "
-                   "best one (lowest hole MSE) in an equal share of them")
-    t.add_argument("--val-every", type=int, default=0,
-                   help="inpainter: score hole PSNR on the validation photos (docs/inpainting.md) every N "
-                   "steps and keep the best-scoring weights (default 0: keep the last)")
-    t.add_argument("--fill", choices=["harmonic", "cascade"], default="harmonic",
-                   help="inpainter --prefill: pull-push then harmonic steps, or the cascade (every "
-                   "pyramid level smoothed, harmonic then biharmonic; docs/inpainting.md)")
-    t.add_argument("--diffuse", type=_int_arg(0), default=32, help="inpainter --prefill: harmonic steps (per level for the cascade)")
-    t.add_argument("--bilaplace", type=_int_arg(0), default=0, help="inpainter --prefill cascade: biharmonic steps per level")
-    t.add_argument("--thinplate", type=_int_arg(0), default=0,
-                   help="inpainter --prefill: conjugate-gradient steps on the thin-plate energy after the fill")
-    t.add_argument("--head", choices=["residual", "blend"], default="residual",
-                   help="inpainter --prefill: learn a residual on the fill, or per-pixel weights over "
-                   "three classical fills (needs --fill cascade --thinplate N; docs/inpainting.md)")
-    t.add_argument("--blend-thinplate", type=_int_arg(0), default=350,
-                   help="inpainter --head blend: further thin-plate steps of the converged fill")
-    t.add_argument("--blend-validate", type=_int_arg(0), default=0,
-                   help="inpainter --head blend: score each fill on a band of this many known pixels "
-                   "around the hole, filled as if it were hole, and weigh the fills by it (0: off)")
-    t.add_argument("--prefill", action="store_true",
-                   help="inpainter: fill the hole by pull-push in the graph and learn a residual on top")
-    t.add_argument("--resume", action="store_true", help="progan: continue the run in --out")
-    t.add_argument("--stable-images", type=int, default=12800, help="progan: images per stable phase")
-    t.add_argument("--fade-images", type=int, default=12800, help="progan: images per fade-in")
-    t.add_argument("--ema-images", type=int, default=10_000,
-                   help="progan: half-life in images of G's weight average, which samples and "
-                   "export use (0: none)")
-    t.add_argument("--fmap-base", type=int, default=1024,
-                   help="progan: feature maps at side s are min(fmap-max, fmap-base / s) ...")
-    t.add_argument("--fmap-max", type=int, default=64, help="progan: ... at most this many ...")
-    t.add_argument("--fmap-min", type=int, default=16, help="progan: ... and at least this many")
-    t.add_argument("--d-fmap-min", type=int, default=0,
-                   help="progan: D's own minimum, for a D wider than G at the top sides (0: --fmap-min)")
-    t.add_argument("--task", choices=["inpaint", "edges"], default="inpaint",
-                   help="pix2pix: masked image -> image, or edge map -> image")
-    t.add_argument("--lambda-l1", type=float, default=100.0, help="pix2pix: weight of the L1 loss")
-    t.add_argument("--dropout", type=float, default=0.5, help="pix2pix: decoder dropout (the noise)")
+    from ganforge.training import models
+
+    t = sub.add_parser("train", help="train a model into a run directory (ganforge train MODEL --help)",
+                       description="Train a model into a run directory. Each model has its own options: "
+                       "ganforge train MODEL --help.")
+    t.add_argument("model", choices=models.names(), help="; ".join(
+        f"{n}: {d}" for n, (_, d) in sorted(models.REGISTRY.items())))
+    t.add_argument("args", nargs=argparse.REMAINDER, help="the model's options (ganforge train MODEL --help)")
     t.set_defaults(fn=cmd_train)
 
     dr = sub.add_parser("doctor", help="print the training doctor's report of a run")
@@ -528,14 +447,25 @@ def build_parser() -> Parser:
     dr.set_defaults(fn=cmd_doctor)
 
     e = sub.add_parser("export", help="export a run to ONNX and a Triton model directory")
-    e.add_argument("run", help="run directory or checkpoint file")
-    e.add_argument("--repository", default="model_repository", help="Triton model repository")
+    e.add_argument("run", help="run directory or checkpoint file; or a model directory of a repository "
+                   "(with --precision: a reduced-precision version of its FP32 graph)")
+    e.add_argument("--repository", default=None, help="Triton model repository (default model_repository; "
+                   "for a model directory, the one holding it)")
     e.add_argument("--name", default=None, help="model name (default <kind>_<data>)")
     e.add_argument("--format", choices=["onnx", "tensorrt"], default="onnx")
     e.add_argument("--max-batch-size", type=int, default=None,
                    help="largest batch Triton forms (default 64 for generators, 16 for image models)")
     e.add_argument("--tile", type=int, default=128, help="image models: the tile side the model takes")
-    e.add_argument("--version", type=int, default=1)
+    e.add_argument("--version", type=int, default=None,
+                   help="version directory to write (default 1; for a model directory, the next free one)")
+    e.add_argument("--precision", choices=["fp32", "int8", "fp16", "bf16"], default="fp32",
+                   help="the float part's precision; int8: ONNX Runtime static quantization (docs/quantization.md)")
+    e.add_argument("--calibration", type=_int_arg(1), default=256,
+                   help="int8: samples of the model's own inputs that calibrate its activations")
+    e.add_argument("--calibration-seed", type=int, default=0, help="int8: seed of the calibration samples")
+    e.add_argument("--max-loss", type=float, default=None,
+                   help="quality cost allowed before a warning (default 0.2 dB PSNR for the denoiser "
+                   "and the inpainter, 5 (%%) FD for generators)")
     e.add_argument("--instances", type=int, default=None,
                    help="model instances per device (default 2 for generators, 1 for image models)")
     e.add_argument("--threads", type=int, default=0,

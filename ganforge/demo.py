@@ -18,14 +18,15 @@ def run_demo(out: Path, steps: int = 1000) -> int:
     from ganforge.images import save_grid, write_image
     from ganforge.serving.client import Client
     from ganforge.serving.server import LocalServer, ServerOptions, free_port
+    from ganforge.training import options
     from ganforge.training.loop import TrainConfig, train_dcgan
 
     t0 = time.perf_counter()
     out = Path(out)
     run, repository, images_dir = out / "run", out / "model_repository", out / "generated"
     print(f"[1/4] training a DCGAN on procedural shapes for {steps} steps -> {run}", flush=True)
-    summary = train_dcgan(TrainConfig(data="shapes", steps=steps, n_images=4096,
-                                      label_smoothing=0.1, instance_noise=0.1), run)
+    cfg = options.config_from(TrainConfig, "dcgan", "demo", overrides={"steps": steps})
+    summary = train_dcgan(cfg, run)
     print(f"      {summary['seconds']} s; training samples {summary['samples']}")
 
     print(f"[2/4] exporting to ONNX + Triton model directories -> {repository}", flush=True)

@@ -35,6 +35,28 @@ def blocks(h: int, w: int, seed: int, n: tuple[int, int] = (1, 4),
     return m
 
 
+def regions(h: int, w: int, seed: int, target: tuple[float, float] = (0.2, 0.3),
+            size: tuple[float, float] = (0.15, 0.45)) -> np.ndarray:
+    """Random rectangles (sides `size` of the image's) added until the hole covers a share of
+    the image within `target`; the last one is shrunk when it would overshoot."""
+    rng = np.random.default_rng(seed)
+    m = np.zeros((h, w), np.uint8)
+    goal = rng.uniform(*target)
+    for _ in range(64):
+        bh, bw = max(int(h * rng.uniform(*size)), 1), max(int(w * rng.uniform(*size)), 1)
+        y, x = int(rng.integers(0, h - bh + 1)), int(rng.integers(0, w - bw + 1))
+        trial = m.copy()
+        trial[y:y + bh, x:x + bw] = HOLE
+        while (trial > 0).mean() > target[1] and min(bh, bw) > 1:
+            bh, bw = bh - 1, bw - 1
+            trial = m.copy()
+            trial[y:y + bh, x:x + bw] = HOLE
+        m = trial
+        if (m > 0).mean() >= goal:
+            break
+    return m
+
+
 def strokes(h: int, w: int, seed: int, n: tuple[int, int] = (2, 5), width: tuple[float, float] = (0.04, 0.1),
             target: tuple[float, float] = (0.15, 0.3)) -> np.ndarray:
     """Random thick polylines until the hole covers a share of the image within `target`."""

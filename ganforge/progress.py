@@ -19,12 +19,12 @@ def _fmt_time(seconds: float) -> str:
 
 class Progress:
     def __init__(self, total: int, desc: str, unit: str = "it", stream=None,
-                 every_s: float = 5.0, enabled: bool = True):
+                 every_s: float = 5.0, enabled: bool = True, initial: int = 0):
         self.total, self.desc, self.unit = total, desc, unit
         self.stream = stream or sys.stderr
         self.every_s = every_s
         self.enabled = enabled
-        self.n = 0
+        self.n = self.initial = initial     # work done before (a resumed run): not in the rate
         self.start = time.perf_counter()
         self._last = 0.0
         self._drawn_at = -1
@@ -47,7 +47,7 @@ class Progress:
 
     def line(self) -> str:
         el = self.elapsed
-        rate = self.n / el if el > 0 else 0.0
+        rate = (self.n - self.initial) / el if el > 0 else 0.0
         eta = (self.total - self.n) / rate if rate > 0 else 0.0
         pct = 100.0 * self.n / self.total if self.total else 100.0
         width = 24

@@ -6,33 +6,30 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
 
-$GF train dcgan --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-dim 64 --ngf 32 \
+$GF train dcgan --preset default --data shapes --steps 3000 --batch-size 64 --n-images 8192 --z-dim 64 --ngf 32 \
     --ndf 32 --resolution 64 --lr-g 0.0002 --lr-d 0.0002 --label-smoothing 0.1 --instance-noise 0.1 \
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
 
-# the Progressive GAN: narrow blocks, phases of 6,400 images (docs/progan.md)
-$GF train progan --data shapes --resolution 64 --steps 10000 --batch-size 32 --n-images 8192 --z-dim 64 \
-    --stable-images 6400 --fade-images 6400 --fmap-base 256 --fmap-min 8 --seed 0 --out runs/progan_shapes
+# the Progressive GAN: narrow blocks, phases of 6,400 images, 10,000 steps at 64 px
+# (training/presets/progan/shipped.toml, docs/progan.md)
+$GF train progan --preset shipped --data shapes --seed 0 --out runs/progan_shapes
 $GF export runs/progan_shapes --repository model_repository --name progan_shapes
 
 # the denoiser: 8,000 steps on mostly downscaled crops, then two fine-tunes on crops at the
 # photos' own resolution (docs/denoising.md)
-$GF train denoiser --data photos --steps 8000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
+$GF train denoiser --data photos --steps 8000 --batch-size 32 --patch 48 --sigma 5.0 55.0 \
     --lr 0.001 --width 48 --depth 10 --seed 0 --out runs/denoiser_photos
-$GF train denoiser --data photos --steps 2000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
-    --lr 0.0003 --width 48 --depth 10 --crop-scale-min 0.0 --crop-scale-max 0.15 --pool 16384 \
+$GF train denoiser --data photos --steps 2000 --batch-size 32 --patch 48 --sigma 5.0 55.0 \
+    --lr 0.0003 --width 48 --depth 10 --crop-scale 0.0 0.15 --pool 16384 \
     --init runs/denoiser_photos --seed 1 --out runs/denoiser_photos_ft
-$GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma-min 5.0 --sigma-max 55.0 \
-    --lr 0.0002 --width 48 --depth 10 --crop-scale-min 0.0 --crop-scale-max 0.1 --pool 32768 \
+$GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma 5.0 55.0 \
+    --lr 0.0002 --width 48 --depth 10 --crop-scale 0.0 0.1 --pool 32768 \
     --init runs/denoiser_photos_ft --seed 2 --out runs/denoiser_photos_ft2
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 
 # the inpainter: a learned blend of three classical fills, scored on a band of known pixels
 # around each hole, trained on pairs balanced by which fill wins, the step kept by validation
-# (docs/inpainting.md)
-$GF train inpainter --data photos --steps 3000 --batch-size 32 --tile 64 --lambda-rec 0.999 \
-    --lambda-adv 0.001 --lr 0.001 --width 16 --pool 4096 --prefill --fill cascade --diffuse 20 \
-    --bilaplace 100 --thinplate 50 --head blend --blend-thinplate 350 --blend-validate 2 \
-    --balance-fills --val-every 250 --seed 0 --out runs/inpainter_balanced
+# (docs/inpainting.md; the settings are training/presets/inpainter/photos.toml)
+$GF train inpainter --preset photos --out runs/inpainter_balanced
 $GF export runs/inpainter_balanced --repository model_repository --name inpainter_photos --tile 64

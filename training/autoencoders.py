@@ -12,10 +12,7 @@ in DnCNN (Zhang et al., 2017).
 
 from __future__ import annotations
 
-import json
-import os
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -25,9 +22,10 @@ from torch import nn
 
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
-from ganforge.progress import Progress
 from ganforge.training import datasets
-from ganforge.training.gan import CONFIGS, load_checkpoint, save_checkpoint
+from ganforge.training.engine import SCHEDULES, Engine, RunConfig, Task, option
+from ganforge.training.gan import CONFIGS, load_checkpoint
+from ganforge.training.models import ModelSpec
 
 # ---------------------------------------------------------------------------------------------
 # PCA, the linear baseline
@@ -186,22 +184,32 @@ CONFIGS["denoiser"] = DenoiserConfig
 
 
 @dataclass
-class DenoiserTrainConfig:
-    data: str = "photos"                 # 'photos' (the training split) or a folder of images
-    steps: int = 2000
-    batch_size: int = 32
-    patch: int = 48                      # training crop side
-    sigma: tuple[float, float] = (5.0, 55.0)  # Gaussian noise range, 0-255 scale
-    lr: float = 1e-3
-    seed: int = 0
-    threads: int = 0
-    log_every: int = 25
+class DenoiserTrainConfig(RunConfig):
+    """Denoiser training: the engine's settings and these."""
+    data: str = option("photos", "photos (scikit-image's training split), a folder of images, or a "
+                       ".txt / .jsonl list of image paths (streamed)")
+    steps: int = option(2000, "optimizer steps", min=1)
+    batch_size: int = option(32, "global batch size, split evenly across the ranks", min=1)
+    patch: int = option(48, "training crop side", min=8)
+    sigma: tuple[float, float] = option((5.0, 55.0), "Gaussian noise range per image, 0-255 scale",
+                                        min=0, ordered=True)
+    lr: float = option(1e-3, "Adam learning rate", min=0)
+    lr_schedule: str = option("cosine", "learning rate over the run: constant, cosine (to 0), "
+                              "linear-decay (hold, then to 0 over the second half)", choices=SCHEDULES)
     # crop side as a fraction of the photo's shorter side, resized to `patch`; a side at or
     # under `patch` pixels is a crop at the photo's own resolution (what the denoiser meets)
-    crop_scale: tuple[float, float] = (0.05, 0.5)
-    pool: int = 4096                     # training crops drawn once per run
-    init: str | None = None              # start from this denoiser checkpoint's weights
-    network: DenoiserConfig = field(default_factory=DenoiserConfig)
+    crop_scale: tuple[float, float] = option((0.05, 0.5), "crop side as a share of the photo's shorter "
+                                             "side, resized to --patch", min=0, max=1, ordered=True)
+    pool: int = option(4096, "bundled photos: training crops drawn once per run", min=1)
+    init: str | None = option(None, "start from this denoiser run's (or checkpoint's) weights")
+    network: DenoiserConfig = option(default_factory=DenoiserConfig)
+
+    def validate(self) -> None:
+        if self.init:
+            start = load_checkpoint(self.init, ("denoiser",))
+            if start["config"] != asdict(self.network):
+                raise UsageError(f"--init: {self.init} holds a denoiser {start['config']}, not the one asked "
+                                 f"for {asdict(self.network)}; give the same --width and --depth")
 
 
 def training_photos(data: str) -> list[np.ndarray]:
@@ -217,66 +225,69 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return float("inf") if mse == 0 else 10 * np.log10(255.0 ** 2 / mse)
 
 
-def train_denoiser(cfg: DenoiserTrainConfig, out: str | Path, progress: bool = True) -> dict:
+def image_crops(data: str, pool: int, size: int, seed: int, scale: tuple[float, float]):
+    """Training crops of an image model: a fixed pool of `pool` crops of the bundled photos, or
+    a streamed folder / list (a fresh crop of each file every epoch)."""
+    from ganforge.training import data as tdata
+
+    if data == "photos":
+        return tdata.PhotoCrops(datasets.skimage_photos(datasets.TRAIN_PHOTOS), pool, size, seed, scale)
+    if tdata.is_streamed(data):
+        return tdata.FolderImages(data, tdata.SquareCrop(size, scale), seed)
+    raise UsageError(f"--data: {data!r} is neither 'photos', a folder of images nor a .txt / .jsonl list")
+
+
+class DenoiserTask(Task):
+    """The DnCNN-style denoiser: clean crops, Gaussian noise of a random sigma per image, MSE."""
+
+    kind = "denoiser"
+
+    def setup(self, eng: Engine) -> None:
+        cfg = self.cfg
+        torch.manual_seed(cfg.seed)
+        self.net = Denoiser(cfg.network)
+        if cfg.init:
+            self.net.load_state_dict(load_checkpoint(cfg.init, ("denoiser",))["state"]["net"])
+        self.train_net = eng.wrap(self.net)
+        self.opt = torch.optim.Adam(self.net.parameters(), lr=cfg.lr)
+        self.nets, self.opts = {"net": self.net}, {"net": self.opt}
+
+    def dataset(self):
+        c = self.cfg
+        return image_crops(c.data, max(c.pool, c.batch_size), c.patch, c.seed, c.crop_scale)
+
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
+        x = batch.permute(0, 3, 1, 2).float() / 127.5 - 1
+        lo, hi = self.cfg.sigma
+        sigma = (lo + (hi - lo) * eng.rand(x.shape[0], 1, 1, 1)) * (2.0 / 255.0)
+        noisy = x + eng.randn(*x.shape) * sigma
+        with eng.autocast():
+            loss = F.mse_loss(self.train_net(noisy).float(), x)
+        eng.update(loss, self.opt)
+        loss = loss.detach()
+        # PSNR in grey levels of the clean vs denoised batch
+        return {"loss": loss, "psnr": 10 * torch.log10(4.0 / loss.clamp_min(1e-12))}
+
+    def status(self, row: dict) -> str:
+        return f"loss {row['loss']:.5f}" if "loss" in row else ""
+
+    def finish(self, out: Path, eng: Engine) -> dict:
+        """A picture: held-out crops, noisy at sigma 25, denoised."""
+        net = self.net.eval()
+        held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, 96, seed=1)
+        x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
+        noisy = gaussian_noise(x, 25.0, torch.Generator().manual_seed(1))
+        with torch.no_grad():
+            den = net(noisy.to(eng.device)).float().cpu()
+        to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        save_grid(np.concatenate([held, to8(noisy), to8(den)]), out / "samples.png", nrow=8)
+        net.train()
+        return {"samples": str(out / "samples.png")}
+
+
+def train_denoiser(cfg: DenoiserTrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
     """Train the convolutional denoiser on noisy crops; write checkpoint, metrics, samples."""
-    out = Path(out)
-    if cfg.steps < 1 or cfg.batch_size < 1 or cfg.patch < 8 or cfg.pool < 1:
-        raise UsageError(f"denoiser: steps {cfg.steps}, batch size {cfg.batch_size}, patch {cfg.patch}, "
-                         f"pool {cfg.pool} not allowed; need steps >= 1, batch size >= 1, patch >= 8, pool >= 1")
-    if not 0 <= cfg.crop_scale[0] <= cfg.crop_scale[1] <= 1:
-        raise UsageError(f"--crop-scale-min/--crop-scale-max: {cfg.crop_scale[0]}/{cfg.crop_scale[1]} is not "
-                         f"allowed; need 0 <= min <= max <= 1")
-    start = None
-    if cfg.init:
-        start = load_checkpoint(cfg.init, ("denoiser",))
-        if start["config"] != asdict(cfg.network):
-            raise UsageError(f"--init: {cfg.init} holds a denoiser {start['config']}, not the one asked for "
-                             f"{asdict(cfg.network)}; give the same --width and --depth")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    torch.manual_seed(cfg.seed)
-    gen = torch.Generator().manual_seed(cfg.seed)
-    photos = training_photos(cfg.data)
-    pool = datasets.random_crops(photos, max(cfg.pool, cfg.batch_size), cfg.patch, cfg.seed, scale=cfg.crop_scale)
-    net = Denoiser(cfg.network)
-    if start is not None:
-        net.load_state_dict(start["state"]["net"])
-    opt = torch.optim.Adam(net.parameters(), lr=cfg.lr)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, cfg.steps)
-    rng = np.random.default_rng(cfg.seed)
-    (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    bar = Progress(cfg.steps, "train denoiser", unit="step", enabled=progress)
-    t0 = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
-        for step in range(1, cfg.steps + 1):
-            x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            noisy = gaussian_noise(x, cfg.sigma, gen)
-            loss = F.mse_loss(net(noisy), x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            sched.step()
-            if step % cfg.log_every == 0 or step == cfg.steps:
-                # PSNR in grey levels of the clean vs denoised batch
-                p = 10 * np.log10(4.0 / max(float(loss.detach()), 1e-12))
-                metrics.write(json.dumps({"step": step, "loss": float(loss.detach()), "psnr": round(p, 3),
-                                          "seconds": round(time.perf_counter() - t0, 2)}) + "\n")
-                metrics.flush()
-            bar.update(1, status=f"loss {float(loss.detach()):.5f}")
-    bar.close()
-    net.eval()
-    ckpt = save_checkpoint(out / "checkpoint.pt", "denoiser", cfg.network, {"net": net}, step=cfg.steps,
-                           data=cfg.data, seed=cfg.seed, train=json.loads(json.dumps(asdict(cfg))))
-    # a picture: held-out crops, noisy at sigma 25, denoised
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, 96, seed=1)
-    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
-    noisy = gaussian_noise(x, 25.0, torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        den = net(noisy)
-    to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    save_grid(np.concatenate([held, to8(noisy), to8(den)]), out / "samples.png", nrow=8)
-    return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
-            "seconds": round(time.perf_counter() - t0, 1), "loss": float(loss.detach())}
+    return Engine(cfg, out, progress=progress, resume=resume).fit(DenoiserTask(cfg))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -313,3 +324,6 @@ def patches(photos: list[np.ndarray], n: int, size: int, seed: int) -> np.ndarra
         y, x = int(rng.integers(0, ph.shape[0] - size + 1)), int(rng.integers(0, ph.shape[1] - size + 1))
         out[i] = ph[y:y + size, x:x + size].reshape(-1) / 255.0
     return out
+
+
+MODEL = ModelSpec("denoiser", DenoiserTrainConfig, train_denoiser)

@@ -167,26 +167,32 @@ def mirrorable(data: str) -> bool:
 def random_crops(photos: list[np.ndarray], n: int, size: int, seed: int,
                  scale: tuple[float, float] = (0.25, 1.0)) -> np.ndarray:
     """`n` random square crops, resized to `size`, from a list of RGB photos."""
-    from PIL import Image
-
     if not photos:
         raise DataError("random_crops: no photos to crop from")
     rng = np.random.default_rng(seed)
     out = np.empty((n, size, size, 3), dtype=np.uint8)
     for i in range(n):
-        photo = photos[int(rng.integers(len(photos)))]
-        h, w = photo.shape[:2]
-        side = int(min(h, w) * rng.uniform(*scale))
-        side = max(min(side, h, w), min(size, h, w))
-        y0 = int(rng.integers(0, h - side + 1))
-        x0 = int(rng.integers(0, w - side + 1))
-        crop = photo[y0:y0 + side, x0:x0 + side]
-        if crop.shape[0] != size:
-            crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
-        if rng.random() < 0.5:
-            crop = crop[:, ::-1]
-        out[i] = crop
+        out[i] = square_crop(photos[int(rng.integers(len(photos)))], size, rng, scale)
     return out
+
+
+def square_crop(photo: np.ndarray, size: int, rng: np.random.Generator, scale: tuple[float, float],
+                flip: bool = True) -> np.ndarray:
+    """A random square crop with side `scale` x the shorter side (at least `size` where the photo
+    allows), resized to `size`, mirrored half the time when `flip`."""
+    from PIL import Image
+
+    h, w = photo.shape[:2]
+    side = int(min(h, w) * rng.uniform(*scale))
+    side = max(min(side, h, w), min(size, h, w))
+    y0 = int(rng.integers(0, h - side + 1))
+    x0 = int(rng.integers(0, w - side + 1))
+    crop = photo[y0:y0 + side, x0:x0 + side]
+    if crop.shape[0] != size:
+        crop = np.asarray(Image.fromarray(crop).resize((size, size), Image.BICUBIC))
+    if flip and rng.random() < 0.5:
+        crop = crop[:, ::-1]
+    return np.ascontiguousarray(crop)
 
 
 def skimage_photos(names: tuple[str, ...] | list[str] = SKIMAGE_PHOTOS) -> list[np.ndarray]:

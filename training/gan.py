@@ -7,6 +7,7 @@ export rebuilds the network from the file alone, without the training flags.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ class DCGANConfig:
     resolution: int = 64      # output side in pixels, a power of two >= 8
     channels: int = 3         # image channels
     d_dropout: float = 0.0    # dropout after each D block (a remedy when D dominates)
+    mbstd: bool = False       # minibatch standard deviation channel before D's last layer
 
     def __post_init__(self):
         if self.resolution < 8 or self.resolution & (self.resolution - 1):
@@ -71,6 +73,29 @@ class Generator(nn.Module):
         return self.main(z.view(z.shape[0], self.cfg.z_dim, 1, 1))
 
 
+class LeakyDropout(nn.Module):
+    """LeakyReLU 0.2, then channel dropout with a rate `p` changeable on the fly (0: none).
+    No parameters: D's state_dict keys are the same whatever its dropout."""
+
+    def __init__(self, p: float = 0.0):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = nn.functional.leaky_relu(x, 0.2, inplace=True)
+        return nn.functional.dropout2d(x, self.p, self.training) if self.p else x
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def minibatch_std(x: torch.Tensor) -> torch.Tensor:
+    """(B, C, H, W) -> (B, C+1, H, W): the mean over features of the batch's standard
+    deviation, as one more constant channel (Karras et al. 2018)."""
+    s = x.float().std(0, unbiased=False).mean().to(x.dtype)
+    return torch.cat([x, s.expand(x.shape[0], 1, *x.shape[2:])], dim=1)
+
+
 class Discriminator(nn.Module):
     """image (B, C, R, R) in [-1, 1] -> logit (B,). D's probability is sigmoid(logit)."""
 
@@ -79,29 +104,47 @@ class Discriminator(nn.Module):
         self.cfg = cfg
         ch = cfg.ndf
         layers: list[nn.Module] = [nn.Conv2d(cfg.channels, ch, 4, 2, 1, bias=False),
-                                   nn.LeakyReLU(0.2, inplace=True)]
-        if cfg.d_dropout:
-            layers.append(nn.Dropout2d(cfg.d_dropout))
+                                   LeakyDropout(cfg.d_dropout)]
         # state size. ndf x R/2 x R/2
         for _ in range(cfg.n_blocks - 1):
             layers += [nn.Conv2d(ch, ch * 2, 4, 2, 1, bias=False), nn.BatchNorm2d(ch * 2),
-                       nn.LeakyReLU(0.2, inplace=True)]
-            if cfg.d_dropout:
-                layers.append(nn.Dropout2d(cfg.d_dropout))
+                       LeakyDropout(cfg.d_dropout)]
             ch *= 2
             # state size. ch x (side/2) x (side/2)
-        # state size. (ndf * 2^(n_blocks-1)) x 4 x 4
-        layers.append(nn.Conv2d(ch, 1, 4, 1, 0, bias=False))
+        # state size. (ndf * 2^(n_blocks-1)) [+1 with mbstd] x 4 x 4
+        layers.append(nn.Conv2d(ch + int(cfg.mbstd), 1, 4, 1, 0, bias=False))
         self.main = nn.Sequential(*layers)
+        self._register_load_state_dict_pre_hook(self._renumber)
+
+    def _renumber(self, state, prefix, *_args) -> None:
+        """Read the weights of a D built with separate dropout layers (which took indices of
+        `main`): each layer's tensors moved, in order, to its index here."""
+        head = prefix + "main."
+        keys = [k for k in state if k.startswith(head)]
+        found = sorted({int(k[len(head):].split(".")[0]) for k in keys})
+        ours = [i for i, m in enumerate(self.main) if m.state_dict()]
+        if found == ours or len(found) != len(ours):
+            return
+        remap = dict(zip(found, ours))
+        for k in keys:
+            idx, _, rest = k[len(head):].partition(".")
+            state[f"{head}{remap[int(idx)]}.{rest}"] = state.pop(k)
 
     def set_dropout(self, p: float) -> None:
-        """Change D's dropout on the fly (the doctor's remedy); only where D was built with it."""
+        """Change D's dropout on the fly (the doctor's remedy)."""
         for m in self.modules():
-            if isinstance(m, nn.Dropout2d):
+            if isinstance(m, LeakyDropout):
                 m.p = p
 
+    @property
+    def dropout(self) -> float:
+        return next(m.p for m in self.modules() if isinstance(m, LeakyDropout))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.main(x).view(x.shape[0])
+        h = self.main[:-1](x)
+        if self.cfg.mbstd:
+            h = minibatch_std(h)
+        return self.main[-1](h).view(x.shape[0])
 
 
 def init_weights(m: nn.Module) -> None:
@@ -179,6 +222,39 @@ def build_dcgan(payload: dict) -> tuple[Generator, Discriminator]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Dropout that several ranks draw as one process does
+
+class SharedDropout(nn.Dropout):
+    """Dropout whose keep-mask a trainer may hand in (`keep`, bool, shaped like the input): drawn
+    for the whole global batch from the generator every rank shares, each rank keeping its slice
+    (`dropout_masks`), so that several ranks drop what one process would. Without a mask, and
+    in eval mode, it is plain nn.Dropout (no parameters: checkpoints and exports are unchanged)."""
+
+    def __init__(self, p: float = 0.5):
+        super().__init__(p)
+        self.keep: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and self.keep is not None:
+            return x * self.keep.to(x.dtype) / (1.0 - self.p)
+        return super().forward(x)
+
+
+@contextlib.contextmanager
+def dropout_masks(layers: list[tuple[SharedDropout, tuple[int, ...]]], n: int, rand):
+    """For one forward pass: each layer's keep-mask for `n` items of its input shape, from
+    `rand(n, *shape)` (uniform in [0, 1): the engine's `rand`, this rank's slice)."""
+    for layer, shape in layers:
+        if layer.p > 0:
+            layer.keep = rand(n, *shape) >= layer.p
+    try:
+        yield
+    finally:
+        for layer, _ in layers:
+            layer.keep = None
+
+
+# ---------------------------------------------------------------------------------------------
 # The small MLP GAN for 2-D mixtures (the mode-collapse benchmarks of VEEGAN and PacGAN)
 
 @dataclass(frozen=True)
@@ -229,7 +305,7 @@ class MLPDiscriminator(nn.Module):
         width = cfg.dim * cfg.pack
         for _ in range(cfg.d_layers):
             # dropout always present (p may be 0) so the doctor can turn it on during training
-            layers += [nn.Linear(width, cfg.ndf), nn.LeakyReLU(0.2, True), nn.Dropout(cfg.d_dropout)]
+            layers += [nn.Linear(width, cfg.ndf), nn.LeakyReLU(0.2, True), SharedDropout(cfg.d_dropout)]
             width = cfg.ndf
         layers.append(nn.Linear(width, 1))
         self.main = nn.Sequential(*layers)
@@ -238,6 +314,10 @@ class MLPDiscriminator(nn.Module):
         for m in self.modules():
             if isinstance(m, nn.Dropout):
                 m.p = p
+
+    def noise(self) -> list[tuple[SharedDropout, tuple[int]]]:
+        """Each dropout layer and the shape of one pack's input to it (see `dropout_masks`)."""
+        return [(m, (self.cfg.ndf,)) for m in self.main if isinstance(m, SharedDropout)]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         m = self.cfg.pack

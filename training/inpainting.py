@@ -10,16 +10,17 @@ holes, as in Iizuka et al. 2017), so it runs on any tile size; D is a DCGAN-styl
 on the completed image. The training doctor (training/monitor.py) watches the adversarial part:
 s_G / s_D on a fixed held-out batch (held-out photos, fixed masks; its "latents" are the masked
 inputs), diagnoses in metrics.jsonl, scores.png and doctor.md in the run directory.
+
+Training runs on the engine (engine.py): `ganforge train inpainter`, its options the fields of
+`InpaintTrainConfig` and `ContextEncoderConfig`, presets in presets/inpainter/. Crops and hole
+masks come per item from the data set (a blend's pairs, with their precomputed fills, by index),
+so a run on several ranks trains as one process does.
 """
 
 from __future__ import annotations
 
-import copy
-import json
-import math
-import os
-import time
-from dataclasses import asdict, dataclass, field
+import contextlib
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -31,32 +32,53 @@ from ganforge import masks as maskgen
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.progress import Progress
+from ganforge.training import data as tdata
 from ganforge.training import datasets
-from ganforge.training.autoencoders import REC_REDUCTIONS, masked_mse, psnr, training_photos
-from ganforge.training.gan import CONFIGS, save_checkpoint
-from ganforge.training.monitor import Doctor, Monitor, log_step, write_run_report
+from ganforge.training.autoencoders import REC_REDUCTIONS, image_crops, masked_mse, psnr
+from ganforge.training.options import comma_ints, join_ints
+from ganforge.training.engine import SCHEDULES, Engine, Task, atomic_save, option, rank_local
+from ganforge.training.gan import CONFIGS
+from ganforge.training.loop import GANDoctor, GANOptions, to_tensor, to_uint8
+from ganforge.training.loop import _describe as describe_doctor
+from ganforge.training.models import ModelSpec
+
+
+FILLS = ("harmonic", "cascade")
+HEADS = ("residual", "blend")
 
 
 @dataclass(frozen=True)
 class ContextEncoderConfig:
-    width: int = 24            # feature maps after the first conv (x2 per downsampling)
-    dilations: tuple[int, ...] = (2, 4, 8, 2)   # bottleneck dilated 3x3 convs
-    d_width: int = 32          # discriminator filters in its first block
-    prefill: bool = False      # fill the hole first (pull-push, then harmonic diffusion), learn a residual
-    diffuse: int = 32          # prefill: Jacobi iterations of the harmonic fill after pull-push
-    # prefill "cascade": at every pyramid level, coarse to fine, `diffuse` harmonic steps then
-    # `bilaplace` biharmonic steps (cascade_fill); "harmonic": pull-push, then `diffuse` steps
-    fill: str = "harmonic"
-    bilaplace: int = 0
-    thinplate: int = 0         # prefill: conjugate-gradient steps on the thin-plate energy after the fill
+    width: int = option(24, "F's feature maps after the first conv (x2 per downsampling); the blend's "
+                        "width", min=1)
+    dilations: tuple[int, ...] = option((2, 4, 8, 2), "F's bottleneck: dilated 3x3 convs, their dilations",
+                                        min=1, parse=comma_ints("--dilations", "2,4,8,2"), format=join_ints,
+                                        metavar="D,D,...", show="2,4,8,2")
+    d_width: int = option(32, "D's filters in its first block", min=1)
+    prefill: bool = option(False, "fill the hole classically first (pull-push, then harmonic diffusion) "
+                           "and learn on top of the fill")
+    diffuse: int = option(32, "--prefill: harmonic (Jacobi) steps after pull-push; per pyramid level "
+                          "for the cascade", min=0)
+    # "cascade": at every pyramid level, coarse to fine, `diffuse` harmonic steps then `bilaplace`
+    # biharmonic steps (cascade_fill); "harmonic": pull-push, then `diffuse` steps
+    fill: str = option("harmonic", "--prefill: harmonic (pull-push, then --diffuse steps) or cascade (every "
+                       "pyramid level smoothed, harmonic then biharmonic; docs/inpainting.md)",
+                       choices=FILLS)
+    bilaplace: int = option(0, "--fill cascade: biharmonic steps per pyramid level", min=0)
+    thinplate: int = option(0, "--prefill: conjugate-gradient steps on the thin-plate energy after the fill",
+                            min=0)
     # what F learns on the prefill: "residual" (added to the fill) or "blend" (per-pixel convex
     # weights over three classical fills: the thin plate, it run `blend_thinplate` CG steps
     # further, the cascade before the thin plate)
-    head: str = "residual"
-    blend_thinplate: int = 350
+    head: str = option("residual", "--prefill: learn a residual on the fill, or blend: per-pixel weights "
+                       "over three classical fills (needs --fill cascade --thinplate N)",
+                       choices=HEADS)
+    blend_thinplate: int = option(350, "--head blend: further thin-plate steps of the converged fill", min=0)
     # blend: width in pixels of the band of known pixels around the hole that is re-filled, as if
     # it were hole too, to score each fill on pixels whose answer is known (0: no scoring)
-    blend_validate: int = 0
+    blend_validate: int = option(0, "--head blend: score each fill on a band of this many known pixels "
+                                 "around the hole, filled as if it were hole, and weigh the fills by it "
+                                 "(0: off)", min=0)
 
 
 def repeat(n: int, step, state: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
@@ -212,8 +234,6 @@ def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, itera
     return repeat(iterations, step, (u, r, r.clone(), rr))[0]
 
 
-FILLS = ("harmonic", "cascade")
-HEADS = ("residual", "blend")
 BLEND_PRIOR = 5.0   # the blend's initial logit for the thin plate: an untrained blend is 99 % the thin plate
 # with --blend-validate: each fill's logit starts at -VALIDATE_TEMPERATURE times its band error
 # over the mean of the fills' band errors (a tile's best-scoring fill gets the largest weight)
@@ -263,29 +283,35 @@ class FillBlend(nn.Module):
         return (self.weights(fills, mask, errors).unsqueeze(2) * fills).sum(1)
 
 
+def check_network(cfg: ContextEncoderConfig) -> None:
+    """Refuse a context encoder whose settings do not go together, naming them."""
+    if cfg.fill not in FILLS or min(cfg.diffuse, cfg.bilaplace, cfg.thinplate) < 0:
+        raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace}, "
+                         f"thinplate {cfg.thinplate} not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
+    if cfg.head not in HEADS:
+        raise UsageError(f"inpainter: head {cfg.head!r} not allowed; one of {', '.join(HEADS)}")
+    if cfg.head == "blend":
+        if not (cfg.prefill and cfg.fill == "cascade" and cfg.thinplate > 0 and cfg.blend_thinplate >= 0
+                and cfg.blend_validate >= 0):
+            raise UsageError(f"inpainter: head blend needs --prefill --fill cascade --thinplate N > 0, "
+                             f"--blend-thinplate >= 0 and --blend-validate >= 0 (got prefill {cfg.prefill}, "
+                             f"fill {cfg.fill!r}, thinplate {cfg.thinplate}, blend_thinplate "
+                             f"{cfg.blend_thinplate}, blend_validate {cfg.blend_validate})")
+    elif cfg.blend_validate:
+        raise UsageError(f"inpainter: --blend-validate {cfg.blend_validate} needs --head blend (got head {cfg.head!r})")
+
+
 class ContextEncoder(nn.Module):
     """F: (masked image (B, 3, T, T) in [-1, 1], mask (B, 1, T, T)) -> image (B, 3, T, T)."""
 
     def __init__(self, cfg: ContextEncoderConfig):
         super().__init__()
-        if cfg.fill not in FILLS or min(cfg.diffuse, cfg.bilaplace, cfg.thinplate) < 0:
-            raise UsageError(f"inpainter: fill {cfg.fill!r}, diffuse {cfg.diffuse}, bilaplace {cfg.bilaplace}, "
-                             f"thinplate {cfg.thinplate} not allowed; fill is one of {', '.join(FILLS)}, steps >= 0")
-        if cfg.head not in HEADS:
-            raise UsageError(f"inpainter: head {cfg.head!r} not allowed; one of {', '.join(HEADS)}")
+        check_network(cfg)
         self.cfg = cfg
         c = cfg.width
         if cfg.head == "blend":
-            if not (cfg.prefill and cfg.fill == "cascade" and cfg.thinplate > 0 and cfg.blend_thinplate >= 0
-                    and cfg.blend_validate >= 0):
-                raise UsageError(f"inpainter: head blend needs --prefill --fill cascade --thinplate N > 0, "
-                                 f"--blend-thinplate >= 0 and --blend-validate >= 0 (got prefill {cfg.prefill}, "
-                                 f"fill {cfg.fill!r}, thinplate {cfg.thinplate}, blend_thinplate "
-                                 f"{cfg.blend_thinplate}, blend_validate {cfg.blend_validate})")
             self.blend = FillBlend(3, c, scored=cfg.blend_validate > 0)
             return
-        if cfg.blend_validate:
-            raise UsageError(f"inpainter: --blend-validate {cfg.blend_validate} needs --head blend (got head {cfg.head!r})")
         act = lambda: nn.ELU(inplace=True)
         self.encode = nn.Sequential(
             nn.Conv2d(4, c, 5, padding=2), act(),                           # c x T x T
@@ -374,26 +400,46 @@ CONFIGS["inpainter"] = ContextEncoderConfig
 
 
 @dataclass
-class InpaintTrainConfig:
-    data: str = "photos"
-    steps: int = 2000
-    batch_size: int = 16
-    tile: int = 64
-    lambda_rec: float = 0.999
-    lambda_adv: float = 0.001
-    lr: float = 5e-4
-    lr_floor: float = 0.05     # cosine decay of both learning rates to this fraction at the last step
-    clip: float = 1.0          # F's gradient-norm clip (0 = off): one bad batch cannot throw it off
-    seed: int = 0
-    threads: int = 0
-    log_every: int = 25
-    doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
-    pool: int = 4096           # training crops drawn once per run (with --head blend: crop-mask pairs)
-    rec_reduce: str = "pixels"  # how L_rec weighs the batch's holes: autoencoders.masked_mse
-    balance_fills: bool = False  # blend: draw pairs so each fill is the best one in an equal share
-    val_every: int = 0         # steps between validation scores; > 0 keeps the best-scoring weights
-    val_crops: int = 96        # validation crops per mask type
-    network: ContextEncoderConfig = field(default_factory=ContextEncoderConfig)
+class InpaintTrainConfig(GANOptions):
+    """Context encoder training: the engine's settings, the doctor's, and these."""
+    data: str = option("photos", "photos (scikit-image's training split), a folder of images, or a "
+                       ".txt / .jsonl list of image paths (streamed)")
+    steps: int = option(2000, "optimizer steps of D and F each", min=1)
+    batch_size: int = option(16, "global batch size, split evenly across the ranks", min=2)
+    tile: int = option(64, "training crop side, a multiple of 4", min=16)
+    lambda_rec: float = option(0.999, "weight of L_rec, the masked L2 over the hole", min=0)
+    lambda_adv: float = option(0.001, "weight of L_adv, the adversarial loss", min=0)
+    lr: float = option(5e-4, "F's Adam learning rate; D's is a fifth of it", min=0)
+    lr_schedule: str = option("cosine", "learning rate over the run: constant, cosine (to --lr-floor), "
+                              "linear-decay (hold, then to --lr-floor over the second half)", choices=SCHEDULES)
+    lr_floor: float = option(0.05, "the learning rate falls no lower than this share of --lr", min=0, max=1)
+    # one bad batch cannot throw F off; D is not clipped
+    grad_clip: float = option(1.0, "clip F's gradient norm to this (0: off); D's is not clipped", min=0)
+    doctor_every: int = option(100, "steps between s_G / s_D measurements on the held-out batch", min=1)
+    pool: int = option(4096, "bundled photos: training crops drawn once per run; with --head blend, "
+                       "crop-mask pairs whose fills are computed once", min=1)
+    rec_reduce: str = option("pixels", "how L_rec weighs a batch's holes: pooled over pixels, each image's "
+                             "hole MSE averaged, or each image's log hole MSE averaged (mean hole PSNR)",
+                             choices=REC_REDUCTIONS)
+    balance_fills: bool = option(False, "--head blend: draw the training pairs so each candidate fill is the "
+                                 "best one (lowest hole MSE) in an equal share of them")
+    val_every: int = option(0, "score hole PSNR on the validation photos (docs/inpainting.md) every N steps "
+                            "and keep the best-scoring weights (0: keep the last)", min=0)
+    val_crops: int = option(96, "--val-every: validation crops per mask type", min=1)
+    network: ContextEncoderConfig = option(default_factory=ContextEncoderConfig)
+
+    def validate(self) -> None:
+        if self.tile % 4:
+            raise UsageError(f"--tile: {self.tile} is not allowed; must be a multiple of 4")
+        if self.lr <= 0:
+            raise UsageError(f"--lr: {self.lr!r} is not allowed; must be > 0")
+        if self.lambda_rec + self.lambda_adv <= 0:
+            raise UsageError(f"--lambda-rec: {self.lambda_rec!r} is not allowed with --lambda-adv "
+                             f"{self.lambda_adv!r}; the two must not both be 0")
+        if self.balance_fills and self.network.head != "blend":
+            raise UsageError(f"--balance-fills: not allowed with --head {self.network.head}; "
+                             f"it needs --head blend")
+        check_network(self.network)
 
 
 def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
@@ -409,18 +455,18 @@ class Validation:
     on, never part of the held-out test), each with a centre 25 % hole and with seeded free-form
     strokes, measured as the inpainting benchmark measures it: uint8 answers, each crop's PSNR
     over its hole, the mean over crops. Its `score` is the mean over the two mask types. For a
-    blend the candidate fills and band errors are computed once here."""
+    blend the candidate fills and band errors are computed once here, on F's device."""
 
     def __init__(self, cfg: InpaintTrainConfig, G: ContextEncoder):
-        t = cfg.tile
+        t, dev = cfg.tile, next(G.parameters()).device
         crops = datasets.random_crops(datasets.validation_photos(), cfg.val_crops, t, seed=cfg.seed + 104729,
                                       scale=(0.2, 0.6))
         self.sets = {}
         for setting in VAL_SETTINGS:
             ms = (np.stack([maskgen.centre(t, t, 0.25)] * len(crops)) if setting == "centre25"
                   else np.stack([maskgen.strokes(t, t, 8000 + i) for i in range(len(crops))]))
-            x = torch.from_numpy(crops).permute(0, 3, 1, 2).float() / 127.5 - 1
-            m = torch.from_numpy(ms).float().div(255)[:, None]
+            x = to_tensor(crops).to(dev)
+            m = torch.from_numpy(ms).float().div(255)[:, None].to(dev)
             pre = _pair_fills(G, crops, ms, False, dtype=torch.float32) if G.cfg.head == "blend" else None
             self.sets[setting] = (crops, ms > 0, x, m, pre)
 
@@ -429,38 +475,25 @@ class Validation:
         with torch.no_grad():
             for setting, (crops, hole, x, m, pre) in self.sets.items():
                 pred = G.blend(pre[0], m, pre[1]) if pre is not None else G(x * (1 - m), m)
-                got = ((completed(x, pred, m) + 1) * 127.5).round().clamp(0, 255).permute(0, 2, 3, 1).numpy()
+                got = to_uint8(completed(x, pred.float(), m))
                 # a crop answered exactly counts 99 dB, as in the benchmark
                 out[setting] = round(float(np.mean([min(psnr(g[h], c[h]), 99.0) for g, c, h in zip(got, crops, hole)])), 3)
         out["score"] = round(float(np.mean([out[s] for s in VAL_SETTINGS])), 3)
         return out
 
 
-def _doctor(cfg: InpaintTrainConfig, G: nn.Module, D: nn.Module):
-    """The monitor on a fixed held-out batch: real = held-out crops; its `z` = the masked inputs
-    (image and mask stacked), G_sample = the completion F gives for them."""
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 32, cfg.tile, seed=cfg.seed + 7919)
-    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
-    m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 9000 + i) for i in range(32)])).float().div(255)[:, None]
-    monitor = Monitor(x, torch.cat([x * (1 - m), m], dim=1), every=cfg.doctor_every, total_steps=cfg.steps)
-    doctor = Doctor(monitor, "report")
-
-    def watched(G):
-        return lambda z: completed(x, G(z[:, :3], z[:, 3:]), z[:, 3:])
-    return monitor, doctor, watched
-
-
 def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progress: bool,
                 chunk: int = 64, dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The blend's candidate fills for every crop-mask pair, (N, 3, 3, T, T) in `dtype` (float16
     for the training pool, which is large), and their band errors (N, 3) (None without
-    `blend_validate`)."""
+    `blend_validate`), on F's device."""
+    dev = next(G.parameters()).device
     out, errs = [], []
     bar = Progress(len(crops), "classical fills", unit="crop", enabled=progress)
     with torch.no_grad():
         for i in range(0, len(crops), chunk):
-            x = torch.from_numpy(crops[i:i + chunk]).permute(0, 3, 1, 2).float() / 127.5 - 1
-            m = torch.from_numpy(masks[i:i + chunk]).float().div(255)[:, None]
+            x = to_tensor(crops[i:i + chunk]).to(dev)
+            m = torch.from_numpy(masks[i:i + chunk]).float().div(255)[:, None].to(dev)
             out.append(G.fills(x * (1 - m), m).to(dtype))
             e = G.band_errors(x * (1 - m), m)
             if e is not None:
@@ -470,13 +503,70 @@ def _pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progres
     return torch.cat(out), (torch.cat(errs) if errs else None)
 
 
+MASK_SEEDS = 1024   # a residual model's training masks: maskgen.mixed of one of these seeds
+
+
+class HoledCrops(tdata.Dataset):
+    """Training crops with a hole: (T, T, 4) uint8, the crop and its mask (255 = hole) as a fourth
+    channel. The mask is one of MASK_SEEDS training masks (centre, blocks, strokes), drawn per
+    item and epoch by `item_rng`: the same on any rank, in any worker, after a resume."""
+
+    def __init__(self, crops: tdata.Dataset, tile: int, seed: int):
+        self.crops, self.tile, self.seed = crops, tile, seed
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key) -> tuple[np.ndarray, list]:
+        index, epoch = key
+        crop, bad = self.crops[key]
+        s = int(tdata.item_rng(self.seed, epoch, index, stream=2).integers(MASK_SEEDS))
+        return np.concatenate([crop, maskgen.mixed(self.tile, self.tile, s)[..., None]], axis=-1), bad
+
+
+class PairDraw(tdata.Dataset):
+    """The blend's training pairs, drawn by index: (3,) int64, the pair, a mirror flag and the
+    quarter turns it is seen under. With `p`, item (index, epoch) draws its pair with those
+    probabilities (`balanced_draw`); without, item i is pair i."""
+
+    def __init__(self, n: int, seed: int, p: np.ndarray | None = None):
+        self.n, self.seed, self.p = n, seed, p
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, key) -> tuple[np.ndarray, list]:
+        index, epoch = key
+        rng = tdata.item_rng(self.seed, epoch, index, stream=3)
+        pair = index if self.p is None else int(rng.choice(self.n, p=self.p))
+        return np.array([pair, rng.random() < 0.5, rng.integers(4)], np.int64), []
+
+
+def orient(t: torch.Tensor, flip: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """(B, ..., T, T) square tiles, each mirrored where `flip` (B,), then turned `turns` (B,)
+    quarter turns."""
+    shape = (-1,) + (1,) * (t.dim() - 1)
+    t = torch.where(flip.bool().view(shape), t.flip(-1), t)
+    out = t
+    for k in (1, 2, 3):
+        out = torch.where((turns == k).view(shape), t.rot90(k, (-2, -1)), out)
+    return out
+
+
+def crop_pool(crops: tdata.Dataset, n: int) -> tuple[np.ndarray, list]:
+    """`n` crops of a data set, fixed for the run (a folder's files taken in turn, a fresh crop
+    of each on every pass), and the files that could not be read."""
+    items = [crops[(i % len(crops), i // len(crops))] for i in range(n)]
+    return np.stack([a for a, _ in items]), [b for _, bs in items for b in bs]
+
+
 def fill_winners(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor) -> np.ndarray:
     """For each crop-mask pair, the index of the candidate fill with the lowest hole MSE."""
     won = []
     for i in range(0, len(crops), 256):
-        x = torch.from_numpy(crops[i:i + 256]).permute(0, 3, 1, 2).float() / 127.5 - 1
-        m = torch.from_numpy(masks[i:i + 256]).float().div(255)[:, None, None]     # (B, 1, 1, T, T)
-        won.append((((fills[i:i + 256].float() - x[:, None]) ** 2) * m).sum((2, 3, 4)).argmin(1))
+        x = to_tensor(crops[i:i + 256]).to(fills.device)
+        m = torch.from_numpy(masks[i:i + 256]).to(fills.device).float().div(255)[:, None, None]  # (B, 1, 1, T, T)
+        won.append((((fills[i:i + 256].float() - x[:, None]) ** 2) * m).sum((2, 3, 4)).argmin(1).cpu())
     return torch.cat(won).numpy()
 
 
@@ -488,133 +578,215 @@ def balanced_draw(winners: np.ndarray, k: int) -> np.ndarray:
     return p / p.sum()
 
 
-def _pair_batch(crops: np.ndarray, masks: np.ndarray, fills: torch.Tensor, rng: np.random.Generator,
-                n: int, errors: torch.Tensor | None = None, p: np.ndarray | None = None):
-    """A batch of (crop, mask, fills, band errors or None) pairs under one random flip and
-    quarter turn: the fills are built from symmetric stencils and pyramids, so they turn with
-    the image, and the band errors, sums over the tile, do not change. `p`: the pairs'
-    sampling probabilities (uniform without)."""
-    idx = rng.integers(0, len(crops), n) if p is None else rng.choice(len(crops), n, p=p)
-    x = torch.from_numpy(crops[idx]).permute(0, 3, 1, 2).float() / 127.5 - 1
-    m = torch.from_numpy(masks[idx]).float().div(255)[:, None]
-    f = fills[torch.from_numpy(idx)].float()
-    e = None if errors is None else errors[torch.from_numpy(idx)]
-    if rng.random() < 0.5:
-        x, m, f = x.flip(-1), m.flip(-1), f.flip(-1)
-    turns = int(rng.integers(4))
-    return x.rot90(turns, (-2, -1)), m.rot90(turns, (-2, -1)), f.rot90(turns, (-2, -1)), e
+def _doctor(cfg: InpaintTrainConfig, dev: torch.device, log: bool):
+    """The doctor on a fixed held-out batch: real = held-out crops; its `z` = the masked inputs
+    (image and mask stacked); `watched(G)` = the completions F gives for them."""
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 32, cfg.tile, seed=cfg.seed + 7919)
+    x = to_tensor(held).to(dev)
+    m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 9000 + i) for i in range(32)])).float().div(255)
+    m = m[:, None].to(dev)
+
+    def watched(G):
+        return lambda z: completed(x, G(z[:, :3], z[:, 3:]), z[:, 3:])
+    return GANDoctor(cfg, x, torch.cat([x * (1 - m), m], dim=1), log=log), watched
 
 
-def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True) -> dict:
-    out = Path(out)
-    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.tile < 16 or cfg.tile % 4 or cfg.pool < 1:
-        raise UsageError(f"inpainter: steps {cfg.steps}, batch size {cfg.batch_size}, tile {cfg.tile}, pool "
-                         f"{cfg.pool} not allowed; need steps >= 1, batch >= 2, tile a multiple of 4 >= 16, pool >= 1")
-    if not (cfg.lambda_rec >= 0 and cfg.lambda_adv >= 0 and cfg.lambda_rec + cfg.lambda_adv > 0):
-        raise UsageError(f"--lambda-rec/--lambda-adv: {cfg.lambda_rec}/{cfg.lambda_adv} not allowed; "
-                         f"both >= 0, not both 0")
-    if cfg.rec_reduce not in REC_REDUCTIONS:
-        raise UsageError(f"--rec-reduce: {cfg.rec_reduce!r} not allowed; one of {', '.join(REC_REDUCTIONS)}")
-    if cfg.balance_fills and cfg.network.head != "blend":
-        raise UsageError(f"--balance-fills needs --head blend (got head {cfg.network.head!r})")
-    if cfg.val_every < 0 or cfg.val_crops < 1:
-        raise UsageError(f"--val-every {cfg.val_every}, val crops {cfg.val_crops} not allowed; "
-                         f"--val-every >= 0 (0 = keep the last weights), val crops >= 1")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    pool = datasets.random_crops(training_photos(cfg.data), cfg.pool, cfg.tile, cfg.seed, scale=(0.1, 0.6))
-    G, D = ContextEncoder(cfg.network), Critic(cfg.network)
-    blend = cfg.network.head == "blend"
-    if blend:   # one mask per crop: the pairs' fills have no learned parameters, computed once here
-        mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(len(pool))])
-        fill_pool, error_pool = _pair_fills(G, pool, mask_pool, progress)
-        winners = fill_winners(pool, mask_pool, fill_pool)
-        draw = balanced_draw(winners, fill_pool.shape[1]) if cfg.balance_fills else None
-    else:
-        mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(1024)])
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
-    decay = lambda i: cfg.lr_floor + (1 - cfg.lr_floor) * 0.5 * (1 + math.cos(math.pi * i / cfg.steps))
-    schedules = [torch.optim.lr_scheduler.LambdaLR(o, decay) for o in (opt_G, opt_D)]
-    (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    monitor, doctor, watched = _doctor(cfg, G, D)
-    validate = Validation(cfg, G) if cfg.val_every else None
-    best = None                # (score, step, F's weights, D's weights) of the best validation so far
-    bar = Progress(cfg.steps, "train inpainter", unit="step", enabled=progress)
-    t0 = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
-        if validate:           # the untrained start, for reference: not a candidate
-            first = validate(G)
-            log_step(metrics, {"step": 0, **{f"val_{k}": v for k, v in first.items()}}, t0)
-        for step in range(1, cfg.steps + 1):
-            if blend:
-                x, m, fills, errors = _pair_batch(pool, mask_pool, fill_pool, rng, cfg.batch_size, error_pool, draw)
-                pred = G.blend(fills, m, errors)
-            else:
-                x = torch.from_numpy(pool[rng.integers(0, len(pool), cfg.batch_size)]).permute(0, 3, 1, 2).float() / 127.5 - 1
-                m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]
-                pred = G(x * (1 - m), m)
-            fake = completed(x, pred, m)
-            # D step: real photos -> 1, completions -> 0
-            opt_D.zero_grad(set_to_none=True)
-            d_real, d_fake = D(x), D(fake.detach())
+class InpaintTask(Task):
+    """The context encoder: D on real crops against completions, F on λ_rec L_rec + λ_adv L_adv.
+    A blend learns on crop-mask pairs whose candidate fills are computed once (they have no
+    learned parameters); a residual model on crops of the training photos and masks drawn per
+    item. With --val-every, rank 0 scores F on the validation photos and the best-scoring
+    step's weights are what the final checkpoint holds."""
+
+    kind = "inpainter"
+
+    def __init__(self, cfg: InpaintTrainConfig, progress: bool = True):
+        super().__init__(cfg)
+        self.progress = progress
+        self.first: dict | None = None      # validation of the untrained start: the reference
+        self.best: dict | None = None       # the best validated step: score, step, weights of F and D
+
+    def setup(self, eng: Engine) -> None:
+        cfg, net, dev = self.cfg, self.cfg.network, eng.device
+        torch.manual_seed(cfg.seed)
+        self.G, self.D = ContextEncoder(net).to(dev), Critic(net)
+        self.D_train = eng.wrap(self.D)
+        self.blend = net.head == "blend"
+        # a blend trains its weights network on precomputed fills; a residual model trains F whole
+        self.G_train = eng.wrap(self.G.blend if self.blend else self.G)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr * 0.2, betas=(0.5, 0.999))
+        self.nets, self.opts = {"net": self.G, "D": self.D}, {"net": self.opt_G, "D": self.opt_D}
+        crops = image_crops(cfg.data, max(cfg.pool, cfg.batch_size), cfg.tile, cfg.seed, (0.1, 0.6))
+        if self.blend:   # one mask per crop: the pairs' fills have no learned parameters, computed once here
+            pool, bad = crop_pool(crops, max(cfg.pool, cfg.batch_size))
+            for path, why in bad:
+                eng.bad_files.setdefault(path, why)
+            masks = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(len(pool))])
+            self.fill_pool, self.error_pool = _pair_fills(self.G, pool, masks, self.progress and eng.main)
+            self.winners = fill_winners(pool, masks, self.fill_pool)
+            self.crop_pool = torch.from_numpy(pool).to(dev)
+            self.mask_pool = torch.from_numpy(masks).to(dev)
+            draw = balanced_draw(self.winners, self.fill_pool.shape[1]) if cfg.balance_fills else None
+            self.data = PairDraw(len(pool), cfg.seed, draw)
+        else:
+            self.data = HoledCrops(crops, cfg.tile, cfg.seed)
+        self.watch, self.watched = _doctor(cfg, dev, log=self.progress and eng.main)
+        if eng.main:     # the picture of held-out crops, and the validation, are rank 0's alone
+            held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, cfg.tile, seed=1)
+            m = np.stack([maskgen.mixed(cfg.tile, cfg.tile, 5000 + i) for i in range(8)])
+            self.held = (held, to_tensor(held).to(dev), torch.from_numpy(m).float().div(255)[:, None].to(dev))
+            if cfg.val_every:
+                with rank_local():
+                    self.validation = Validation(cfg, self.G)
+                    self.first = self.validation(self.G)
+
+    def dataset(self):
+        return self.data
+
+    def before_step(self, step: int, eng: Engine) -> None:
+        f = self.cfg.lr_floor          # the engine set lr = base x schedule; lift it to the floor
+        for o in self.opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["lr"] * (1 - f) + g["base_lr"] * f
+
+    def _complete(self, batch: torch.Tensor, eng: Engine):
+        """This rank's crops x, masks m (B, 1, T, T), and F's prediction for them."""
+        if self.blend:
+            idx, flip, turns = batch.unbind(1)
+            x = orient(to_tensor(self.crop_pool[idx]), flip, turns)
+            m = orient(self.mask_pool[idx].float().div(255)[:, None], flip, turns)
+            # the fills come from symmetric stencils and pyramids: they turn with the image; the
+            # band errors, sums over the tile, do not change
+            fills = orient(self.fill_pool[idx].float(), flip, turns)
+            errors = None if self.error_pool is None else self.error_pool[idx]
+            with eng.autocast():
+                return x, m, self.G_train(fills, m, errors).float()
+        x = to_tensor(batch[..., :3])
+        m = batch[..., 3:].permute(0, 3, 1, 2).float().div(255)
+        # a prefill's classical solves (hundreds of small steps, CG to 1e-14) need float32
+        with eng.autocast() if not self.cfg.network.prefill else contextlib.nullcontext():
+            return x, m, self.G_train(x * (1 - m), m).float()
+
+    def _rec(self, pred: torch.Tensor, x: torch.Tensor, m: torch.Tensor, eng: Engine) -> torch.Tensor:
+        """L_rec of the global batch: each rank's masked MSE weighted by its share of the batch's
+        hole pixels (or holed images), so the ranks' mean is the loss of the whole batch."""
+        reduce = self.cfg.rec_reduce
+        loss = masked_mse(pred, x, m, reduce)
+        if eng.rt.world == 1:
+            return loss
+        count = 3 * m.sum() if reduce == "pixels" else (m.flatten(1).sum(1) > 0).sum().float()
+        mean = eng.rt.mean({"count": count})["count"]
+        return loss * (count.clamp(min=1) / max(mean, 1e-12))
+
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
+        cfg = self.cfg
+        x, m, pred = self._complete(batch, eng)
+        fake = completed(x, pred, m)
+        # D: real photos -> 1, completions -> 0
+        with eng.autocast():
+            d_real, d_fake = self.D_train(x).float(), self.D_train(fake.detach()).float()
             loss_D = (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                       + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-            loss_D.backward()
-            opt_D.step()
-            # F step: masked L2 over the hole + the adversarial term
-            opt_G.zero_grad(set_to_none=True)
-            l_rec = masked_mse(pred, x, m, cfg.rec_reduce)
-            d_gen = D(fake)
+        eng.update(loss_D, self.opt_D, clip=0.0)
+        # F: masked L2 over the hole + the adversarial term
+        with eng.autocast():
+            d_gen = self.D_train(fake).float()
             l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-            loss = cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv
-            loss.backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(G.parameters(), cfg.clip)
-            opt_G.step()
-            for sched in schedules:
-                sched.step()
-            if step % cfg.log_every == 0 or step == cfg.steps or monitor.due(step):
-                p_real = torch.sigmoid(d_real.detach()).mean().item()
-                p_fake = torch.sigmoid(d_fake.detach()).mean().item()
-                rec = {"step": step, "l_rec": float(l_rec.detach()), "l_adv": float(l_adv.detach()),
-                       "loss_D": float(loss_D.detach()),
-                       "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
-                       "hole_psnr": round(10 * np.log10(4.0 / max(float(masked_mse(pred.detach(), x, m)), 1e-12)), 3)}
-                if monitor.due(step):  # the doctor's held-out scores replace the batch's
-                    found = doctor.observe(step, D, watched(G))
-                    log_step(metrics, rec, t0, monitor, found)
-                else:
-                    log_step(metrics, rec, t0)
-            if validate and (step % cfg.val_every == 0 or step == cfg.steps):
-                v = validate(G)
-                log_step(metrics, {"step": step, **{f"val_{k}": score for k, score in v.items()}}, t0)
-                if best is None or v["score"] > best[0]:
-                    best = (v["score"], step, copy.deepcopy(G.state_dict()), copy.deepcopy(D.state_dict()))
-            status = f"l_rec {float(l_rec.detach()):.4f} l_adv {float(l_adv.detach()):.3f}"
-            bar.update(1, status=status + (f" val {best[0]:.2f} dB @ {best[1]}" if best else ""))
-    bar.close()
-    selected = cfg.steps
-    if best is not None:       # keep the weights that scored best on the validation photos
-        G.load_state_dict(best[2])
-        D.load_state_dict(best[3])
-        selected = best[1]
-    write_run_report(out, monitor, doctor, title=f"context encoder on {cfg.data}, {cfg.steps} steps")
-    G.eval()
-    ckpt = save_checkpoint(out / "checkpoint.pt", "inpainter", cfg.network, {"net": G, "D": D},
-                           step=selected, data=cfg.data, seed=cfg.seed,
-                           train=json.loads(json.dumps(asdict(cfg))),
-                           **({"validation": {"step": selected, "first": first, "best": best[0]}} if best else {}))
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, cfg.tile, seed=1)
-    x = torch.from_numpy(held).permute(0, 3, 1, 2).float() / 127.5 - 1
-    m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 5000 + i) for i in range(8)])).float().div(255)[:, None]
-    with torch.no_grad():
-        fill = completed(x, G(x * (1 - m), m), m)
-    to8 = lambda t: ((t + 1) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
-    save_grid(np.concatenate([held, to8(x * (1 - m)), to8(fill)]), out / "samples.png", nrow=8)
-    return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
-            "seconds": round(time.perf_counter() - t0, 1), "l_rec": float(l_rec.detach()),
-            **({"fill_wins": np.bincount(winners, minlength=3).tolist()} if blend else {}),
-            **({"selected_step": selected, "val_psnr": best[0], "val_psnr_untrained": first["score"]} if best else {})}
+        l_rec = self._rec(pred, x, m, eng)
+        eng.update(cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv, self.opt_G)
+        p_real, p_fake = torch.sigmoid(d_real.detach()).mean(), torch.sigmoid(d_fake.detach()).mean()
+        hole_mse = masked_mse(pred.detach(), x, m).clamp_min(1e-12)
+        return {"l_rec": l_rec.detach(), "l_adv": l_adv.detach(), "loss_D": loss_D.detach(),
+                "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake),
+                "hole_psnr": 10 * torch.log10(4.0 / hole_mse)}
+
+    def status(self, row: dict) -> str:
+        if "l_rec" not in row:
+            return ""
+        best = f" val {self.best['score']:.2f} dB @ {self.best['step']}" if self.best else ""
+        return f"l_rec {row['l_rec']:.4f} l_adv {row['l_adv']:.3f}{best}"
+
+    # -- the doctor, and the validation (both measured on rank 0) --
+    def _validation_due(self, step: int) -> bool:
+        return bool(self.cfg.val_every) and (step % self.cfg.val_every == 0 or step == self.cfg.steps)
+
+    def doctor_due(self, step: int) -> bool:
+        return self.watch.due(step) or self._validation_due(step)
+
+    def doctor_observe(self, step: int) -> dict:
+        row = {}
+        if self.watch.due(step):
+            row.update(self.watch.observe(step, self.D, self.watched(self.G), self, {}))
+        if self._validation_due(step):
+            v = self.validation(self.G)
+            row.update({f"val_{k}": score for k, score in v.items()})
+            if self.best is None or v["score"] > self.best["score"]:
+                self.best = {"score": v["score"], "step": step,
+                             **{name: {k: t.detach().cpu().clone() for k, t in net.state_dict().items()}
+                                for name, net in self.nets.items()}}
+        return row
+
+    def knobs(self) -> dict:
+        return {"lr_d": self.opt_D.param_groups[0]["base_lr"]}
+
+    def set_knob(self, name: str, value: float) -> None:
+        if name != "lr_d":
+            raise KeyError(name)
+        for g in self.opt_D.param_groups:
+            g["lr"] = g["base_lr"] = value
+
+    def extra_state(self) -> dict:
+        return {"knobs": self.knobs(), "doctor": self.watch.state(),
+                "validation": {"first": self.first, "best": self.best}}
+
+    def load_extra_state(self, state: dict) -> None:
+        for k, v in state.get("knobs", {}).items():
+            self.set_knob(k, v)
+        self.watch.load_state(state.get("doctor", {}))
+        val = state.get("validation") or {}
+        self.first, self.best = val.get("first") or self.first, val.get("best")
+
+    @torch.no_grad()
+    def samples(self) -> np.ndarray:
+        """Held-out crops, masked, completed by F: three rows of eight."""
+        held, x, m = self.held
+        return np.concatenate([held, to_uint8(x * (1 - m)), to_uint8(completed(x, self.G(x * (1 - m), m), m))])
+
+    def finish(self, out: Path, eng: Engine) -> dict:
+        summary = {}
+        if self.best is not None:   # keep the weights that scored best on the validation photos
+            for name, net in self.nets.items():
+                net.load_state_dict(self.best[name])
+            record = {"step": self.best["step"], "first": self.first, "best": self.best["score"]}
+            path = eng.checkpoint_path()
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+            payload["state"] = {name: net.state_dict() for name, net in self.nets.items()}
+            payload["validation"] = record
+            atomic_save(payload, path)
+            summary.update(selected_step=self.best["step"], val_psnr=self.best["score"],
+                           val_psnr_untrained=self.first["score"])
+        if self.blend:
+            summary["fill_wins"] = np.bincount(self.winners, minlength=3).tolist()
+        grid = save_grid(self.samples(), out / "samples.png", nrow=8)
+        return {"samples": str(grid), **summary,
+                **self.watch.report(out, f"context encoder on {self.cfg.data}, {eng.step} steps")}
+
+
+def train_inpainter(cfg: InpaintTrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train the context encoder into run directory `out`; return the engine's summary."""
+    return Engine(cfg, out, progress=progress, resume=resume).fit(InpaintTask(cfg, progress))
+
+
+def _describe(s: dict) -> list[str]:
+    lines = []
+    if "fill_wins" in s:
+        lines.append("best fill per training pair (thin plate, converged thin plate, cascade): "
+                     + ", ".join(str(n) for n in s["fill_wins"]))
+    if "selected_step" in s:
+        lines.append(f"validation: kept step {s['selected_step']} at {s['val_psnr']:.3f} dB mean hole PSNR "
+                     f"(untrained {s['val_psnr_untrained']:.3f} dB)")
+    return lines + describe_doctor(s)
+
+
+MODEL = ModelSpec("inpainter", InpaintTrainConfig, train_inpainter, _describe)

@@ -1,7 +1,8 @@
-"""The GAN training loop: DCGAN on images, with sample grids, metrics and checkpoints.
+"""DCGAN on images, as a Task of the training engine (engine.py), and what every GAN trainer
+shares: the image <-> tensor conversions, the flag checks, the reproduction command.
 
 A run directory holds:
-    checkpoint.pt     the latest checkpoint (config dataclass + weights + step)
+    checkpoint.pt     the latest checkpoint (config dataclass + weights + step + resume state)
     train.json        the settings the run was started with
     metrics.jsonl     one JSON object per logged step
     samples/          PNG grids of G's output for a fixed set of latents
@@ -9,16 +10,15 @@ A run directory holds:
     scores.png        s_G and s_D over steps, the doctor's diagnoses marked
     doctor.md         the doctor's report: diagnoses, evidence, remedies, interventions
     doctor.json       the same, as data
+    rewind/           (--doctor auto) the last checkpoints, for a restart with changed networks
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
+import math
 import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -27,35 +27,53 @@ import torch.nn.functional as F
 
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
-from ganforge.progress import Progress
-from ganforge.training import datasets
-from ganforge.training.gan import (DCGANConfig, Discriminator, Generator, init_weights,
-                                   save_checkpoint)
-from ganforge.training.monitor import (DOCTOR_MODES, Doctor, Monitor, Thresholds, log_step,
-                                       write_run_report)
+from ganforge.training import data as tdata
+from ganforge.training.engine import Engine, RunConfig, Task, option
+from ganforge.training.gan import DCGANConfig, Discriminator, Generator, init_weights, load_checkpoint
+from ganforge.training.models import ModelSpec
+from ganforge.training.monitor import (DOCTOR_MODES, FAILURES, Doctor, Intervention, Monitor, Thresholds,
+                                       render_kept, write_run_report)
+from ganforge.training.remedies import BestWeights, transplant
+
+
+def _thresholds_text(th: dict | Thresholds) -> str | None:
+    """Thresholds that differ from the defaults, as --thresholds text (None: all default)."""
+    th = th if isinstance(th, dict) else dataclasses.asdict(th)
+    base = dataclasses.asdict(Thresholds())
+    diff = [f"{k}={v}" for k, v in th.items() if base.get(k) != v]
+    return ",".join(diff) or None
 
 
 @dataclass
-class TrainConfig:
-    data: str = "shapes"          # 'shapes', 'stacked_digits', 'photos' or a folder of images
-    n_images: int = 8192          # size of the training pool drawn from `data`
-    steps: int = 1000             # optimizer steps of D and G each
-    batch_size: int = 64
-    lr_g: float = 2e-4            # Adam, DCGAN's settings
-    lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
-    seed: int = 0
-    label_smoothing: float = 0.0  # real label = 1 - label_smoothing (Salimans et al., 2016)
-    instance_noise: float = 0.0   # std of Gaussian noise added to D's inputs (Sønderby et al., 2017)
-    sample_every: int = 100       # steps between sample grids
-    log_every: int = 10           # steps between metrics lines
-    checkpoint_every: int = 500   # steps between checkpoints (and always at the end)
-    threads: int = 0              # torch intra-op threads; 0 = all cores
-    doctor: str = "report"        # 'auto' (diagnose and remedy), 'report' (diagnose), 'off'
-    doctor_every: int = 50        # steps between s_G / s_D measurements on the held-out batch
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    network: DCGANConfig = field(default_factory=DCGANConfig)
+class GANOptions(RunConfig):
+    """What every adversarial trainer adds to the engine's settings: the doctor."""
+    doctor: str = option("report", "auto (diagnose and remedy), report (diagnose), off", choices=DOCTOR_MODES)
+    doctor_every: int = option(50, "steps between s_G / s_D measurements on the held-out batch", min=1)
+    thresholds: Thresholds = option(default_factory=Thresholds, help="doctor thresholds, NAME=VALUE,... "
+                                    "(docs/doctor.md)", parse=Thresholds.parse, format=_thresholds_text,
+                                    metavar="NAME=VALUE,...", show="docs/doctor.md")
+
+
+@dataclass
+class TrainConfig(GANOptions):
+    """DCGAN training: the engine's settings, the doctor's, and these."""
+    data: str = option("shapes", "shapes, stacked_digits, photos, a folder of images, or a .txt / "
+                       ".jsonl list of image paths (streamed)")
+    n_images: int = option(8192, "images made for a bundled set (shapes, stacked_digits, photos)", min=2)
+    steps: int = option(1000, "optimizer steps of D and G each", min=1)
+    batch_size: int = option(64, "global batch size, split evenly across the ranks", min=2)
+    log_every: int = option(10, "steps between metrics.jsonl rows", min=1)
+    sample_every: int = option(100, "steps between sample grids", min=1)
+    lr_g: float = option(2e-4, "G's Adam learning rate", min=0)
+    lr_d: float = option(2e-4, "D's Adam learning rate", min=0)
+    beta1: float = option(0.5, "Adam beta1 (DCGAN's 0.5)", min=0, below=1)
+    beta2: float = option(0.999, "Adam beta2", min=0, below=1)
+    label_smoothing: float = option(0.1, "real label = 1 - this (Salimans et al., 2016)", min=0, below=0.5)
+    label_flip: float = option(0.0, "share of D's real and fake labels flipped at random (noisy labels)",
+                               min=0, below=0.5)
+    instance_noise: float = option(0.1, "std of Gaussian noise on D's inputs (Sønderby et al., 2017)", min=0)
+    d_steps_every: int = option(1, "D is updated on every N-th step only (1: every step)", min=1)
+    network: DCGANConfig = option(default_factory=DCGANConfig)
 
     def validate(self) -> None:
         check_flags(self, {"--lr-g": (self.lr_g, self.lr_g > 0, "> 0"),
@@ -81,184 +99,263 @@ def check_flags(cfg, own: dict[str, tuple]) -> None:
             raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
-# Presets that reproduce each failure on purpose on image data (and a healthy reference).
-# They override the flags they name.
-IMAGE_PRESETS: dict[str, dict] = {
-    "healthy": {},
-    # a much stronger, faster D against a weak, slow G
-    "d-dominates": {"lr_d": 2e-3, "lr_g": 2e-5, "label_smoothing": 0.0, "instance_noise": 0.0,
-                    "network": {"ndf": 64, "ngf": 4}},
-    # a crippled D (2 filters, a learning rate that barely moves it) against a fast G
-    "g-dominates": {"lr_d": 1e-7, "lr_g": 2e-3, "network": {"ndf": 2}},
-    # a one-dimensional latent and a tiny G
-    "mode-collapse": {"lr_d": 1e-3, "network": {"z_dim": 1, "ngf": 4}},
-}
-
-
-def apply_preset(cfg: TrainConfig, name: str) -> TrainConfig:
-    if name not in IMAGE_PRESETS:
-        raise UsageError(f"--preset: {name!r} is not one of {', '.join(IMAGE_PRESETS)}")
-    p = dict(IMAGE_PRESETS[name])
-    net = dataclasses.replace(cfg.network, **p.pop("network", {}))
-    return dataclasses.replace(cfg, **p, network=net)
-
-
-def train_command(kind: str, train: dict, out: str | Path) -> str:
-    """The full `ganforge train` command line that reproduces a run from its recorded settings:
-    every flag explicit, so later changes of defaults do not change what it means."""
-    net = train["network"]
-    if kind == "dcgan":
-        flags = [("--data", train["data"]), ("--steps", train["steps"]),
-                 ("--batch-size", train["batch_size"]), ("--n-images", train["n_images"]),
-                 ("--z-dim", net["z_dim"]), ("--ngf", net["ngf"]), ("--ndf", net["ndf"]),
-                 ("--resolution", net["resolution"]), ("--lr-g", train["lr_g"]), ("--lr-d", train["lr_d"]),
-                 ("--label-smoothing", train["label_smoothing"]),
-                 ("--instance-noise", train["instance_noise"]), ("--d-dropout", net["d_dropout"]),
-                 ("--sample-every", train["sample_every"])]
-    elif kind == "denoiser":
-        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
-                 ("--patch", train["patch"]), ("--sigma-min", train["sigma"][0]),
-                 ("--sigma-max", train["sigma"][1]), ("--lr", train["lr"]), ("--width", net["width"]),
-                 ("--depth", net["depth"])]
-        if "crop_scale" in train:   # recorded since fine-tuning was added; older runs used the defaults
-            flags += [("--crop-scale-min", train["crop_scale"][0]), ("--crop-scale-max", train["crop_scale"][1]),
-                      ("--pool", train["pool"])]
-        if train.get("init"):
-            flags.append(("--init", train["init"]))
-    elif kind == "inpainter":
-        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
-                 ("--tile", train["tile"]), ("--lambda-rec", train["lambda_rec"]),
-                 ("--lambda-adv", train["lambda_adv"]), ("--lr", train["lr"]), ("--width", net["width"]),
-                 ("--pool", train.get("pool", 4096))]   # runs from before the flag drew 4,096
-        if train.get("rec_reduce", "pixels") != "pixels":
-            flags.append(("--rec-reduce", train["rec_reduce"]))
-        if train.get("balance_fills"):
-            flags.append(("--balance-fills", ""))
-        if train.get("val_every"):
-            flags.append(("--val-every", train["val_every"]))
-        if net.get("prefill"):
-            flags.append(("--prefill", ""))
-            flags += [("--fill", net.get("fill", "harmonic")), ("--diffuse", net.get("diffuse", 32)),
-                      ("--bilaplace", net.get("bilaplace", 0))]
-            if net.get("thinplate"):
-                flags.append(("--thinplate", net["thinplate"]))
-            if net.get("head", "residual") != "residual":
-                flags += [("--head", net["head"]), ("--blend-thinplate", net["blend_thinplate"])]
-                if net.get("blend_validate"):
-                    flags.append(("--blend-validate", net["blend_validate"]))
-    elif kind == "progan":
-        flags = [("--data", train["data"]), ("--steps", train["steps"]), ("--batch-size", train["batch_size"]),
-                 ("--n-images", train["n_images"]), ("--z-dim", net["z_dim"]),
-                 ("--resolution", net["resolution"]), ("--lr", train["lr"]),
-                 ("--stable-images", train["stable_images"]), ("--fade-images", train["fade_images"]),
-                 ("--ema-images", train.get("ema_images", 0)),   # runs from before the average had none
-                 ("--fmap-base", net["fmap_base"]), ("--fmap-max", net["fmap_max"]), ("--fmap-min", net["fmap_min"]),
-                 ("--d-fmap-min", net.get("d_fmap_min", 0)),   # runs from before D had its own widths
-                 ("--sample-every", train["sample_every"])]
-    else:
-        raise ValueError(f"no train command for kind {kind!r}")
-    flags += [("--seed", train["seed"]), ("--out", str(out))]
-    return " ".join(["ganforge", "train", kind, *(f"{k} {v}".rstrip() for k, v in flags)])
-
-
-def to_tensor(images: np.ndarray) -> torch.Tensor:
-    """uint8 NHWC -> float NCHW in [-1, 1]."""
-    return torch.from_numpy(images).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+def to_tensor(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 NHWC -> float NCHW in [-1, 1] (on the images' device)."""
+    t = torch.from_numpy(images) if isinstance(images, np.ndarray) else images
+    return t.permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
     """float NCHW in [-1, 1] -> uint8 NHWC, the same arithmetic as the exported graph."""
-    return ((x.detach() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return ((x.detach().float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class GANTrainer:
-    """One D step and one G step per iteration, non-saturating G loss, logits throughout."""
+def fixed_latents(z_dim: int, seed: int, n: int = 64) -> torch.Tensor:
+    """`n` latents fixed by `seed` (the sample grids', the doctor's)."""
+    return torch.from_numpy(np.random.default_rng(seed).standard_normal((n, z_dim)).astype(np.float32))
 
-    def __init__(self, cfg: TrainConfig, out: Path):
-        cfg.validate()
-        self.cfg, self.out = cfg, Path(out)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
+
+def held_out_reals(cfg: GANOptions, data_set, resolution: int, n: int = 64) -> np.ndarray:
+    """The doctor's fixed held-out real images (uint8 NHWC): for a bundled set, `n` images drawn
+    outside the training pool; for a streamed one, `n` fixed items of it."""
+    if tdata.is_streamed(cfg.data):
+        return tdata.held_out(data_set, n, cfg.seed + 7919)
+    return tdata.gan_images(cfg.data, n, resolution, cfg.seed + 7919).images
+
+
+class GANDoctor:
+    """The doctor's side of a GAN task: a Monitor on a fixed held-out batch, the Doctor, its
+    state for checkpoints, and the report at the end. Used by every adversarial task."""
+
+    def __init__(self, cfg: GANOptions, held_real: torch.Tensor, held_z: torch.Tensor, log: bool = True, **kw):
+        self.cfg = cfg
+        self.monitor = Monitor(held_real, held_z, cfg.thresholds, every=cfg.doctor_every,
+                               total_steps=cfg.steps, **kw)
+        self.log = (lambda m: print("\n" + m, file=sys.stderr)) if log else (lambda m: None)
+        self.doctor = Doctor(self.monitor, cfg.doctor, log=self.log)
+        self.best = BestWeights()
+
+    def due(self, step: int) -> bool:
+        return self.cfg.doctor != "off" and self.monitor.due(step)
+
+    def observe(self, step: int, D, G_sample, trainer, network: dict, extra: dict | None = None,
+                nets: dict | None = None) -> dict:
+        """Measure, diagnose, remedy (auto). With `nets` (auto mode): keep the weights of the
+        lowest `fd`, and at the run's last step put them back when the last weights are
+        measurably worse (remedies.KEEP_MARGIN)."""
+        found = self.doctor.observe(step, D, G_sample, trainer, network, extra)
+        row = {k: v for k, v in self.monitor.last.items() if k != "step"}
+        if found:
+            row["diagnoses"] = [d.failure for d in found]
+            done = [i for i in self.doctor.interventions if i.step == step]
+            if done:
+                row["interventions"] = {i.knob: i.new for i in done if i.action == "set"}
+        if self.cfg.doctor == "auto" and nets is not None:
+            fd = self.monitor.last.get("fd")
+            self.best.offer(step, fd, nets)
+            if step >= self.cfg.steps and self.best.step is not None:
+                kept = self.best.better_than(fd)
+                if kept:
+                    self.best.restore(nets)
+                self.doctor.kept = {"step": self.best.step, "fd": round(self.best.fd, 5),
+                                    "final_step": int(step), "final_fd": fd, "kept": kept}
+                row["kept_step"] = self.best.step if kept else int(step)
+                self.log(render_kept(self.doctor.kept))
+        return row
+
+    def take_restart(self) -> dict | None:
+        """A network change the doctor decided (auto mode), once; None otherwise."""
+        return self.doctor.take_restart() if self.cfg.doctor == "auto" else None
+
+    def restarted(self, decision: dict) -> None:
+        """After a restart rewound to `decision["from_step"]`: the records of the abandoned steps
+        dropped (metrics.jsonl keeps them), every detector re-armed, the best weights forgotten
+        (their networks had other shapes)."""
+        back = decision["from_step"]
+        self.monitor.records = [r for r in self.monitor.records if r["step"] <= back]
+        self.monitor.last = self.monitor.records[-1] if self.monitor.records else {}
+        for f in FAILURES:
+            self.monitor.rearm(f)
+        self.best.reset()
+        self.doctor.restarted(decision, back)
+
+    def state(self) -> dict:
+        return {"records": self.monitor.records,
+                "interventions": [dataclasses.asdict(i) for i in self.doctor.interventions],
+                "restarts": self.doctor.restarts, "best": self.best.to_state()}
+
+    def load_state(self, state: dict, stages: list[dict] | None = None) -> None:
+        """Take the records and interventions of `state()` back (a resumed run); `stages`
+        (ProGAN): the records are diagnosed again stage by stage."""
+        if state:
+            self.monitor.replay(state.get("records", []), stages)
+            self.doctor.interventions = [Intervention(**i) for i in state.get("interventions", [])]
+            self.doctor.restarts = list(state.get("restarts", []))
+            self.best.load(state.get("best", {}))
+
+    def report(self, out: Path, title: str, stages: list[dict] | None = None) -> dict:
+        if self.cfg.doctor != "off":
+            write_run_report(out, self.monitor, self.doctor, title=title, stages=stages)
+        kept = self.doctor.kept
+        return {"doctor_mode": self.cfg.doctor, "diagnoses": [d.failure for d in self.monitor.diagnoses],
+                "interventions": len(self.doctor.interventions),
+                "restarts": [{k: r[k] for k in ("failure", "step", "from_step", "changes")} for r in self.doctor.restarts],
+                "kept_step": (kept["step"] if kept["kept"] else kept["final_step"]) if kept else None}
+
+
+class GANTask(Task):
+    """What every adversarial task shares: `self.watch` (a GANDoctor built in `setup`), instance
+    noise on D's inputs drawn so the ranks agree, and the doctor's state carried by checkpoints
+    (the knobs as they are now, the observations, the remedies)."""
+
+    def _noisy(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
+        """x plus the instance noise on D's inputs (--instance-noise)."""
+        if not self.cfg.instance_noise:
+            return x
+        return x + self.cfg.instance_noise * eng.randn(x.shape[0], *x.shape[1:])
+
+    def doctor_due(self, step: int) -> bool:
+        return self.watch.due(step)
+
+    def extra_state(self) -> dict:
+        return {"knobs": self.knobs(), "doctor": self.watch.state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        for k, v in state.get("knobs", {}).items():
+            self.set_knob(k, v)
+        self.watch.load_state(state.get("doctor", {}))
+
+
+class DCGANTask(GANTask):
+    """One D step (every `d_steps_every` steps) and one G step per iteration, non-saturating G
+    loss, logits throughout. With `--doctor auto` the doctor's network changes restart the run
+    from the last checkpoint before the failure began (`rebuild`; kept in rewind/)."""
+
+    kind = "dcgan"
+    can_restart = True
+
+    def __init__(self, cfg: TrainConfig, progress: bool = True):
+        super().__init__(cfg)
+        self.progress = progress
+
+    def setup(self, eng: Engine) -> None:
+        cfg, dev = self.cfg, eng.device
+        if eng.resume and eng.checkpoint_path().is_file():   # the networks the run had (a restart's)
+            cfg.network = DCGANConfig(**load_checkpoint(eng.checkpoint_path(), ("dcgan",))["config"])
         net = cfg.network
+        if cfg.doctor == "auto":     # the checkpoints that cover a failure's streak, and one before
+            th = cfg.thresholds
+            self.rewind_keep = min(8, math.ceil((th.patience + 1) * cfg.doctor_every / cfg.checkpoint_every) + 1)
+        torch.manual_seed(cfg.seed)
+        self._build(net, eng, cfg.lr_g, cfg.lr_d)
+        self.data = tdata.gan_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
+        self.held_real = to_tensor(held_out_reals(cfg, self.data, net.resolution)).to(dev)
+        self._latents(dev)
+        self.watch = GANDoctor(cfg, self.held_real, self.held_z, log=self.progress and eng.main)
+
+    def _build(self, net: DCGANConfig, eng: Engine, lr_g: float, lr_d: float) -> None:
+        cfg = self.cfg
         self.G, self.D = Generator(net), Discriminator(net)
         self.G.apply(init_weights)
         self.D.apply(init_weights)
+        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
-        self.images = datasets.load_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
-        self.mirror = datasets.mirrorable(cfg.data)  # a mirrored digit is no digit
-        self.fixed_z = torch.from_numpy(
-            np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
-        # the doctor's fixed held-out batch: real images outside the training pool, and latents
-        held = datasets.load_images(cfg.data, 64, net.resolution, cfg.seed + 7919)
-        self.held_real = to_tensor(held)
-        self.held_z = torch.from_numpy(
-            np.random.default_rng(cfg.seed + 2).standard_normal((64, net.z_dim)).astype(np.float32))
-        self.step = 0
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
+        self.nets = {"G": self.G, "D": self.D}
+        self.opts = {"G": self.opt_G, "D": self.opt_D}
 
-    def real_batch(self) -> torch.Tensor:
-        idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
-        batch = self.images[idx]
-        if self.mirror:
-            flip = self.rng.random(len(idx)) < 0.5
-            batch[flip] = batch[flip, :, ::-1]
-        return to_tensor(batch)
+    def _latents(self, dev) -> None:
+        z_dim, seed = self.cfg.network.z_dim, self.cfg.seed
+        self.fixed_z = fixed_latents(z_dim, seed + 1).to(dev)
+        self.held_z = fixed_latents(z_dim, seed + 2).to(dev)
 
-    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.cfg.instance_noise * torch.randn_like(x) if self.cfg.instance_noise else x
+    def rebuild(self, eng: Engine, payload: dict, decision: dict) -> None:
+        """G and D with the decided changes, filled from the checkpoint `payload` where shapes
+        allow (remedies.transplant); new optimizers at the current learning rates; the knobs kept."""
+        lr_g, lr_d = self.opt_G.param_groups[0]["base_lr"], self.opt_D.param_groups[0]["base_lr"]
+        dropout = self.D.dropout
+        self.cfg.network = dataclasses.replace(self.cfg.network, **decision["changes"])
+        self._build(self.cfg.network, eng, lr_g, lr_d)
+        for name, net in self.nets.items():
+            transplant(net, payload["state"][name])
+        self.D.set_dropout(dropout)
+        self._latents(eng.device)
+        self.watch.monitor.z = self.held_z
+        if eng.main:
+            self.watch.restarted(decision)
 
-    def train_step(self) -> dict:
+    def restart_decision(self) -> dict | None:
+        return self.watch.take_restart()
+
+    def dataset(self):
+        return self.data
+
+    def _d_loss(self, x: torch.Tensor, fake: torch.Tensor, eng: Engine):
         cfg = self.cfg
-        x = self.real_batch()
-        z = torch.randn(cfg.batch_size, cfg.network.z_dim)
-        fake = self.G(z)
-
-        # D: real -> 1 (smoothed), fake -> 0
-        self.opt_D.zero_grad(set_to_none=True)
-        logit_real = self.D(self._noisy(x))
-        logit_fake = self.D(self._noisy(fake.detach()))
+        logit_real = self.D_train(self._noisy(x, eng)).float()
+        logit_fake = self.D_train(self._noisy(fake, eng)).float()
         real_target = torch.full_like(logit_real, 1.0 - cfg.label_smoothing)
+        fake_target = torch.zeros_like(logit_fake)
+        if cfg.label_flip:   # noisy labels: a share of each side's labels swapped
+            n = x.shape[0]
+            real_target = torch.where(eng.rand(n) < cfg.label_flip, fake_target, real_target)
+            fake_target = torch.where(eng.rand(n) < cfg.label_flip, 1.0 - cfg.label_smoothing, fake_target)
         loss_D = (F.binary_cross_entropy_with_logits(logit_real, real_target)
-                  + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
-        loss_D.backward()
-        self.opt_D.step()
+                  + F.binary_cross_entropy_with_logits(logit_fake, fake_target))
+        return loss_D, logit_real, logit_fake
 
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
+        cfg = self.cfg
+        x = to_tensor(batch)
+        n = x.shape[0]
+        z = eng.randn(n, cfg.network.z_dim)
+        with eng.autocast():
+            fake = self.G_train(z)
+        # D: real -> 1 (smoothed), fake -> 0; on every d_steps_every-th step only
+        if eng.step % cfg.d_steps_every == 0:
+            with eng.autocast():
+                loss_D, logit_real, logit_fake = self._d_loss(x, fake.detach(), eng)
+            eng.update(loss_D, self.opt_D)
+        else:
+            with torch.no_grad(), eng.autocast():
+                loss_D, logit_real, logit_fake = self._d_loss(x, fake.detach(), eng)
         # G: non-saturating, maximise log D(G(z))
-        self.opt_G.zero_grad(set_to_none=True)
-        logit_gen = self.D(self._noisy(fake))
-        loss_G = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
-        loss_G.backward()
-        self.opt_G.step()
-        self.step += 1
-        return {
-            "step": self.step,
-            "loss_D": float(loss_D.detach()),
-            "loss_G": float(loss_G.detach()),
-            "D_real": float(torch.sigmoid(logit_real.detach()).mean()),
-            "D_fake": float(torch.sigmoid(logit_fake.detach()).mean()),
-        }
+        with eng.autocast():
+            logit_gen = self.D_train(self._noisy(fake, eng)).float()
+            loss_G = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+        eng.update(loss_G, self.opt_G)
+        return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
+                "D_real": torch.sigmoid(logit_real.detach()).mean(),
+                "D_fake": torch.sigmoid(logit_fake.detach()).mean()}
 
-    # -- Tunable (the doctor's auto remedies) --
+    def status(self, row: dict) -> str:
+        return f"loss_D {row['loss_D']:.3f} loss_G {row['loss_G']:.3f}" if "loss_D" in row else ""
+
+    # -- the doctor --
+    def doctor_observe(self, step: int) -> dict:
+        net = self.cfg.network
+        return self.watch.observe(step, self.D, self.G, self,
+                                  {"ndf": net.ndf, "ngf": net.ngf, "z_dim": net.z_dim, "mbstd": net.mbstd},
+                                  nets=self.nets)
+
     def knobs(self) -> dict:
-        k = {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
-             "lr_g": self.opt_G.param_groups[0]["lr"], "lr_d": self.opt_D.param_groups[0]["lr"]}
-        if self.cfg.network.d_dropout:  # D has dropout layers only when built with them
-            k["d_dropout"] = self._d_dropout
-        return k
-
-    @property
-    def _d_dropout(self) -> float:
-        return next((m.p for m in self.D.modules() if isinstance(m, torch.nn.Dropout2d)), 0.0)
+        return {"label_smoothing": self.cfg.label_smoothing, "label_flip": self.cfg.label_flip,
+                "instance_noise": self.cfg.instance_noise, "d_dropout": self.D.dropout,
+                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"],
+                "d_steps_every": self.cfg.d_steps_every}
 
     def set_knob(self, name: str, value: float) -> None:
-        if name in ("label_smoothing", "instance_noise"):
+        if name in ("label_smoothing", "label_flip", "instance_noise"):
             setattr(self.cfg, name, value)
+        elif name == "d_steps_every":
+            self.cfg.d_steps_every = int(value)
         elif name in ("lr_g", "lr_d"):
             for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-                g["lr"] = value
-        elif name == "d_dropout":
+                g["lr"] = g["base_lr"] = value
+        elif name == "d_dropout":     # the checkpoint's config says D's rate as it is
             self.D.set_dropout(value)
+            self.cfg.network = dataclasses.replace(self.cfg.network, d_dropout=value)
         else:
             raise KeyError(name)
 
@@ -270,52 +367,60 @@ class GANTrainer:
         finally:
             self.G.train()
 
-    def save(self) -> Path:
-        return save_checkpoint(
-            self.out / "checkpoint.pt", "dcgan", self.cfg.network, {"G": self.G, "D": self.D},
-            step=self.step, data=self.cfg.data, seed=self.cfg.seed,
-            train=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
+    def finish(self, out: Path, eng: Engine) -> dict:
+        grid = save_grid(self.samples(), out / "samples.png", nrow=8)
+        return {"samples": str(grid),
+                **self.watch.report(out, f"dcgan on {self.cfg.data}, {eng.step} steps")}
 
 
-def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True) -> dict:
-    """Train a DCGAN into run directory `out`; return a summary dict."""
-    out = Path(out)
-    cfg.validate()
-    try:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out: cannot create {out} ({exc.strerror})") from exc
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    (out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    trainer = GANTrainer(cfg, out)
-    bar = Progress(cfg.steps, "train dcgan", unit="step", enabled=progress)
-    monitor = Monitor(trainer.held_real, trainer.held_z, cfg.thresholds, every=cfg.doctor_every,
-                      total_steps=cfg.steps)
-    doctor = Doctor(monitor, cfg.doctor, log=(lambda m: print("\n" + m, file=sys.stderr)) if progress else None)
-    net = cfg.network
-    t0 = time.perf_counter()
-    last: dict = {}
-    with open(out / "metrics.jsonl", "w") as metrics:
-        for _ in range(cfg.steps):
-            last = trainer.train_step()
-            s = trainer.step
-            if cfg.doctor != "off" and monitor.due(s):
-                found = doctor.observe(s, trainer.D, trainer.G, trainer,
-                                       {"ndf": net.ndf, "ngf": net.ngf, "z_dim": net.z_dim})
-                log_step(metrics, last, t0, monitor, found)
-            elif s % cfg.log_every == 0 or s == cfg.steps:
-                log_step(metrics, last, t0)
-            if s % cfg.sample_every == 0 or s == cfg.steps:
-                save_grid(trainer.samples(), out / "samples" / f"step_{s:06d}.png", nrow=8)
-            if s % cfg.checkpoint_every == 0 and s != cfg.steps:
-                trainer.save()
-            bar.update(1, status=f"loss_D {last['loss_D']:.3f} loss_G {last['loss_G']:.3f}")
-    bar.close()
-    ckpt = trainer.save()
-    grid_path = save_grid(trainer.samples(), out / "samples.png", nrow=8)
-    if cfg.doctor != "off":
-        write_run_report(out, monitor, doctor, title=f"dcgan on {cfg.data}, {trainer.step} steps")
-    return {"checkpoint": str(ckpt), "samples": str(grid_path), "steps": trainer.step,
-            "seconds": round(time.perf_counter() - t0, 1), "loss_D": last.get("loss_D"),
-            "loss_G": last.get("loss_G"), "diagnoses": [d.failure for d in monitor.diagnoses],
-            "interventions": len(doctor.interventions)}
+def train_dcgan(cfg: TrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train a DCGAN into run directory `out`; return the engine's summary."""
+    return Engine(cfg, out, progress=progress, resume=resume).fit(DCGANTask(cfg, progress))
+
+
+class GANTrainer:
+    """A DCGAN stepped by its caller (benchmarks that interleave arms on a time budget): the same
+    task and engine as `train_dcgan`, one step per `train_step()`. `task_class`: another GAN's
+    task (progan.ProGANTrainer); `resume`: continue the run in `out` from its checkpoint."""
+
+    task_class = DCGANTask
+
+    def __init__(self, cfg: TrainConfig, out: str | Path, resume: bool = False):
+        self.cfg = cfg
+        self.engine = Engine(cfg, out, progress=False, resume=resume)
+        self.task = self.task_class(cfg, progress=False)
+        self.engine.start(self.task, resume)
+        self.G, self.D, self.opt_G, self.opt_D = self.task.G, self.task.D, self.task.opt_G, self.task.opt_D
+
+    @property
+    def step(self) -> int:
+        return self.engine.step
+
+    def train_step(self) -> dict:
+        return {k: float(v) for k, v in self.engine.one_step(self.task).items()}
+
+    def samples(self) -> np.ndarray:
+        return self.task.samples()
+
+
+def train_command(kind: str, train: dict, out: str | Path) -> str:
+    """The full `ganforge train` command line that reproduces a run from its recorded settings:
+    every flag explicit, so later changes of defaults do not change what it means."""
+    from ganforge.training import models, options
+
+    if kind in models.REGISTRY:
+        return options.command_line(kind, models.get(kind).config, train, out)
+    raise ValueError(f"no train command for kind {kind!r}")
+
+
+
+
+def _describe(s: dict) -> list[str]:
+    if s.get("doctor_mode", "off") == "off":
+        return []
+    cfg_doctor = s.get("doctor_mode", "")
+    return [f"doctor{f' ({cfg_doctor})' if cfg_doctor else ''}: diagnoses {', '.join(s['diagnoses']) or 'none'}; "
+            f"{s['interventions']} interventions; report {Path(s['checkpoint']).parent / 'doctor.md'}"]
+
+
+MODEL = ModelSpec("dcgan", TrainConfig, train_dcgan, _describe)

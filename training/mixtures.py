@@ -5,23 +5,33 @@ The published protocol (VEEGAN, Srivastava et al. 2017; PacGAN, Lin et al. 2018)
     grid  25 Gaussians at {-4, -2, 0, 2, 4}^2, std 0.05
 Draw 2,500 samples from G; a sample is high quality when it lies within 3 std of its nearest
 mode; a mode is covered when it is the nearest mode of at least one high-quality sample.
+
+`ganforge train mlpgan` runs `MixtureTask` on the training engine (engine.py): its training set
+is `--n-points` points drawn once from the mixture (`MixturePoints`), which the engine's sampler
+permutes and cuts into per-rank slices like any image set; the presets that fail on purpose are
+training/presets/mlpgan/*.toml. `rejection_sample_run` samples a run's G by discriminator
+rejection sampling (`ganforge bench modes`, variant doctor-auto+drs).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import time
-from dataclasses import dataclass, field
+import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import Dataset
 
 from ganforge.errors import UsageError
-from ganforge.training.gan import MLPDiscriminator, MLPGANConfig, MLPGenerator, save_checkpoint
-from ganforge.training.monitor import DOCTOR_MODES, Doctor, Monitor, Thresholds, write_run_report
+from ganforge.training.engine import Engine, Task, lr_factor, option
+from ganforge.training.gan import (MLPDiscriminator, MLPGANConfig, MLPGenerator, dropout_masks,
+                                  load_checkpoint)
+from ganforge.training.loop import GANDoctor, GANOptions
+from ganforge.training.models import ModelSpec
+from ganforge.training.monitor import FAILURES
 
 MIXTURES = ("ring", "grid")
 DRS_QUANTILE = 0.95   # gamma: this quantile of F over the burn-in draws (Azadi et al. 2019, sec. 3.3)
@@ -77,144 +87,286 @@ def mixture(name: str) -> Mixture:
 
 
 # ---------------------------------------------------------------------------------------------
-# Training
+# Training: the MLP GAN as a Task of the training engine (engine.py)
+
+class MixturePoints(Dataset):
+    """`n` points drawn once from a mixture (seeded), the training set of the MLP GAN; each item
+    holds `per_item` of them (one for each D step of a training step): float32 (per_item, 2)."""
+
+    def __init__(self, mix: Mixture, n: int, seed: int, per_item: int = 1):
+        self.points = mix.sample(n - n % per_item, np.random.default_rng(seed)).reshape(-1, per_item, 2)
+
+    def __len__(self) -> int:
+        return len(self.points)
+
+    def __getitem__(self, key) -> tuple[np.ndarray, list]:
+        index = key[0] if isinstance(key, tuple) else key
+        return self.points[index], []
+
+    def __getitems__(self, keys: list) -> list[tuple[np.ndarray, list]]:
+        return [(p, []) for p in self.points[[k[0] if isinstance(k, tuple) else k for k in keys]]]
+
 
 @dataclass
-class MixtureTrainConfig:
-    data: str = "ring"              # 'ring' or 'grid'
-    steps: int = 3000               # D and G steps each
-    batch_size: int = 256
-    lr_g: float = 1e-3              # Adam
-    lr_d: float = 1e-3
-    beta1: float = 0.5
-    beta2: float = 0.999
-    d_steps: int = 1                # D steps per G step
-    label_smoothing: float = 0.0    # real target 1 - s (Salimans et al. 2016)
-    instance_noise: float = 0.0     # std of noise added to D's inputs (Sønderby et al. 2017)
-    lr_decay: bool = True           # linear decay of both learning rates to lr_floor at the end
-    lr_floor: float = 0.1           # fraction of the learning rates left at the last step
-    seed: int = 0
-    doctor: str = "report"
-    doctor_every: int = 100
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    network: MLPGANConfig = field(default_factory=MLPGANConfig)
+class MixtureTrainConfig(GANOptions):
+    """MLP GAN training on a 2-D mixture: the engine's settings, the doctor's, and these."""
+    data: str = option("ring", "the 2-D mixture: ring (8 Gaussians) or grid (25)", choices=MIXTURES)
+    n_points: int = option(65_536, "points drawn from the mixture once per run: the training set", min=2)
+    steps: int = option(1000, "optimizer steps of G (each after --d-steps steps of D)", min=1)
+    batch_size: int = option(256, "global batch size, split evenly across the ranks", min=2)
+    log_every: int = option(50, "steps between metrics.jsonl rows", min=1)
+    lr_g: float = option(1e-3, "G's Adam learning rate", min=0)
+    lr_d: float = option(1e-3, "D's Adam learning rate", min=0)
+    beta1: float = option(0.5, "Adam beta1", min=0, below=1)
+    beta2: float = option(0.999, "Adam beta2", min=0, below=1)
+    d_steps: int = option(1, "D steps per G step, each on its own real batch", min=1)
+    label_smoothing: float = option(0.0, "real label = 1 - this (Salimans et al., 2016)", min=0, below=0.5)
+    instance_noise: float = option(0.0, "std of Gaussian noise on D's inputs, annealed to 0 over the run "
+                                   "(Sønderby et al., 2017)", min=0)
+    lr_decay: bool = option(True, "decay both learning rates linearly to --lr-floor of them at the last step")
+    lr_floor: float = option(0.1, "share of the learning rates left at the last step (--lr-decay)", min=0, max=1)
+    network: MLPGANConfig = option(default_factory=MLPGANConfig)
 
     def validate(self) -> None:
-        mixture(self.data)
-        if self.doctor not in DOCTOR_MODES:
-            raise UsageError(f"--doctor: {self.doctor!r} is not one of {', '.join(DOCTOR_MODES)}")
-        if self.steps < 1 or self.batch_size < 2 or self.batch_size % self.network.pack:
-            raise UsageError(f"steps {self.steps}, batch_size {self.batch_size}: need steps >= 1 "
-                             f"and a batch size >= 2 divisible by pack {self.network.pack}")
+        net = self.network
+        checks = {
+            "--dim": (net.dim, net.dim == 2, "2 (the mixtures are 2-D)"),
+            "--batch-size": (self.batch_size, self.batch_size % net.pack == 0, f"divisible by --pack {net.pack}"),
+            "--n-points": (self.n_points, self.n_points // self.d_steps >= self.batch_size,
+                           f">= --batch-size x --d-steps ({self.batch_size * self.d_steps})"),
+        }
+        for name, (value, ok, allowed) in checks.items():
+            if not ok:
+                raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
-# Presets that reproduce each failure on purpose, and a healthy one (2-D).
-MIXTURE_PRESETS: dict[str, dict] = {
-    "healthy": {},
-    # a much stronger, faster D: s_D -> 1, s_G -> 0
-    "d-dominates": {"lr_d": 1e-2, "lr_g": 1e-5, "d_steps": 3, "network": {"ndf": 128, "ngf": 16}},
-    # a crippled D that barely learns, a fast G: D fooled from the start
-    "g-dominates": {"lr_d": 1e-6, "lr_g": 1e-2, "network": {"ndf": 2, "d_layers": 1}},
-    # a 1-D latent and a tiny G squeezed onto few modes
-    "mode-collapse": {"network": {"z_dim": 1, "ngf": 8, "g_layers": 1}, "lr_d": 3e-3},
-}
+class MixtureTask(Task):
+    """The non-saturating GAN of DCGANTask on 2-D points: --d-steps D steps, then one G step.
 
+    In doctor auto mode, a restart decision (PacGAN packing, a larger z_dim...) is acted on once:
+    G and D are rebuilt with it (on every rank, from the next step) and trained for the steps
+    that remain; the checkpoint then holds the new networks and their config."""
 
-def preset_config(name: str, **overrides) -> MixtureTrainConfig:
-    if name not in MIXTURE_PRESETS:
-        raise UsageError(f"--preset: {name!r} is not one of {', '.join(MIXTURE_PRESETS)}")
-    p = dict(MIXTURE_PRESETS[name])
-    net = {**p.pop("network", {}), **overrides.pop("network", {})}
-    return MixtureTrainConfig(**{**p, **overrides}, network=MLPGANConfig(**net))
+    kind = "mlpgan"
 
-
-class MixtureTrainer:
-    """The non-saturating GAN of loop.GANTrainer on 2-D points; Tunable for the doctor."""
-
-    def __init__(self, cfg: MixtureTrainConfig):
-        cfg.validate()
-        self.cfg = cfg
+    def __init__(self, cfg: MixtureTrainConfig, progress: bool = True):
+        super().__init__(cfg)
+        self.progress = progress
         self.mix = mixture(cfg.data)
-        torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        self.build(cfg.network)
-        held = np.random.default_rng(cfg.seed + 7919)
-        self.held_real = torch.from_numpy(self.mix.sample(512, held))
-        self.held_z = torch.from_numpy(held.standard_normal((512, cfg.network.z_dim)).astype(np.float32))
-        self.step = 0
+        self.label_smoothing, self.instance_noise = cfg.label_smoothing, cfg.instance_noise
+        self.pending: MLPGANConfig | None = None      # a restart decided, built at the next step
+        self.restart_step: int | None = None          # the step the restart was decided at
+        self.restart_with: dict = {}                  # ... and the network changes decided
+        self.restarted = False
 
-    def build(self, net: MLPGANConfig) -> None:
+    def setup(self, eng: Engine) -> None:
+        cfg = self.cfg
+        net = cfg.network
+        if eng.resume and eng.checkpoint_path().is_file():   # the networks the run had (a restart's)
+            net = MLPGANConfig(**load_checkpoint(eng.checkpoint_path(), ("mlpgan",))["config"])
+        self.device, self.local_batch = eng.device, eng.local_batch
+        torch.manual_seed(cfg.seed)
+        self._build(net, eng)
+        held = np.random.default_rng(cfg.seed + 7919)
+        self.held_real = torch.from_numpy(self.mix.sample(512, held)).to(eng.device)
+        held_z = torch.from_numpy(held.standard_normal((512, net.z_dim)).astype(np.float32)).to(eng.device)
+        self.watch = GANDoctor(cfg, self.held_real, held_z, log=self.progress and eng.main,
+                               mode_of=self.mix.nearest_mode, n_modes=self.mix.n_modes)
+
+    def _build(self, net: MLPGANConfig, eng: Engine) -> None:
+        if eng.local_batch % net.pack:
+            raise UsageError(f"--batch-size: {self.cfg.batch_size} is not allowed on {eng.rt.world} ranks with "
+                             f"--pack {net.pack}; each rank's share must divide by --pack")
+        cfg = self.cfg
         self.net = net
         self.G, self.D = MLPGenerator(net), MLPDiscriminator(net)
-        betas = (self.cfg.beta1, self.cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=self.cfg.lr_g, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=self.cfg.lr_d, betas=betas)
-        self.lr_base = {"lr_g": self.cfg.lr_g, "lr_d": self.cfg.lr_d}
+        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
+        for o in (self.opt_G, self.opt_D):
+            for g in o.param_groups:
+                g["base_lr"] = g["lr"]
+        self.nets = {"G": self.G, "D": self.D}
+        self.opts = {"G": self.opt_G, "D": self.opt_D}
+
+    def _restart_z(self) -> None:
+        """The doctor's held-out latents for the restarted G (its z_dim may have changed)."""
+        z = np.random.default_rng(self.cfg.seed + 7919 + 1).standard_normal((512, self.net.z_dim))
+        self.watch.monitor.z = torch.from_numpy(z.astype(np.float32)).to(self.device)
+
+    def network_config(self) -> MLPGANConfig:
+        return self.net
+
+    def dataset(self) -> MixturePoints:
+        return MixturePoints(self.mix, self.cfg.n_points, self.cfg.seed, self.cfg.d_steps)
+
+    def before_step(self, step: int, eng: Engine) -> None:
+        cfg = self.cfg
+        if self.pending is not None:
+            # new networks with the decided config, the same held-out batch, the remaining steps
+            # (the learning rates start again from the configured ones)
+            self._build(self.pending, eng)
+            self.pending, self.restarted = None, True
+            self._restart_z()
+            for f in FAILURES:
+                self.watch.monitor.rearm(f)
+        decay = 1.0 - (1.0 - cfg.lr_floor) * step / cfg.steps if cfg.lr_decay else 1.0
+        factor = lr_factor(cfg.lr_schedule, step, cfg.steps) * decay
+        for o in self.opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * factor
+
+    def _noisy(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
+        s = self.instance_noise * (1.0 - eng.step / self.cfg.steps)  # annealed to 0
+        return x + s * eng.randn(x.shape[0], *x.shape[1:]) if s else x
+
+    def _judge(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
+        """D's logits for this rank's points, its dropout masks drawn for the global batch."""
+        with dropout_masks(self.D.noise(), x.shape[0] // self.net.pack, eng.rand):
+            return self.D_train(self._noisy(x, eng)).float()
+
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
+        # batch: (B, d_steps, 2), one real batch per D step
+        n, z_dim = batch.shape[0], self.net.z_dim
+        for j in range(self.cfg.d_steps):
+            x = batch[:, j]
+            with torch.no_grad(), eng.autocast():
+                fake = self.G_train(eng.randn(n, z_dim)).float()
+            with eng.autocast():
+                logit_real, logit_fake = self._judge(x, eng), self._judge(fake, eng)
+                loss_D = (F.binary_cross_entropy_with_logits(
+                          logit_real, torch.full_like(logit_real, 1 - self.label_smoothing))
+                          + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
+            eng.update(loss_D, self.opt_D)
+        with eng.autocast():
+            logit_gen = self._judge(self.G_train(eng.randn(n, z_dim)), eng)
+            loss_G = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
+        eng.update(loss_G, self.opt_G)
+        return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach()}
+
+    def status(self, row: dict) -> str:
+        return f"loss_D {row['loss_D']:.3f} loss_G {row['loss_G']:.3f}" if "loss_D" in row else ""
+
+    # -- the doctor --
+    def doctor_due(self, step: int) -> bool:
+        return self.watch.due(step)
+
+    def doctor_observe(self, step: int) -> dict:
+        net = dataclasses.asdict(self.net)
+        row = self.watch.observe(step, self.D, self.G, self, {k: net[k] for k in ("z_dim", "ngf", "pack")})
+        decided = self.watch.doctor.restart_config()
+        if self.cfg.doctor == "auto" and decided and self.restart_step is None and step < self.cfg.steps:
+            if self.local_batch % decided.get("pack", 1):   # each rank's batch must fill its packs
+                decided = {k: v for k, v in decided.items() if k != "pack"}
+            self.pending = dataclasses.replace(self.net, **decided)
+            self.restart_step, self.restart_with = step, decided
+            row["restart"] = decided
+            if self.progress:
+                print(f"\nstep {step}: restarted with {decided}", file=sys.stderr)
+        return row
 
     def knobs(self) -> dict:
-        return {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
+        """The doctor's knobs, and `network`: the config G and D are (about to be) built with."""
+        return {"label_smoothing": self.label_smoothing, "instance_noise": self.instance_noise,
                 "d_dropout": next(m.p for m in self.D.modules() if isinstance(m, torch.nn.Dropout)),
-                "lr_g": self.lr_base["lr_g"], "lr_d": self.lr_base["lr_d"]}
+                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"],
+                "network": dataclasses.asdict(self.pending or self.net)}
 
-    def set_knob(self, name: str, value: float) -> None:
+    def set_knob(self, name: str, value) -> None:
         if name in ("label_smoothing", "instance_noise"):
-            setattr(self.cfg, name, value)
+            setattr(self, name, value)
         elif name in ("lr_g", "lr_d"):
-            self.lr_base[name] = value
+            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
+                g["lr"] = g["base_lr"] = value
         elif name == "d_dropout":
             self.D.set_dropout(value)
+        elif name == "network":
+            net = MLPGANConfig(**value)
+            if net != self.net:
+                self.pending = net
         else:
             raise KeyError(name)
 
-    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        s = self.cfg.instance_noise * (1.0 - self.step / self.cfg.steps)  # annealed to 0
-        return x + s * torch.randn_like(x) if s else x
+    def extra_state(self) -> dict:
+        return {"knobs": self.knobs(), "doctor": self.watch.state(), "restart_step": self.restart_step,
+                "restart_with": self.restart_with, "restarted": self.restarted}
 
-    def train_step(self) -> dict:
-        cfg = self.cfg
-        decay = 1.0 - (1.0 - cfg.lr_floor) * self.step / cfg.steps if cfg.lr_decay else 1.0
-        for g in self.opt_G.param_groups:
-            g["lr"] = self.lr_base["lr_g"] * decay
-        for g in self.opt_D.param_groups:
-            g["lr"] = self.lr_base["lr_d"] * decay
-        for _ in range(cfg.d_steps):
-            x = torch.from_numpy(self.mix.sample(cfg.batch_size, self.rng))
-            with torch.no_grad():
-                fake = self.G(torch.randn(cfg.batch_size, self.net.z_dim))
-            self.opt_D.zero_grad(set_to_none=True)
-            lr_, lf = self.D(self._noisy(x)), self.D(self._noisy(fake))
-            loss_D = (F.binary_cross_entropy_with_logits(lr_, torch.full_like(lr_, 1 - cfg.label_smoothing))
-                      + F.binary_cross_entropy_with_logits(lf, torch.zeros_like(lf)))
-            loss_D.backward()
-            self.opt_D.step()
-        self.opt_G.zero_grad(set_to_none=True)
-        lg = self.D(self._noisy(self.G(torch.randn(cfg.batch_size, self.net.z_dim))))
-        loss_G = F.binary_cross_entropy_with_logits(lg, torch.ones_like(lg))
-        loss_G.backward()
-        self.opt_G.step()
-        self.step += 1
-        return {"step": self.step, "loss_D": float(loss_D.detach()), "loss_G": float(loss_G.detach())}
+    def load_extra_state(self, state: dict) -> None:
+        self.restart_step, self.restarted = state.get("restart_step"), bool(state.get("restarted"))
+        self.restart_with = dict(state.get("restart_with") or {})
+        if self.restarted:
+            self._restart_z()
+        knobs = dict(state.get("knobs", {}))
+        network = knobs.pop("network", None)
+        for k, v in knobs.items():
+            self.set_knob(k, v)
+        if network is not None:
+            self.set_knob("network", network)
+        doctor = state.get("doctor", {})
+        records = doctor.get("records", [])
+        if self.restart_step is None:
+            self.watch.load_state(doctor)
+        else:    # the detectors were re-armed when the restart was decided
+            self.watch.load_state({**doctor, "records": [r for r in records if r["step"] <= self.restart_step]})
+            for f in FAILURES:
+                self.watch.monitor.rearm(f)
+            self.watch.monitor.replay([r for r in records if r["step"] > self.restart_step])
 
+    # -- the end --
     @torch.no_grad()
     def sample(self, n: int, seed: int) -> np.ndarray:
-        self.G.eval()
-        try:
-            z = torch.from_numpy(np.random.default_rng(seed).standard_normal((n, self.net.z_dim)).astype(np.float32))
-            return self.G(z).numpy()
-        finally:
-            self.G.train()
+        """`n` points of G (eval mode) for latents seeded by `seed`."""
+        return sample(self.G, n, seed)
 
-    @torch.no_grad()
-    def rejection_sample(self, n: int, seed: int, quantile: float = DRS_QUANTILE) -> tuple[np.ndarray, float]:
-        """`n` samples of G kept by discriminator rejection sampling; returns them and the
-        share of G's draws that was accepted. See `rejection_sample`."""
-        self.G.eval()
-        self.D.eval()
-        try:
-            return rejection_sample(self.G, self.D, self.net.z_dim, n, seed, quantile, pack=self.net.pack)
-        finally:
-            self.G.train()
-            self.D.train()
+    def finish(self, out: Path, eng: Engine) -> dict:
+        cfg = self.cfg
+        points = self.sample(2500, cfg.seed + 1)
+        np.save(out / "samples.npy", points)
+        scatter({f"{cfg.data} seed {cfg.seed}": points}, self.mix, out / "samples.png")
+        return {"samples": str(out / "samples.png"), "points": str(out / "samples.npy"),
+                **self.mix.coverage(points), "n_modes": self.mix.n_modes, "restarted": self.restarted,
+                "restart": self.restart_with if self.restarted else {}, "network": dataclasses.asdict(self.net),
+                **self.watch.report(out, f"mlpgan on {cfg.data}, {eng.step} steps")}
+
+
+def train_mixture(cfg: MixtureTrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train the MLP GAN on a 2-D mixture into run directory `out` (checkpoint.pt, metrics.jsonl,
+    samples.npy and samples.png: 2,500 points of G, scores.png, doctor.md); return the engine's
+    summary with the points' coverage (`modes`, `hq`)."""
+    return Engine(cfg, out, progress=progress, resume=resume).fit(MixtureTask(cfg, progress))
+
+
+@torch.no_grad()
+def sample(G: MLPGenerator, n: int, seed: int) -> np.ndarray:
+    """`n` points of G in eval mode, for latents seeded by `seed`; G is left in its mode."""
+    mode = G.training
+    G.eval()
+    try:
+        z = np.random.default_rng(seed).standard_normal((n, G.cfg.z_dim)).astype(np.float32)
+        dev = next(G.parameters()).device
+        return G(torch.from_numpy(z).to(dev)).float().cpu().numpy()
+    finally:
+        G.train(mode)
+
+
+def load_gan(run: str | Path) -> tuple[MLPGenerator, MLPDiscriminator]:
+    """G and D of an mlpgan run (or checkpoint), in eval mode, on the CPU."""
+    payload = load_checkpoint(run, ("mlpgan",))
+    net = MLPGANConfig(**payload["config"])
+    G, D = MLPGenerator(net), MLPDiscriminator(net)
+    G.load_state_dict(payload["state"]["G"])
+    D.load_state_dict(payload["state"]["D"])
+    return G.eval(), D.eval()
+
+
+@torch.no_grad()
+def rejection_sample_run(run: str | Path, n: int, seed: int,
+                         quantile: float = DRS_QUANTILE) -> tuple[np.ndarray, float]:
+    """`n` points of a run's G kept by discriminator rejection sampling with its D, and the
+    share of G's draws that was accepted. See `rejection_sample`."""
+    G, D = load_gan(run)
+    return rejection_sample(G, D, G.cfg.z_dim, n, seed, quantile, pack=D.cfg.pack)
 
 
 def rejection_sample(G, D, z_dim: int, n: int, seed: int, quantile: float = DRS_QUANTILE,
@@ -268,73 +420,6 @@ def rejection_sample(G, D, z_dim: int, n: int, seed: int, quantile: float = DRS_
     return np.concatenate(kept)[:n], accepted / drawn
 
 
-def train_mixture(cfg: MixtureTrainConfig, out: str | Path | None = None, log=None,
-                  drs: bool = False) -> dict:
-    """Train the MLP GAN on a 2-D mixture; with `out`, write a run directory (metrics.jsonl,
-    scores.png, samples.png, doctor.md, checkpoint.pt). Returns the summary with 2,500 samples;
-    with `drs`, also `summary["drs"]`: 2,500 samples of the same G kept by discriminator
-    rejection sampling, their coverage and the accepted share.
-
-    In doctor auto mode, a restart decision (PacGAN packing, a larger z_dim...) is acted on
-    once: the networks are rebuilt with it and trained for the steps that remain."""
-    cfg = dataclasses.replace(cfg)  # the doctor changes knobs on its own copy
-    t = MixtureTrainer(cfg)
-    mix = t.mix
-    monitor = Monitor(t.held_real, t.held_z, cfg.thresholds, every=cfg.doctor_every,
-                      total_steps=cfg.steps, mode_of=mix.nearest_mode, n_modes=mix.n_modes)
-    doctor = Doctor(monitor, cfg.doctor, log=log)
-    restarted = False
-    rows = []
-    t0 = time.perf_counter()
-    while t.step < cfg.steps:
-        row = t.train_step()
-        if cfg.doctor != "off" and monitor.due(t.step):
-            net = dataclasses.asdict(t.net)
-            found = doctor.observe(t.step, t.D, t.G, t, {k: net[k] for k in ("z_dim", "ngf", "pack")})
-            row.update({k: v for k, v in monitor.last.items() if k != "step"})
-            if found:
-                row["diagnoses"] = [d.failure for d in found]
-            decided = doctor.restart_config()
-            if cfg.doctor == "auto" and decided and not restarted:
-                # act on the decision: new networks, the same held-out batch, the remaining steps
-                restarted = True
-                new = dataclasses.replace(t.net, **decided)
-                t.build(new)
-                for k, v in {"lr_g": cfg.lr_g, "lr_d": cfg.lr_d}.items():
-                    t.lr_base[k] = v
-                t.held_z = torch.from_numpy(np.random.default_rng(cfg.seed + 7919 + 1).standard_normal(
-                    (512, new.z_dim)).astype(np.float32))
-                monitor.z = t.held_z
-                for f in ("mode_collapse", "d_dominates", "g_dominates"):
-                    monitor.rearm(f)
-                row["restart"] = decided
-                if log:
-                    log(f"step {t.step}: restarted with {decided}")
-            rows.append(row)
-    seconds = time.perf_counter() - t0
-    samples = t.sample(2500, cfg.seed + 1)
-    summary = {"data": cfg.data, "seed": cfg.seed, "steps": t.step, "seconds": round(seconds, 2),
-               **mix.coverage(samples), "diagnoses": [d.failure for d in monitor.diagnoses],
-               "interventions": len(doctor.interventions), "network": dataclasses.asdict(t.net),
-               "restarted": restarted, "samples": samples}
-    if drs:
-        kept, accepted = t.rejection_sample(2500, cfg.seed + 1)
-        summary["drs"] = {**mix.coverage(kept), "accepted": round(accepted, 4), "samples": kept}
-    if out is not None:
-        out = Path(out)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "metrics.jsonl", "w") as f:
-            for r in rows:
-                f.write(json.dumps(r) + "\n")
-        np.save(out / "samples.npy", samples)
-        scatter({f"{cfg.data} seed {cfg.seed}": samples}, mix, out / "samples.png")
-        save_checkpoint(out / "checkpoint.pt", "mlpgan", t.net, {"G": t.G, "D": t.D}, step=t.step,
-                        data=cfg.data, seed=cfg.seed)
-        if cfg.doctor != "off":
-            write_run_report(out, monitor, doctor, title=f"mlpgan on {cfg.data}, {t.step} steps")
-    return summary
-
-
 def scatter(panels: dict[str, np.ndarray], mix: Mixture, path, cols: int | None = None) -> None:
     """One scatter panel per entry, the mixture's modes marked (matplotlib, Agg)."""
     import matplotlib
@@ -361,3 +446,17 @@ def scatter(panels: dict[str, np.ndarray], mix: Mixture, path, cols: int | None 
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+def _describe(s: dict) -> list[str]:
+    """The mode coverage of the run's 2,500 points, then the doctor's line."""
+    from ganforge.training import loop
+
+    lines = [f"{s['modes']} of {s['n_modes']} modes covered, {100 * s['hq']:.1f} % high-quality samples "
+             f"(2,500 points of G: {s['points']})"]
+    if s.get("restarted"):
+        lines.append(f"the doctor restarted G and D with {', '.join(f'{k}={v}' for k, v in s['restart'].items())}")
+    return lines + loop.MODEL.describe(s)
+
+
+MODEL = ModelSpec("mlpgan", MixtureTrainConfig, train_mixture, _describe)

@@ -49,16 +49,22 @@ held-out real batch (the same images brought to the stage's resolution and fade-
 `observe(..., extra={"stage": ...})` adds fields to the record that the diagnoses carry.
 
 `Doctor(monitor, mode)` adds the remedies: mode "report" only diagnoses; "auto" also applies
-the remedies that can change on the fly to a `Tunable` trainer (see `Tunable`) and records the
-ones that need a new network (filters, z_dim) as restart decisions. Every intervention is kept
-with its step and reason in `doctor.interventions`.
+the remedies that can change on the fly to a `Tunable` trainer (see `Tunable`) and decides the
+ones that need a new network (filters, z_dim, a minibatch-std layer): `doctor.pending` holds the
+restart a trainer that can rebuild its networks takes (training/remedies.py, Engine.rebuild).
+Every intervention is kept with its step and reason in `doctor.interventions`, every restart in
+`doctor.restarts`.
+
+Each observation also records `fd`, a cheap quality figure: the Fréchet distance between
+Gaussians fitted to the pooled features of G's samples and of the held-out real batch (lower is
+better); the doctor in auto mode keeps the weights where it was lowest (remedies.BestWeights).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Protocol
 
 import numpy as np
@@ -136,9 +142,9 @@ def features(x: np.ndarray | torch.Tensor) -> np.ndarray:
     to (N, C*8*8)."""
     t = torch.as_tensor(np.asarray(x) if not isinstance(x, torch.Tensor) else x).float()
     if t.dim() == 4:
-        # (N, C, H, W) -> (N, C, 8, 8)
+        # (N, C, H, W) -> (N, C, 8, 8), on the samples' device
         t = nn.functional.adaptive_avg_pool2d(t, 8)
-    return t.reshape(t.shape[0], -1).double().numpy()
+    return t.reshape(t.shape[0], -1).double().cpu().numpy()
 
 
 def _pairwise(f: np.ndarray) -> np.ndarray:
@@ -162,6 +168,14 @@ def diversity(fake: np.ndarray, real: np.ndarray, dup_radius: float = 0.1) -> di
             "duplicates": dup}
 
 
+def pooled_fd(fake: np.ndarray, real: np.ndarray) -> float:
+    """Fréchet distance between Gaussians fitted to two feature sets (the doctor's pooled
+    features): the doctor's cheap quality figure, comparable within one run."""
+    from ganforge.training.metrics import frechet_distance
+
+    return float(frechet_distance(fake, real))
+
+
 # ---------------------------------------------------------------------------------------------
 # Diagnoses and remedies
 
@@ -169,17 +183,17 @@ def diversity(fake: np.ndarray, real: np.ndarray, dup_radius: float = 0.1) -> di
 REMEDIES: dict[str, list[tuple[str, str]]] = {
     "d_dominates": [
         ("dropout in D", "course"),
-        ("noisy / one-sided smoothed real labels (real target 0.9)",
-         "course; Salimans et al. 2016, Improved Techniques for Training GANs"),
+        ("noisy labels (a share of real and fake labels flipped), one-sided smoothed real labels "
+         "(real target 0.9)", "course; Salimans et al. 2016, Improved Techniques for Training GANs"),
         ("fewer D filters (--ndf), or more G filters (--ngf)", "course"),
         ("instance noise on D's inputs, annealed", "Sønderby et al. 2017, Amortised MAP Inference; "
          "Arjovsky & Bottou 2017"),
-        ("a lower D learning rate (two time-scale balance)", "Heusel et al. 2017, TTUR"),
+        ("a lower D learning rate, fewer D steps (two time-scale balance)", "course; Heusel et al. 2017, TTUR"),
     ],
     "g_dominates": [
         ("the reverse: more D filters (--ndf) or fewer G filters, no dropout in D", "course"),
         ("remove label smoothing / label noise and instance noise", "course"),
-        ("a higher D learning rate than G's (TTUR)", "Heusel et al. 2017, TTUR"),
+        ("a lower G learning rate; a higher D learning rate than G's (TTUR)", "course; Heusel et al. 2017, TTUR"),
     ],
     "mode_collapse": [
         ("a stronger G (more filters), a weaker D", "course"),
@@ -203,6 +217,7 @@ class Diagnosis:
     step: int
     evidence: dict      # the numbers behind it
     reason: str         # one line: the numbers against the thresholds
+    onset: int | None = None   # the step of the first observation of the streak
 
     @property
     def remedies(self) -> list[tuple[str, str]]:
@@ -226,7 +241,7 @@ class Diagnosis:
 
     def to_json(self) -> dict:
         return {"failure": self.failure, "step": self.step, "reason": self.reason,
-                "evidence": self.evidence}
+                "evidence": self.evidence, "onset": self.onset}
 
 
 def check(record: dict, th: Thresholds, total_steps: int | None,
@@ -329,9 +344,15 @@ class Monitor:
                 m.train(mode)
                 if buffers:
                     m.load_state_dict(buffers, strict=False)
-        rec = {"step": int(step), **scores(p_real.numpy(), p_fake.numpy())}
-        fake_np = fake.detach().float().numpy()
-        rec.update(diversity(features(fake_np), self.real_features, self.th.dup_radius))
+        # reductions on the networks' device; only the scores and the pooled features leave it
+        s_G, d_real = p_fake.float().mean(), p_real.float().mean()
+        s_D = 0.5 * d_real + 0.5 * (1.0 - p_fake.float()).mean()
+        s_G, s_D, d_real = torch.stack([s_G, s_D, d_real]).double().cpu().tolist()
+        rec = {"step": int(step), "s_G": s_G, "s_D": s_D, "D_real": d_real, "D_fake": s_G}
+        fake_np = fake.detach().float().cpu().numpy() if self.mode_of is not None else None
+        fake_features = features(fake.detach())
+        rec.update(diversity(fake_features, self.real_features, self.th.dup_radius))
+        rec["fd"] = pooled_fd(fake_features, self.real_features)
         if self.mode_of is not None:
             modes = np.asarray(self.mode_of(fake_np))
             covered = np.unique(modes[modes >= 0])
@@ -359,7 +380,8 @@ class Monitor:
                 self._streak[f] += 1
                 if self._streak[f] >= self.th.patience and not self._active[f]:
                     self._active[f] = True
-                    d = Diagnosis(f, rec["step"], {k: v for k, v in rec.items()}, holds[f])
+                    onset = self.records[-self._streak[f]]["step"] if len(self.records) >= self._streak[f] else None
+                    d = Diagnosis(f, rec["step"], {k: v for k, v in rec.items()}, holds[f], onset)
                     new.append(d)
             else:
                 self._streak[f] = 0
@@ -435,9 +457,10 @@ def rediagnose(records: list[dict], th: Thresholds, total_steps: int | None,
 class Tunable(Protocol):
     """What a trainer exposes to `Doctor` in auto mode.
 
-    knobs() -> dict with the current `label_smoothing`, `instance_noise`, `d_dropout`, `lr_g`,
-    `lr_d` (a trainer leaves out the ones it cannot change); set_knob(name, value) changes one
-    on the fly."""
+    knobs() -> dict with the current `label_smoothing`, `label_flip`, `instance_noise`,
+    `d_dropout`, `lr_g`, `lr_d`, `d_steps_every` (a trainer leaves out the ones it cannot change);
+    set_knob(name, value) changes one on the fly. A trainer with `can_restart = True` also takes
+    the doctor's network changes (`Doctor.pending`; training/remedies.py)."""
 
     def knobs(self) -> dict: ...
 
@@ -461,25 +484,30 @@ class Intervention:
                 f"({self.failure}: {self.reason}) [{self.source}]")
 
 
-# On-the-fly steps per failure: (knob, function old -> new, source). Applied once per diagnosis,
-# all of them, each bounded so repeated diagnoses cannot run away.
-AUTO_REMEDIES: dict[str, list[tuple[str, Callable[[float], float], str]]] = {
+# On-the-fly steps per failure: (knob, function (old, all knobs before the step) -> new, source).
+# Applied once per diagnosis, all of them, each bounded so repeated diagnoses cannot run away.
+AUTO_REMEDIES: dict[str, list[tuple[str, Callable[[float, dict], float], str]]] = {
     "d_dominates": [
-        ("label_smoothing", lambda v: min(0.3, max(v, 0.1) + 0.1), "Salimans et al. 2016"),
-        ("instance_noise", lambda v: min(0.5, max(v * 2, 0.1)), "Sønderby et al. 2017"),
-        ("d_dropout", lambda v: min(0.5, v + 0.2), "course"),
-        ("lr_d", lambda v: v * 0.5, "Heusel et al. 2017"),
+        ("label_smoothing", lambda v, k: min(0.3, max(v, 0.1) + 0.1), "Salimans et al. 2016"),
+        ("label_flip", lambda v, k: min(0.2, max(v * 2, 0.05)), "course"),
+        ("instance_noise", lambda v, k: min(0.5, max(v * 2, 0.1)), "Sønderby et al. 2017"),
+        ("d_dropout", lambda v, k: min(0.5, v + 0.2), "course"),
+        ("lr_d", lambda v, k: v * 0.5, "Heusel et al. 2017"),
+        ("d_steps_every", lambda v, k: min(4, int(v) * 2), "course"),
     ],
     "g_dominates": [
-        ("label_smoothing", lambda v: 0.0, "course"),
-        ("instance_noise", lambda v: 0.0, "course"),
-        ("d_dropout", lambda v: 0.0, "course"),
-        ("lr_d", lambda v: v * 2.0, "Heusel et al. 2017"),
+        ("label_smoothing", lambda v, k: 0.0, "course"),
+        ("label_flip", lambda v, k: 0.0, "course"),
+        ("instance_noise", lambda v, k: 0.0, "course"),
+        ("d_dropout", lambda v, k: 0.0, "course"),
+        ("lr_g", lambda v, k: v * 0.5, "course"),
+        ("lr_d", lambda v, k: max(v * 2.0, k.get("lr_g", 0.0)), "Heusel et al. 2017"),
+        ("d_steps_every", lambda v, k: 1, "course"),
     ],
     "mode_collapse": [
-        ("instance_noise", lambda v: min(0.5, max(v * 2, 0.1)), "Sønderby et al. 2017"),
-        ("d_dropout", lambda v: min(0.5, v + 0.1), "course"),
-        ("lr_d", lambda v: v * 0.5, "Heusel et al. 2017"),
+        ("instance_noise", lambda v, k: min(0.5, max(v * 2, 0.1)), "Sønderby et al. 2017"),
+        ("d_dropout", lambda v, k: min(0.5, v + 0.1), "course"),
+        ("lr_d", lambda v, k: v * 0.5, "Heusel et al. 2017"),
     ],
 }
 # Network changes: recorded as restart decisions (new config values, relative to the current).
@@ -487,8 +515,10 @@ RESTART_REMEDIES: dict[str, list[tuple[str, Callable[[int], int], str]]] = {
     "d_dominates": [("ndf", lambda v: max(1, v // 2), "course"), ("ngf", lambda v: v * 2, "course")],
     "g_dominates": [("ndf", lambda v: v * 2, "course")],
     "mode_collapse": [("z_dim", lambda v: v * 2, "course"), ("ngf", lambda v: v * 2, "course"),
+                      ("mbstd", lambda v: True, "Karras et al. 2018, Progressive GAN"),
                       ("pack", lambda v: max(2, v * 2), "Lin et al. 2018, PacGAN")],
 }
+MAX_RESTARTS = 2   # network changes acted on per run, at most one per failure
 
 
 class Doctor:
@@ -500,6 +530,9 @@ class Doctor:
         self.monitor, self.mode = monitor, mode
         self.log = log or (lambda msg: None)
         self.interventions: list[Intervention] = []
+        self.pending: dict | None = None     # a restart decided, not yet taken by the trainer
+        self.restarts: list[dict] = []       # restarts applied: decision + the step rewound to
+        self.kept: dict | None = None        # the best weights' step, when they were kept
 
     def observe(self, step: int, D: Callable, G_sample: Callable, trainer: Tunable | None = None,
                 network: dict | None = None, extra: dict | None = None) -> list[Diagnosis]:
@@ -519,23 +552,56 @@ class Doctor:
             if knob not in knobs:
                 continue
             old = knobs[knob]
-            new = round(float(fn(old)), 8)
+            new = round(float(fn(old, knobs)), 8)
+            new = int(new) if isinstance(old, int) and not isinstance(old, bool) else new
             if new == old:
                 continue
             trainer.set_knob(knob, new)
             done.append(Intervention(d.step, d.failure, "set", knob, old, new, d.reason, src))
+        changes = {}
         for key, fn, src in RESTART_REMEDIES[d.failure]:
-            if key in network:
+            if key in network and fn(network[key]) != network[key]:
+                changes[key] = fn(network[key])
                 done.append(Intervention(d.step, d.failure, "restart", key, network[key],
-                                         fn(network[key]), d.reason, src))
+                                         changes[key], d.reason, src))
         for i in done:
             self.log(i.render())
         self.interventions += done
+        tried = {r["failure"] for r in self.restarts} | ({self.pending["failure"]} if self.pending else set())
+        if (changes and getattr(trainer, "can_restart", False) and d.failure not in tried
+                and len(self.restarts) + (self.pending is not None) < MAX_RESTARTS):
+            self.pending = {"failure": d.failure, "step": d.step, "onset": d.onset if d.onset is not None else d.step,
+                            "changes": changes, "reason": d.reason}
         return done
+
+    def take_restart(self) -> dict | None:
+        """The restart decided and not yet applied (then forgotten here), or None."""
+        decision, self.pending = self.pending, None
+        return decision
+
+    def restarted(self, decision: dict, from_step: int) -> None:
+        """Record a restart applied: the networks rebuilt from the checkpoint of `from_step`."""
+        r = {**decision, "from_step": int(from_step)}
+        self.restarts.append(r)
+        self.log(render_restart(r))
 
     def restart_config(self) -> dict:
         """The network changes decided so far (latest value per key), for the next run."""
         return {i.knob: i.new for i in self.interventions if i.action == "restart"}
+
+
+def render_restart(r: dict) -> str:
+    changes = ", ".join(f"{k}={v}" for k, v in r["changes"].items())
+    return (f"step {r['step']}: restarted from the checkpoint of step {r['from_step']} with {changes} "
+            f"({r['failure']} since step {r['onset']}: {r['reason']})")
+
+
+def render_kept(k: dict) -> str:
+    if k.get("kept"):
+        return (f"The final checkpoint holds the best weights, of step {k['step']} (fd {k['fd']:.4g}); "
+                f"the last ones measured fd {k['final_fd']:.4g}.")
+    return (f"The final weights are kept (fd {k['final_fd']:.4g}; best fd {k['fd']:.4g} at step {k['step']}, "
+            f"within the margin).")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -602,7 +668,8 @@ def _stage_table(stages: list[dict], records: list[dict], diagnoses: list[dict])
 
 
 def render_report(title: str, records: list[dict], diagnoses: list[dict],
-                  interventions: list[dict], mode: str, stages: list[dict] | None = None) -> str:
+                  interventions: list[dict], mode: str, stages: list[dict] | None = None,
+                  restarts: list[dict] = (), kept: dict | None = None) -> str:
     lines = [f"# Training doctor report: {title}", "", f"Doctor mode: {mode}. "
              f"{len(records)} observations on a fixed held-out batch.", ""]
     if stages:
@@ -625,7 +692,7 @@ def render_report(title: str, records: list[dict], diagnoses: list[dict],
     if not diagnoses:
         lines += ["None: no failure condition held for long enough.", ""]
     for d in diagnoses:
-        dd = Diagnosis(d["failure"], d["step"], d.get("evidence", {}), d["reason"])
+        dd = Diagnosis(d["failure"], d["step"], d.get("evidence", {}), d["reason"], d.get("onset"))
         lines += ["```", dd.render(), "```", ""]
     lines += ["## Interventions", ""]
     if not interventions:
@@ -633,9 +700,17 @@ def render_report(title: str, records: list[dict], diagnoses: list[dict],
     for i in interventions:
         lines.append("- " + Intervention(**i).render())
     restart = {i["knob"]: i["new"] for i in interventions if i["action"] == "restart"}
-    if restart:
+    if restarts:
+        lines += ["", "## Restarts", "",
+                  "Each rebuilt the networks with the changes, kept the weights whose shapes allow "
+                  "(overlapping slices of resized layers), rebuilt the optimizers and went back to "
+                  "the last checkpoint before the failure began.", ""]
+        lines += ["- " + render_restart(r) for r in restarts]
+    elif restart:
         lines += ["", "Restart decision (network changes for the next run): "
                   + ", ".join(f"{k}={v}" for k, v in restart.items())]
+    if kept:
+        lines += ["", "## Weights kept", "", render_kept(kept)]
     return "\n".join(lines).rstrip() + "\n"
 
 
@@ -653,11 +728,12 @@ def write_run_report(out, monitor: Monitor, doctor: Doctor, title: str = "",
                 stages)
     data = {"title": title, "mode": doctor.mode, "thresholds": dataclasses.asdict(monitor.th),
             "diagnoses": diagnoses, "interventions": interventions,
-            "restart": doctor.restart_config()}
+            "restart": doctor.restart_config(), "restarts": doctor.restarts, "kept": doctor.kept}
     if stages:
         data["stages"] = stages
     (out / "doctor.json").write_text(json.dumps(data, indent=2) + "\n")
-    text = render_report(title, monitor.records, diagnoses, interventions, doctor.mode, stages)
+    text = render_report(title, monitor.records, diagnoses, interventions, doctor.mode, stages,
+                         doctor.restarts, doctor.kept)
     (out / "doctor.md").write_text(text)
     return text
 
@@ -702,7 +778,9 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
         except json.JSONDecodeError:
             raise UsageError(f"doctor: {metrics} line {n} is not JSON") from None
         if isinstance(row, dict) and "s_G" in row and "s_D" in row:
-            records.append({k: v for k, v in row.items() if k != "diagnoses"})
+            records.append({k: v for k, v in row.items() if k not in ("diagnoses", "rewound_to")})
+        if isinstance(row, dict) and "rewound_to" in row:   # a restart: the abandoned steps go
+            records = [r for r in records if r["step"] <= row["rewound_to"]]
     if not records:
         raise UsageError(f"doctor: {metrics} holds no s_G / s_D scores (trained with --doctor off?)")
     saved = json.loads((run / "doctor.json").read_text()) if (run / "doctor.json").is_file() else {}
@@ -717,7 +795,8 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
     if diagnoses is None:  # re-diagnose from the recorded scores (stage by stage for ProGAN)
         total = stages[-1]["end"] if stages else records[-1]["step"]
         diagnoses = [d.to_json() for d in rediagnose(records, th, total, stages).diagnoses]
-    return render_report(title, records, diagnoses, saved.get("interventions", []), mode, stages)
+    return render_report(title, records, diagnoses, saved.get("interventions", []), mode, stages,
+                         saved.get("restarts", []), saved.get("kept"))
 
 
 GAN_KINDS = ("dcgan", "mlpgan", "progan", "inpainter", "pix2pix")

@@ -10,45 +10,49 @@ Two offline tasks, both from crops of the same photos:
   is benchmarked exactly like the context encoder.
 - `edges`: condition = the photo's edge map (Sobel magnitude, thresholded), target = the photo.
 
-The training doctor (training/monitor.py) watches the adversarial part: s_G / s_D of the
-PatchGAN (averaged over its patches) on a fixed held-out batch, in metrics.jsonl, scores.png and
-doctor.md.
+`ganforge train pix2pix` runs `Pix2PixTask` on the training engine (engine.py): the crops come
+from the data sets of data.py (a fixed pool of crops of the bundled photos, or a streamed folder
+/ list), each with its condition as a fourth channel (`Pairs`); the masks are chosen per crop and
+epoch (data.item_rng), G's dropout masks are drawn from the engine's shared generator, so 2
+ranks train as 1 process does. The training doctor (training/monitor.py) watches the
+adversarial part: s_G / s_D of the PatchGAN (averaged over its patches) on a fixed held-out
+batch, in metrics.jsonl, scores.png and doctor.md.
 """
 
 from __future__ import annotations
 
-import json
-import os
-import shlex
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.data import Dataset
 
 from ganforge import masks as maskgen
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
-from ganforge.progress import Progress
 from ganforge.training import datasets
-from ganforge.training.autoencoders import training_photos
-from ganforge.training.gan import CONFIGS, save_checkpoint
-from ganforge.training.loop import to_tensor, to_uint8
-from ganforge.training.monitor import Doctor, Monitor, log_step, write_run_report
+from ganforge.training.autoencoders import image_crops
+from ganforge.training.data import item_rng
+from ganforge.training.engine import Engine, option
+from ganforge.training.gan import CONFIGS, SharedDropout, dropout_masks
+from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
+from ganforge.training.models import ModelSpec
 
 TASKS = ("inpaint", "edges")
 
 
 @dataclass(frozen=True)
 class Pix2PixConfig:
-    task: str = "inpaint"      # inpaint (masked image + mask -> image) or edges (edge map -> image)
-    ngf: int = 16              # U-Net filters at the first stage (x2 per stage, capped at 8x)
-    ndf: int = 32              # PatchGAN filters in its first layer (the paper's C64 at 64)
-    depth: int = 6             # U-Net down-sampling stages: a 64 tile reaches 1x1 at depth 6
-    dropout: float = 0.5       # in the innermost three decoder stages: pix2pix's noise
+    task: str = option("inpaint", "inpaint (masked image + mask -> image) or edges (edge map -> image)",
+                       choices=TASKS)
+    ngf: int = option(16, "U-Net filters at the first stage (x2 per stage, capped at 8x)", min=1)
+    ndf: int = option(32, "PatchGAN filters in its first layer (the paper's C64 at 64)", min=1)
+    depth: int = option(6, "U-Net down-sampling stages: a 64 tile reaches 1x1 at depth 6", min=1)
+    dropout: float = option(0.5, "dropout in the innermost three decoder stages: pix2pix's noise",
+                            min=0, below=1)
 
     @property
     def in_channels(self) -> int:
@@ -81,10 +85,22 @@ class UNet(nn.Module):
             if i > 0:
                 layers.append(nn.BatchNorm2d(out_c))
                 if i >= cfg.depth - 3 and cfg.dropout > 0:
-                    layers.append(nn.Dropout(cfg.dropout))
+                    layers.append(SharedDropout(cfg.dropout))
             else:
                 layers.append(nn.Tanh())
             self.up.append(nn.Sequential(*layers))
+
+    def noise(self, tile: int) -> list[tuple[SharedDropout, tuple[int, int, int]]]:
+        """Each dropout layer and the shape (C, H, W) of its input for a `tile` x `tile` input
+        (see gan.dropout_masks)."""
+        out = []
+        for k, stage in enumerate(self.up):       # decoder stage k mirrors encoder stage depth-1-k
+            i = self.cfg.depth - 1 - k
+            for m in stage:
+                if isinstance(m, SharedDropout):
+                    c = stage[1].out_channels      # after the ConvTranspose2d: ch[i-1] x T/2**i
+                    out.append((m, (c, tile >> i, tile >> i)))
+        return out
 
     def translate(self, c: torch.Tensor) -> torch.Tensor:
         """Condition (B, in_channels, T, T) in [-1, 1] -> image (B, 3, T, T) in [-1, 1]."""
@@ -147,56 +163,58 @@ def edge_map(images: np.ndarray, threshold: float = 0.12) -> np.ndarray:
 
 
 @dataclass
-class Pix2PixTrainConfig:
-    data: str = "photos"
-    steps: int = 2000
-    batch_size: int = 16
-    tile: int = 64
-    lambda_l1: float = 100.0
-    lr: float = 2e-4
-    n_images: int = 4096       # training crops drawn once; masks: a quarter as many, at least 64
-    seed: int = 0
-    threads: int = 0
-    log_every: int = 25
-    doctor_every: int = 100    # steps between s_G / s_D measurements on the held-out batch
-    network: Pix2PixConfig = field(default_factory=Pix2PixConfig)
+class Pix2PixTrainConfig(GANOptions):
+    """pix2pix training: the engine's settings, the doctor's, and these."""
+    data: str = option("photos", "photos (scikit-image's training split), a folder of images, or a "
+                       ".txt / .jsonl list of image paths (streamed)")
+    steps: int = option(1000, "optimizer steps of D and G each", min=1)
+    batch_size: int = option(16, "global batch size, split evenly across the ranks", min=2)
+    tile: int = option(64, "training crop side: >= 32 and a multiple of 2 ** --depth", min=32)
+    lambda_l1: float = option(100.0, "weight of the L1 loss (the paper's 100)", min=0)
+    lr: float = option(2e-4, "Adam learning rate of G and D (betas 0.5, 0.999)", min=0)
+    n_images: int = option(4096, "photos: training crops drawn once per run (1/10 to 6/10 of the "
+                           "photo's shorter side); inpaint: masks, a quarter as many, at least 64", min=2)
+    doctor_every: int = option(100, "steps between s_G / s_D measurements on the held-out batch", min=1)
+    network: Pix2PixConfig = option(default_factory=Pix2PixConfig)
+
+    def validate(self) -> None:
+        side = 2 ** self.network.depth
+        if self.tile % side:
+            raise UsageError(f"--tile: {self.tile} is not allowed; must be a multiple of {side} (2 ** --depth)")
 
 
-def command(cfg: Pix2PixTrainConfig, out: str | Path) -> str:
-    """The `ganforge train pix2pix` command line that reproduces a run, every flag explicit."""
-    n = cfg.network
-    flags = [("--task", n.task), ("--data", cfg.data), ("--steps", cfg.steps), ("--batch-size", cfg.batch_size),
-             ("--tile", cfg.tile), ("--lambda-l1", cfg.lambda_l1), ("--lr", cfg.lr), ("--ngf", n.ngf),
-             ("--ndf", n.ndf), ("--dropout", n.dropout), ("--seed", cfg.seed), ("--out", str(out))]
-    return " ".join(["ganforge", "train", "pix2pix", *(f"{k} {shlex.quote(str(v))}" for k, v in flags)])
+CROP_SCALE = (0.1, 0.6)   # crop side as a share of the photo's shorter side
 
 
-def condition_batch(task: str, x: torch.Tensor, m: torch.Tensor | None, edges: torch.Tensor | None) -> torch.Tensor:
+class Pairs(Dataset):
+    """pix2pix's training pairs: each crop of `crops` (a data.py data set) with its condition as
+    a fourth channel, uint8 (T, T, 4): a hole mask (inpaint: one of `n_masks` seeded masks,
+    chosen per item and epoch) or the crop's edge map (edges)."""
+
+    def __init__(self, crops: Dataset, task: str, n_masks: int, seed: int):
+        self.crops, self.task, self.n_masks, self.seed = crops, task, n_masks, seed
+
+    def __len__(self) -> int:
+        return len(self.crops)
+
+    def __getitem__(self, key) -> tuple[np.ndarray, list]:
+        index, epoch = key if isinstance(key, tuple) else (key, 0)
+        crop, bad = self.crops[(index, epoch)]
+        if self.task == "inpaint":
+            pick = int(item_rng(self.seed, epoch, index, stream=2).integers(self.n_masks))
+            condition = maskgen.mixed(crop.shape[0], crop.shape[1], pick)[..., None]
+        else:
+            condition = edge_map(crop[None])[0]
+        return np.concatenate([crop, condition], axis=2), bad
+
+
+def condition_of(task: str, x: torch.Tensor, channel: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(G's condition, hole mask or None) for images x (B, 3, T, T) in [-1, 1] and the pair's
+    uint8 condition channel (B, 1, T, T): masked image + mask, or the edge map in [-1, 1]."""
     if task == "inpaint":
-        return torch.cat([x * (1 - m), m], dim=1)
-    return edges
-
-
-def _doctor(cfg: Pix2PixTrainConfig):
-    """The monitor on a fixed held-out batch: real = held-out crops; its `z` = their conditions;
-    D judges (condition, image) pairs, so the D it sees is bound to the held-out conditions."""
-    net = cfg.network
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 32, cfg.tile, seed=cfg.seed + 7919)
-    x = to_tensor(held)
-    if net.task == "inpaint":
-        m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 9000 + i) for i in range(32)])).float().div(255)[:, None]
-        c = torch.cat([x * (1 - m), m], dim=1)
-    else:
-        m = None
-        c = torch.from_numpy(edge_map(held)).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-    monitor = Monitor(x, c, every=cfg.doctor_every, total_steps=cfg.steps)
-
-    def G_held(G):
-        return _Completion(G, x, m)
-
-    def D_held(D):
-        return _Bound(D, c)
-    return monitor, Doctor(monitor, "report"), D_held, G_held
+        m = channel.float() / 255.0
+        return torch.cat([x * (1 - m), m], dim=1), m
+    return channel.float() / 127.5 - 1.0, None
 
 
 class _Bound(nn.Module):
@@ -223,87 +241,125 @@ class _Completion(nn.Module):
         return y if self.m is None else self.x * (1 - self.m) + y * self.m
 
 
-def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = True) -> dict:
-    out = Path(out)
-    net = cfg.network
-    if net.task not in TASKS:
-        raise UsageError(f"--task: {net.task!r} is not allowed; choose {' or '.join(TASKS)}")
-    if cfg.steps < 1 or cfg.batch_size < 2 or cfg.tile % (2 ** net.depth) or cfg.tile < 32:
-        raise UsageError(f"pix2pix: steps {cfg.steps}, batch size {cfg.batch_size}, tile {cfg.tile} not allowed; "
-                         f"need steps >= 1, batch >= 2, tile >= 32 and a multiple of {2 ** net.depth}")
-    if cfg.lambda_l1 < 0:
-        raise UsageError(f"--lambda-l1: {cfg.lambda_l1} is not allowed; must be >= 0")
-    out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    pool = datasets.random_crops(training_photos(cfg.data), cfg.n_images, cfg.tile, cfg.seed, scale=(0.1, 0.6))
-    mask_pool = np.stack([maskgen.mixed(cfg.tile, cfg.tile, s) for s in range(max(64, cfg.n_images // 4))])
-    edge_pool = edge_map(pool) if net.task == "edges" else None
-    G, D = UNet(net), PatchGAN(net)
-    opt_G = torch.optim.Adam(G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    opt_D = torch.optim.Adam(D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-    (out / "train.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
-    monitor, doctor, D_held, G_held = _doctor(cfg)
-    bar = Progress(cfg.steps, f"train pix2pix ({net.task})", unit="step", enabled=progress)
-    t0 = time.perf_counter()
-    with open(out / "metrics.jsonl", "w") as metrics:
-        for step in range(1, cfg.steps + 1):
-            idx = rng.integers(0, len(pool), cfg.batch_size)
-            x = to_tensor(pool[idx])                                            # (B, 3, T, T)
-            m = e = None
-            if net.task == "inpaint":
-                m = torch.from_numpy(mask_pool[rng.integers(0, len(mask_pool), cfg.batch_size)]).float().div(255)[:, None]
-            else:
-                e = torch.from_numpy(edge_pool[idx]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
-            c = condition_batch(net.task, x, m, e)
-            pred = G.translate(c)
-            fake = x * (1 - m) + pred * m if m is not None else pred   # inpaint: D judges the completion
-            # D step: (c, real) -> 1 on every patch, (c, fake) -> 0; halved as in the paper
-            opt_D.zero_grad(set_to_none=True)
-            d_real, d_fake = D(c, x), D(c, fake.detach())
+def held_pairs(task: str, n: int, tile: int, seed: int, mask_seed: int) -> tuple[np.ndarray, torch.Tensor]:
+    """`n` crops of the held-out photos (never trained on) and their uint8 condition channel."""
+    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), n, tile, seed=seed)
+    if task == "inpaint":
+        channel = np.stack([maskgen.mixed(tile, tile, mask_seed + i) for i in range(n)])[..., None]
+    else:
+        channel = edge_map(held)
+    return held, torch.from_numpy(channel).permute(0, 3, 1, 2)
+
+
+class Pix2PixTask(GANTask):
+    """D on (condition, image) pairs, patch by patch; G against D plus lambda_l1 x L1. For
+    inpainting, D judges the completion (known pixels kept, G's pixels in the hole)."""
+
+    kind = "pix2pix"
+
+    def __init__(self, cfg: Pix2PixTrainConfig, progress: bool = True):
+        super().__init__(cfg)
+        self.progress = progress
+
+    def setup(self, eng: Engine) -> None:
+        cfg, net, dev = self.cfg, self.cfg.network, eng.device
+        torch.manual_seed(cfg.seed)
+        self.G, self.D = UNet(net), PatchGAN(net)
+        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
+        self.nets, self.opts = {"net": self.G, "D": self.D}, {"G": self.opt_G, "D": self.opt_D}
+        self.noise = self.G.noise(cfg.tile)
+        # the doctor's fixed held-out batch: real = held-out crops, its `z` = their conditions;
+        # D judges (condition, image) pairs, so the D it sees is bound to the held-out conditions
+        held, channel = held_pairs(net.task, 32, cfg.tile, cfg.seed + 7919, 9000)
+        x = to_tensor(held).to(dev)
+        c, m = condition_of(net.task, x, channel.to(dev))
+        self.D_held, self.G_held = _Bound(self.D, c), _Completion(self.G, x, m)
+        self.watch = GANDoctor(cfg, x, c, log=self.progress and eng.main)
+        # the pictures: 8 held-out crops, their conditions, G's outputs
+        self.shown, channel = held_pairs(net.task, 8, cfg.tile, 1, 5000)
+        self.shown_x = to_tensor(self.shown).to(dev)
+        self.shown_c, self.shown_m = condition_of(net.task, self.shown_x, channel.to(dev))
+
+    def dataset(self) -> Pairs:
+        c = self.cfg
+        crops = image_crops(c.data, max(c.n_images, c.batch_size), c.tile, c.seed, CROP_SCALE)
+        return Pairs(crops, c.network.task, max(64, c.n_images // 4), c.seed)
+
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
+        cfg = self.cfg
+        # batch: (B, T, T, 4) uint8, the photo's RGB and the condition channel (Pairs)
+        x = to_tensor(batch[..., :3])                                       # (B, 3, T, T)
+        c, m = condition_of(cfg.network.task, x, batch[..., 3:].permute(0, 3, 1, 2))
+        with dropout_masks(self.noise, x.shape[0], eng.rand), eng.autocast():   # G's noise
+            pred = self.G_train(x * (1 - m), m) if m is not None else self.G_train(c)
+        pred = pred.float()
+        fake = x * (1 - m) + pred * m if m is not None else pred   # inpaint: D judges the completion
+        # D step: (c, real) -> 1 on every patch, (c, fake) -> 0; halved as in the paper
+        with eng.autocast():
+            d_real = self.D_train(c, x).float()
+            d_fake = self.D_train(c, fake.detach()).float()
             loss_D = 0.5 * (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
                             + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-            loss_D.backward()
-            opt_D.step()
-            # G step: fool D on every patch + lambda_l1 * L1 to the target
-            opt_G.zero_grad(set_to_none=True)
-            d_gen = D(c, fake)
+        eng.update(loss_D, self.opt_D)
+        # G step: fool D on every patch + lambda_l1 * L1 to the target
+        with eng.autocast():
+            d_gen = self.D_train(c, fake).float()
             l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-            l_l1 = (pred - x).abs().mean()
-            loss = l_adv + cfg.lambda_l1 * l_l1
-            loss.backward()
-            opt_G.step()
-            if step % cfg.log_every == 0 or step == cfg.steps or monitor.due(step):
-                p_real = torch.sigmoid(d_real.detach()).mean().item()
-                p_fake = torch.sigmoid(d_fake.detach()).mean().item()
-                rec = {"step": step, "l_l1": float(l_l1.detach()), "l_adv": float(l_adv.detach()),
-                       "loss_D": float(loss_D.detach()), "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake)}
-                if monitor.due(step):  # the doctor's held-out scores replace the batch's
-                    found = doctor.observe(step, D_held(D), G_held(G))
-                    log_step(metrics, rec, t0, monitor, found)
-                else:
-                    log_step(metrics, rec, t0)
-            bar.update(1, status=f"l1 {float(l_l1.detach()):.4f} l_adv {float(l_adv.detach()):.3f}")
-    bar.close()
-    write_run_report(out, monitor, doctor, title=f"pix2pix ({net.task}) on {cfg.data}, {cfg.steps} steps")
-    G.eval()
-    ckpt = save_checkpoint(out / "checkpoint.pt", "pix2pix", net, {"net": G, "D": D},
-                           step=cfg.steps, data=cfg.data, seed=cfg.seed, command=command(cfg, out),
-                           train=json.loads(json.dumps(asdict(cfg))))
-    # samples on held-out photos: condition, output, target
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), 8, cfg.tile, seed=1)
-    x = to_tensor(held)
-    if net.task == "inpaint":
-        m = torch.from_numpy(np.stack([maskgen.mixed(cfg.tile, cfg.tile, 5000 + i) for i in range(8)])).float().div(255)[:, None]
-        with torch.no_grad():
-            y = x * (1 - m) + G(x * (1 - m), m) * m
-        shown = to_uint8(x * (1 - m))
-    else:
-        edges = edge_map(held)
-        with torch.no_grad():
-            y = G(torch.from_numpy(edges).permute(0, 3, 1, 2).float().div(127.5).sub(1))
-        shown = np.repeat(edges, 3, axis=3)
-    save_grid(np.concatenate([shown, to_uint8(y), held]), out / "samples.png", nrow=8)
-    return {"checkpoint": str(ckpt), "samples": str(out / "samples.png"), "steps": cfg.steps,
-            "seconds": round(time.perf_counter() - t0, 1), "l_l1": float(l_l1.detach())}
+        l_l1 = (pred - x).abs().mean()
+        eng.update(l_adv + cfg.lambda_l1 * l_l1, self.opt_G)
+        p_real = torch.sigmoid(d_real.detach()).mean()
+        p_fake = torch.sigmoid(d_fake.detach()).mean()
+        return {"l_l1": l_l1.detach(), "l_adv": l_adv.detach(), "loss_D": loss_D.detach(),
+                "s_G": p_fake, "s_D": 0.5 * p_real + 0.5 * (1 - p_fake)}
+
+    def status(self, row: dict) -> str:
+        return f"l1 {row['l_l1']:.4f} l_adv {row['l_adv']:.3f}" if "l_l1" in row else ""
+
+    # -- the doctor (its held-out scores replace the batch's in the row) --
+    def doctor_observe(self, step: int) -> dict:
+        return self.watch.observe(step, self.D_held, self.G_held, self, {})
+
+    def knobs(self) -> dict:
+        return {"lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"]}
+
+    def set_knob(self, name: str, value: float) -> None:
+        if name not in ("lr_g", "lr_d"):
+            raise KeyError(name)
+        for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
+            g["lr"] = g["base_lr"] = value
+
+    @torch.no_grad()
+    def samples(self) -> np.ndarray:
+        """Held-out crops: the condition, G's output (the completion for inpainting), the photo."""
+        self.G.eval()
+        try:
+            y = self.G.translate(self.shown_c)
+        finally:
+            self.G.train()
+        if self.shown_m is None:
+            shown = to_uint8(self.shown_c.expand(-1, 3, -1, -1))
+        else:
+            y = self.shown_x * (1 - self.shown_m) + y * self.shown_m
+            shown = to_uint8(self.shown_x * (1 - self.shown_m))
+        return np.concatenate([shown, to_uint8(y), self.shown])
+
+    def finish(self, out: Path, eng: Engine) -> dict:
+        grid = save_grid(self.samples(), out / "samples.png", nrow=8)
+        return {"samples": str(grid),
+                **self.watch.report(out, f"pix2pix ({self.cfg.network.task}) on {self.cfg.data}, {eng.step} steps")}
+
+
+def train_pix2pix(cfg: Pix2PixTrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train pix2pix into run directory `out`; return the engine's summary."""
+    return Engine(cfg, out, progress=progress, resume=resume).fit(Pix2PixTask(cfg, progress))
+
+
+def _describe(s: dict) -> list[str]:
+    from ganforge.training import loop
+
+    return [f"L1 to the target {s['l_l1']:.4f} (last logged step)"] + loop.MODEL.describe(s)
+
+
+MODEL = ModelSpec("pix2pix", Pix2PixTrainConfig, train_pix2pix, _describe)

@@ -9,9 +9,12 @@ weights. The paper's three stabilisers are here: equalized learning rate (weight
 scaled by He's constant at run time), pixel-wise feature normalisation in G and a minibatch
 standard deviation channel in D (groups of 4).
 
-A run directory is laid out as training/loop.py's (checkpoint.pt, train.json, metrics.jsonl,
-samples/, scores.png, doctor.md, doctor.json); the checkpoint also records images shown, the
-stage, alpha, the optimizer states and the doctor's knobs, so `--resume` continues mid-stage.
+Training is a Task of the engine (engine.py): the stage schedule sets (stage, alpha) from the
+images shown before each step (`before_step`), G's weight average G_ema follows G after each
+step (`after_step`). A run directory is laid out as training/loop.py's (checkpoint.pt,
+train.json, metrics.jsonl, samples/, scores.png, doctor.md, doctor.json); the checkpoint also
+records images shown, the stage and alpha the next step trains at, the doctor's records and
+knobs and the stages, so `--resume` continues mid-stage (with a larger `--steps`, a longer run).
 
 The training doctor (training/monitor.py) runs per stage: every `doctor_every` steps and at the
 last step of each stage, s_G and s_D are measured on a fixed held-out batch (64 real images at
@@ -27,12 +30,8 @@ dropout) go through `knobs()` / `set_knob()`; a larger z_dim is a restart decisi
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-import sys
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -40,27 +39,28 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ganforge.errors import CheckpointError, UsageError
+from ganforge.errors import CheckpointError
 from ganforge.images import save_grid
-from ganforge.progress import Progress
-from ganforge.training import datasets
+from ganforge.training import data as tdata
 from ganforge.training.ema import averaged_copy, ema_beta, update_average
-from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint, save_checkpoint
-from ganforge.training.loop import check_flags, to_tensor, to_uint8
-from ganforge.training.monitor import (Doctor, Intervention, Monitor, Thresholds, follow_stages, log_step,
-                                       write_run_report)
+from ganforge.training.engine import Engine, option
+from ganforge.training.gan import CONFIGS, config_from_checkpoint, load_checkpoint
+from ganforge.training.loop import (GANDoctor, GANOptions, GANTask, GANTrainer, check_flags, fixed_latents,
+                                    held_out_reals, to_tensor, to_uint8)
+from ganforge.training.models import ModelSpec
+from ganforge.training.monitor import follow_stages
 
 
 @dataclass(frozen=True)
 class ProGANConfig:
-    z_dim: int = 64           # latent dimension of G's input
-    resolution: int = 64      # final output side in pixels, a power of two in [8, 1024]
-    channels: int = 3         # image channels
-    fmap_base: int = 1024     # feature maps at side s: min(fmap_max, fmap_base // s) ...
-    fmap_max: int = 64        # ... at most this many
-    fmap_min: int = 16        # ... and at least this many
-    d_fmap_min: int = 0       # D's own minimum, for a D wider than G at the top sides (0: fmap_min)
-    mbstd_group: int = 4      # minibatch-stddev group size in D
+    z_dim: int = option(64, "latent dimension of G's input")
+    resolution: int = option(64, "final output side in pixels, a power of two in [8, 1024]")
+    channels: int = option(3, "image channels", cli=False)
+    fmap_base: int = option(1024, "feature maps at side s are min(fmap-max, fmap-base / s) ...")
+    fmap_max: int = option(64, "... at most this many ...")
+    fmap_min: int = option(16, "... and at least this many")
+    d_fmap_min: int = option(0, "D's own minimum, for a D wider than G at the top sides (0: --fmap-min)")
+    mbstd_group: int = option(4, "minibatch standard deviation group size in D")
 
     def __post_init__(self):
         if not 8 <= self.resolution <= 1024 or self.resolution & (self.resolution - 1):
@@ -299,45 +299,39 @@ def build_progan(payload: dict) -> tuple[Generator, Discriminator]:
 
 
 # ---------------------------------------------------------------------------------------------
+# ---------------------------------------------------------------------------------------------
 # Training
 
 @dataclass
-class ProGANTrainConfig:
-    data: str = "shapes"          # 'shapes', 'photos' or a folder of images
-    n_images: int = 8192          # size of the training pool drawn from `data`
-    steps: int = 3000             # optimizer steps of D and G each, over all stages
-    batch_size: int = 32
-    lr: float = 1e-3              # Adam, the paper's settings (equalized LR makes 1e-3 safe)
-    beta1: float = 0.0
-    beta2: float = 0.99
-    stable_images: int = 12800    # images shown per stage at alpha = 1 (the last stage: the rest)
-    fade_images: int = 12800      # images shown while a new stage fades in (alpha 0 -> 1)
-    r1_gamma: float = 1.0         # R1 penalty on D's real gradients (0: off), applied lazily
-    r1_every: int = 8             # steps between R1 penalties
-    ema_images: int = 10_000      # half-life, in images shown, of G's weight average (0: none)
-    ema_rampup: float = 0.05      # ... at most this fraction of the images shown since the block was born
-    seed: int = 0
-    sample_every: int = 200       # steps between sample grids
-    log_every: int = 10           # steps between metrics lines
-    checkpoint_every: int = 500   # steps between checkpoints (and always at the end)
-    threads: int = 0              # torch intra-op threads; 0 = all cores
-    label_smoothing: float = 0.0  # real target 1 - this (the doctor's knob; Salimans et al., 2016)
-    instance_noise: float = 0.0   # std of Gaussian noise on D's inputs (the doctor's knob)
-    doctor: str = "report"        # 'auto' (diagnose and remedy), 'report' (diagnose), 'off'
-    doctor_every: int = 50        # steps between s_G / s_D measurements (and each stage's last step)
-    thresholds: Thresholds = field(default_factory=Thresholds)
-    network: ProGANConfig = field(default_factory=ProGANConfig)
+class ProGANTrainConfig(GANOptions):
+    """Progressive GAN training: the engine's settings, the doctor's, and these."""
+    data: str = option("shapes", "shapes, stacked_digits, photos, a folder of images, or a .txt / "
+                       ".jsonl list of image paths (streamed)")
+    n_images: int = option(8192, "images made for a bundled set (shapes, stacked_digits, photos)", min=2)
+    steps: int = option(1000, "optimizer steps of D and G each, over all stages", min=1)
+    batch_size: int = option(32, "global batch size, the same at every stage, split evenly across the "
+                             "ranks", min=2)
+    log_every: int = option(10, "steps between metrics.jsonl rows", min=1)
+    sample_every: int = option(100, "steps between sample grids", min=1)
+    lr: float = option(1e-3, "Adam learning rate of G and D (the paper's; equalized LR makes it safe)", min=0)
+    beta1: float = option(0.0, "Adam beta1 (the paper's 0)", min=0, below=1)
+    beta2: float = option(0.99, "Adam beta2", min=0, below=1)
+    stable_images: int = option(12800, "images shown per stable phase (the last stage: until --steps)", min=1)
+    fade_images: int = option(12800, "images shown while a new stage fades in (alpha 0 -> 1)", min=1)
+    r1_gamma: float = option(1.0, "R1 penalty on D's gradients at real images (0: off)", min=0)
+    r1_every: int = option(8, "steps between R1 penalties (lazy regularisation)", min=1)
+    ema_images: int = option(10_000, "half-life in images of G's weight average, which samples and "
+                             "export use (0: none)", min=0)
+    ema_rampup: float = option(0.05, "the half-life is at most this share of the images shown since "
+                               "a block first trained", min=0)
+    label_smoothing: float = option(0.0, "real target 1 - this (the doctor's knob; Salimans et al., "
+                                    "2016)", min=0, below=0.5)
+    instance_noise: float = option(0.0, "std of Gaussian noise on D's inputs (the doctor's knob)", min=0)
+    network: ProGANConfig = option(default_factory=ProGANConfig)
 
     def validate(self) -> None:
-        check_flags(self, {
-            "--lr": (self.lr, self.lr > 0, "> 0"),
-            "--stable-images": (self.stable_images, self.stable_images >= 1, ">= 1"),
-            "--fade-images": (self.fade_images, self.fade_images >= 1, ">= 1"),
-            "--r1-gamma": (self.r1_gamma, self.r1_gamma >= 0, ">= 0"),
-            "--r1-every": (self.r1_every, self.r1_every >= 1, ">= 1"),
-            "--ema-images": (self.ema_images, self.ema_images >= 0, ">= 0"),
-            "--ema-rampup": (self.ema_rampup, self.ema_rampup > 0, "> 0"),
-        })
+        check_flags(self, {"--lr": (self.lr, self.lr > 0, "> 0"),
+                           "--ema-rampup": (self.ema_rampup, self.ema_rampup > 0, "> 0")})
 
 
 def schedule(shown: int, n_stages: int, stable_images: int, fade_images: int) -> tuple[int, float]:
@@ -359,20 +353,27 @@ def stage_birth(stage: int, stable_images: int, fade_images: int) -> int:
     return 0 if stage == 0 else stable_images + (stage - 1) * (fade_images + stable_images)
 
 
-def stage_spans(cfg: ProGANTrainConfig, steps: int | None = None,
-                resumed: tuple[int, int] = (0, 0)) -> list[dict]:
+def stage_spans(cfg: ProGANTrainConfig, steps: int | None = None, resumed: tuple[int, int] = (0, 0),
+                past: list[dict] | None = None) -> list[dict]:
     """The stages a run of `steps` (default cfg.steps) trains, as the doctor reports them:
     {"stage", "side", "start", "end", "fade_end"}, the first and last step trained at the stage
     (steps count from 1; step s trains at the schedule of the images shown before it) and the
     last step of its fade-in (None for stage 0). `resumed`: (step, images shown) of the
-    checkpoint a resumed run continues from; the steps before it showed the same number of
-    images each, the steps after it `cfg.batch_size`."""
+    checkpoint a resumed run continues from, the steps after it showing `cfg.batch_size` images
+    each; the steps up to it are `past`, the spans the checkpoint recorded, or without them are
+    taken to have shown the same number of images each."""
     steps = cfg.steps if steps is None else steps
     net, B = cfg.network, cfg.batch_size
     step0, shown0 = resumed
     b0 = shown0 // step0 if step0 else B
     spans: list[dict] = []
-    for s in range(1, steps + 1):
+    if past is not None:
+        for span in past:
+            if span["start"] <= step0:
+                fade = span["fade_end"]
+                spans.append({**span, "end": min(span["end"], step0),
+                              "fade_end": None if fade is None else min(fade, step0)})
+    for s in range(step0 + 1 if past is not None else 1, steps + 1):
         shown = (s - 1) * b0 if s <= step0 else shown0 + (s - 1 - step0) * B
         stage, alpha = schedule(shown, net.n_stages, cfg.stable_images, cfg.fade_images)
         if not spans or spans[-1]["stage"] != stage:
@@ -394,44 +395,77 @@ def to_stage(x: torch.Tensor, side: int, alpha: float) -> torch.Tensor:
     return x
 
 
-class ProGANTrainer:
+class ProGANTask(GANTask):
     """Non-saturating logistic loss with lazy R1 on D, one D and one G step per iteration; the
     schedule sets (stage, alpha) from the images shown before each step."""
 
-    def __init__(self, cfg: ProGANTrainConfig, out: Path, images: np.ndarray | None = None):
-        cfg.validate()
-        self.cfg, self.out = cfg, Path(out)
+    kind = "progan"
+
+    def __init__(self, cfg: ProGANTrainConfig, progress: bool = True):
+        super().__init__(cfg)
+        self.progress = progress
+        self.shown = 0                                # images shown, over all ranks
+        self.spans = stage_spans(cfg)
+        self.resumed_from: int | None = None
+
+    def setup(self, eng: Engine) -> None:
+        cfg, net, dev = self.cfg, self.cfg.network, eng.device
+        if eng.resume and eng.checkpoint_path().is_file():
+            trained = load_checkpoint(eng.checkpoint_path(), ("progan",))["config"]
+            if trained != dataclasses.asdict(net):
+                raise CheckpointError(f"--resume: {eng.checkpoint_path()} was trained with network {trained}, "
+                                      f"not {dataclasses.asdict(net)}")
+        self.eng = eng
         torch.manual_seed(cfg.seed)
-        self.rng = np.random.default_rng(cfg.seed)
-        net = cfg.network
         self.G, self.D = Generator(net), Discriminator(net)
         # G's exponential moving average (Karras et al. 2018, sec. A.1; half-life and ramp-up as
         # in StyleGAN2): what samples, the benchmark and export use; the doctor watches G itself
-        self.G_ema = averaged_copy(self.G) if cfg.ema_images else None
+        self.G_ema = averaged_copy(self.G).to(dev) if cfg.ema_images else None
+        # the blocks of stages not yet grown take no part in a step
+        self.G_train, self.D_train = eng.wrap(self.G, find_unused=True), eng.wrap(self.D, find_unused=True)
         betas = (cfg.beta1, cfg.beta2)
         self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
-        if images is None:
-            images = datasets.load_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
-        self.images = images
-        self.fixed_z = torch.from_numpy(
-            np.random.default_rng(cfg.seed + 1).standard_normal((64, net.z_dim)).astype(np.float32))
-        # the doctor's fixed held-out batch: real images outside the training pool (full
-        # resolution; `held_at_stage` brings them to the stage) and latents
-        held = datasets.load_images(cfg.data, 64, net.resolution, cfg.seed + 7919)
-        self.held_real = to_tensor(held)                              # (64, C, R, R)
-        self.held_z = torch.from_numpy(
-            np.random.default_rng(cfg.seed + 2).standard_normal((64, net.z_dim)).astype(np.float32))
-        self.step, self.shown = 0, 0
-        self._set_stage()
-        self.command = " ".join(["ganforge", *sys.argv[1:]]) if Path(sys.argv[0]).name == "ganforge" else None
+        self.nets = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
+        self.opts = {"G": self.opt_G, "D": self.opt_D}
+        self.data = tdata.gan_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
+        self.fixed_z = fixed_latents(net.z_dim, cfg.seed + 1).to(dev)
+        # the doctor's fixed held-out batch at full resolution (`held_at_stage` brings it to the
+        # stage), and latents
+        self.held_real = to_tensor(held_out_reals(cfg, self.data, net.resolution)).to(dev)   # (64, C, R, R)
+        self.held_z = fixed_latents(net.z_dim, cfg.seed + 2).to(dev)
+        self.step_index = 0
+        self.set_stage()
+        self.watch = GANDoctor(cfg, self.held_at_stage(), self.held_z, log=self.progress and eng.main)
 
-    def _set_stage(self) -> None:
+    def dataset(self):
+        return self.data
+
+    # -- the schedule and the weight average --
+
+    def set_stage(self) -> None:
+        """G, D and G_ema to the (stage, alpha) of the images shown so far."""
         cfg = self.cfg
         stage, alpha = schedule(self.shown, cfg.network.n_stages, cfg.stable_images, cfg.fade_images)
         for net in (self.G, self.D, self.G_ema):
             if net is not None:
                 net.stage, net.alpha = stage, alpha
+
+    @property
+    def stage(self) -> int:
+        return self.G.stage
+
+    @property
+    def alpha(self) -> float:
+        return self.G.alpha
+
+    def before_step(self, step: int, eng: Engine) -> None:
+        self.step_index = step
+        self.set_stage()
+
+    def after_step(self, step: int, eng: Engine) -> None:
+        self.shown += self.cfg.batch_size
+        self.update_ema()
 
     @torch.no_grad()
     def update_ema(self) -> None:
@@ -450,45 +484,23 @@ class ProGANTrainer:
             update_average(self.G_ema.blocks[k], self.G.blocks[k], beta)
             update_average(self.G_ema.to_rgb[k], self.G.to_rgb[k], beta)
 
-    @property
-    def stage(self) -> int:
-        return self.G.stage
-
-    @property
-    def alpha(self) -> float:
-        return self.G.alpha
-
-    def real_batch(self) -> torch.Tensor:
-        """Full-resolution reals brought to the stage's side; during a fade-in they are blended
-        like G's output (the lower-resolution version, upsampled, towards the sharp one)."""
-        idx = self.rng.integers(0, len(self.images), self.cfg.batch_size)
-        batch = self.images[idx]
-        if datasets.mirrorable(self.cfg.data):  # a mirrored digit is no digit
-            flip = self.rng.random(len(idx)) < 0.5
-            batch[flip] = batch[flip, :, ::-1]
-        x = to_tensor(batch)                                          # (B, C, R, R)
-        return to_stage(x, self.cfg.network.side(self.stage), self.alpha)
+    # -- the step --
 
     def held_at_stage(self) -> torch.Tensor:
         """The doctor's held-out reals at the current stage and alpha, as a training batch is."""
         return to_stage(self.held_real, self.cfg.network.side(self.stage), self.alpha)
 
-    def _noisy(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.cfg.instance_noise * torch.randn_like(x) if self.cfg.instance_noise else x
-
-    def train_step(self) -> dict:
+    def step(self, batch: torch.Tensor, eng: Engine) -> dict:
         cfg = self.cfg
-        self._set_stage()
-        x = self.real_batch()
-        z = torch.randn(cfg.batch_size, cfg.network.z_dim)
-        fake = self.G(z)
-
-        self.opt_D.zero_grad(set_to_none=True)
-        r1 = cfg.r1_gamma > 0 and self.step % cfg.r1_every == 0
+        x = to_stage(to_tensor(batch), cfg.network.side(self.stage), self.alpha)   # (B, C, s, s)
+        z = eng.randn(x.shape[0], cfg.network.z_dim)
+        r1 = cfg.r1_gamma > 0 and self.step_index % cfg.r1_every == 0
         if r1:
             x.requires_grad_(True)
-        logit_real = self.D(self._noisy(x))
-        logit_fake = self.D(self._noisy(fake.detach()))
+        with eng.autocast():
+            fake = self.G_train(z)
+            logit_real = self.D_train(self._noisy(x, eng)).float()
+            logit_fake = self.D_train(self._noisy(fake.detach(), eng)).float()
         loss_real = F.softplus(-logit_real).mean()                   # -log D(x): real target 1
         if cfg.label_smoothing:                                      # real target 1 - smoothing
             ls = cfg.label_smoothing
@@ -496,37 +508,77 @@ class ProGANTrainer:
         loss_D = loss_real + F.softplus(logit_fake).mean()
         if r1:
             (grad,) = torch.autograd.grad(logit_real.sum(), x, create_graph=True)
-            penalty = grad.pow(2).sum(dim=(1, 2, 3)).mean()
+            penalty = grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
             loss_D = loss_D + 0.5 * cfg.r1_gamma * cfg.r1_every * penalty
-        loss_D.backward()
-        self.opt_D.step()
+        eng.update(loss_D, self.opt_D)
+        with eng.autocast():
+            loss_G = F.softplus(-self.D_train(self._noisy(fake, eng)).float()).mean()
+        eng.update(loss_G, self.opt_G)
+        return {"loss_D": loss_D.detach(), "loss_G": loss_G.detach(),
+                "D_real": torch.sigmoid(logit_real.detach()).mean(),
+                "D_fake": torch.sigmoid(logit_fake.detach()).mean(),
+                "shown": self.shown + cfg.batch_size, "stage": self.stage,
+                "side": cfg.network.side(self.stage), "alpha": round(self.alpha, 4)}
 
-        self.opt_G.zero_grad(set_to_none=True)
-        loss_G = F.softplus(-self.D(self._noisy(fake))).mean()
-        loss_G.backward()
-        self.opt_G.step()
-        self.step += 1
-        self.shown += cfg.batch_size
-        self.update_ema()
-        return {"step": self.step, "shown": self.shown, "stage": self.stage,
-                "side": cfg.network.side(self.stage), "alpha": round(self.alpha, 4),
-                "loss_D": float(loss_D.detach()), "loss_G": float(loss_G.detach()),
-                "D_real": float(torch.sigmoid(logit_real.detach()).mean()),
-                "D_fake": float(torch.sigmoid(logit_fake.detach()).mean())}
+    def status(self, row: dict) -> str:
+        losses = f" loss_D {row['loss_D']:.3f} loss_G {row['loss_G']:.3f}" if "loss_D" in row else ""
+        return f"{self.cfg.network.side(self.stage)}px a={self.alpha:.2f}{losses}"
 
-    # -- Tunable (the doctor's auto remedies); D has no dropout, so no d_dropout knob --
+    # -- the doctor --
+
+    @property
+    def stage_ends(self) -> set[int]:
+        return {span["end"] for span in self.spans}
+
+    def doctor_due(self, step: int) -> bool:
+        return self.watch.due(step) or (self.cfg.doctor != "off" and step in self.stage_ends)
+
+    def doctor_observe(self, step: int) -> dict:
+        # D and G at the stage and alpha step `step` trained at; the held reals likewise
+        follow_stages(self.watch.monitor, self.spans, step)
+        self.watch.monitor.set_real(self.held_at_stage())
+        extra = {"stage": self.stage, "side": self.cfg.network.side(self.stage), "alpha": round(self.alpha, 4)}
+        return self.watch.observe(step, self.D, self.G, self, {"z_dim": self.cfg.network.z_dim}, extra)
+
+    # D has no dropout, so no d_dropout knob
     def knobs(self) -> dict:
         return {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
-                "lr_g": self.opt_G.param_groups[0]["lr"], "lr_d": self.opt_D.param_groups[0]["lr"]}
+                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"]}
 
     def set_knob(self, name: str, value: float) -> None:
         if name in ("label_smoothing", "instance_noise"):
             setattr(self.cfg, name, value)
         elif name in ("lr_g", "lr_d"):
             for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-                g["lr"] = value
+                g["lr"] = g["base_lr"] = value
         else:
             raise KeyError(name)
+
+    # -- checkpoints --
+
+    def checkpoint_fields(self) -> dict:
+        """Images shown and the (stage, alpha) the next step trains at: export builds G there."""
+        cfg = self.cfg
+        stage, alpha = schedule(self.shown, cfg.network.n_stages, cfg.stable_images, cfg.fade_images)
+        return {"shown": self.shown, "stage": stage, "alpha": float(alpha)}
+
+    def extra_state(self) -> dict:
+        return {"shown": self.shown, "stages": self.spans, "knobs": self.knobs(), "doctor": self.watch.state()}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Continue mid-stage: images shown, the stages trained so far (with the steps still to
+        come at this run's batch size), the knobs and the doctor's observations, diagnosed again
+        stage by stage (the same detector state as if the run had not stopped)."""
+        step = self.eng.step
+        self.shown, self.resumed_from = int(state["shown"]), step
+        self.spans = stage_spans(self.cfg, max(self.cfg.steps, step), resumed=(step, self.shown),
+                                 past=state.get("stages"))
+        for k, v in state.get("knobs", {}).items():
+            self.set_knob(k, v)
+        self.watch.load_state(state.get("doctor", {}), self.spans)
+        self.set_stage()
+
+    # -- pictures and the end of the run --
 
     @torch.no_grad()
     def generate(self, z: torch.Tensor) -> torch.Tensor:
@@ -542,144 +594,50 @@ class ProGANTrainer:
     def samples(self) -> np.ndarray:
         return to_uint8(self.generate(self.fixed_z))
 
-    def save(self) -> Path:
-        self._set_stage()  # record the (stage, alpha) the next step trains at
-        return save_checkpoint(
-            self.out / "checkpoint.pt", "progan", self.cfg.network,
-            {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})},
-            step=self.step, shown=self.shown, stage=self.stage, alpha=float(self.alpha),
-            optim={"G": self.opt_G.state_dict(), "D": self.opt_D.state_dict()},
-            rng=json.loads(json.dumps(self.rng.bit_generator.state)),
-            torch_rng=torch.get_rng_state(), data=self.cfg.data, seed=self.cfg.seed,
-            knobs={"label_smoothing": self.cfg.label_smoothing,
-                   "instance_noise": self.cfg.instance_noise},
-            command=self.command, train=json.loads(json.dumps(dataclasses.asdict(self.cfg))))
-
-    def restore(self, payload: dict) -> None:
-        """Continue from a checkpoint: weights, optimizer states, images shown, stage, alpha."""
-        if payload["config"] != dataclasses.asdict(self.cfg.network):
-            raise CheckpointError(f"--resume: {payload['path']} was trained with network "
-                                  f"{payload['config']}, not {dataclasses.asdict(self.cfg.network)}")
-        self.G.load_state_dict(payload["state"]["G"])
-        self.D.load_state_dict(payload["state"]["D"])
-        if self.G_ema is not None:  # a checkpoint from before the average: it starts from G
-            self.G_ema.load_state_dict(payload["state"].get("G_ema", payload["state"]["G"]))
-        self.opt_G.load_state_dict(payload["optim"]["G"])
-        self.opt_D.load_state_dict(payload["optim"]["D"])   # with the learning rates in force
-        for name, value in payload.get("knobs", {}).items():  # as the doctor left them
-            setattr(self.cfg, name, value)
-        self.step, self.shown = int(payload["step"]), int(payload["shown"])
-        self.rng.bit_generator.state = payload["rng"]
-        torch.set_rng_state(payload["torch_rng"])
-        self._set_stage()
-        assert (self.stage, round(self.alpha, 6)) == (payload["stage"], round(payload["alpha"], 6))
+    def finish(self, out: Path, eng: Engine) -> dict:
+        self.set_stage()     # the stage and alpha the checkpoint records
+        cfg = self.cfg
+        grid = save_grid(self.samples(), out / "samples.png", nrow=8)
+        title = f"progan on {cfg.data}, {eng.step} steps, {cfg.network.resolution} px"
+        report = self.watch.report(out, title, stages=self.spans)
+        return {"samples": str(grid), "stage": self.stage, "side": cfg.network.side(self.stage),
+                "alpha": self.alpha, "shown": self.shown, "resumed_from": self.resumed_from, **report,
+                "diagnoses": [(d.failure, d.evidence.get("stage")) for d in self.watch.monitor.diagnoses]}
 
 
-def train_progan(cfg: ProGANTrainConfig, out: str | Path, resume: bool = False,
-                 progress: bool = True) -> dict:
-    """Train (or with `resume`, continue) a Progressive GAN in run directory `out`."""
-    out = Path(out)
-    cfg.validate()
-    try:
-        (out / "samples").mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError(f"--out: cannot create {out} ({exc.strerror})") from exc
-    torch.set_num_threads(cfg.threads or os.cpu_count() or 1)
-    trainer = ProGANTrainer(cfg, out)
-    monitor = Monitor(trainer.held_at_stage(), trainer.held_z, cfg.thresholds, every=cfg.doctor_every,
-                      total_steps=cfg.steps)
-    doctor = Doctor(monitor, cfg.doctor, log=(lambda m: print("\n" + m, file=sys.stderr)) if progress else None)
-    if resume:
-        trainer.restore(load_checkpoint(out, kinds=("progan",)))
-    else:
-        (out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-    spans = stage_spans(cfg, max(cfg.steps, trainer.step), resumed=(trainer.step, trainer.shown))
-    stage_ends = {span["end"] for span in spans}
-    if resume and cfg.doctor != "off":
-        _resume_doctor(out, doctor, spans, trainer.step)
-    start = trainer.step
-    bar = Progress(max(cfg.steps - start, 0), "train progan", unit="step", enabled=progress)
-    t0 = time.perf_counter()
-    last: dict = {}
-    with open(out / "metrics.jsonl", "a" if resume else "w") as metrics:
-        while trainer.step < cfg.steps:
-            last = trainer.train_step()
-            s = trainer.step
-            if cfg.doctor != "off" and (monitor.due(s) or s in stage_ends):
-                # D and G at the stage and alpha step s trained at; the held reals likewise
-                follow_stages(monitor, spans, s)
-                monitor.set_real(trainer.held_at_stage())
-                found = doctor.observe(s, trainer.D, trainer.G, trainer, {"z_dim": cfg.network.z_dim},
-                                       extra={"stage": last["stage"], "side": last["side"],
-                                              "alpha": last["alpha"]})
-                log_step(metrics, last, t0, monitor, found)
-            elif s % cfg.log_every == 0 or s == cfg.steps:
-                log_step(metrics, last, t0)
-            if s % cfg.sample_every == 0 or s == cfg.steps:
-                save_grid(trainer.samples(), out / "samples" / f"step_{s:06d}.png", nrow=8)
-            if s % cfg.checkpoint_every == 0 and s != cfg.steps:
-                trainer.save()
-            bar.update(1, status=f"{last['side']}px a={last['alpha']:.2f} "
-                                 f"loss_D {last['loss_D']:.3f} loss_G {last['loss_G']:.3f}")
-    bar.close()
-    ckpt = trainer.save()
-    grid_path = save_grid(trainer.samples(), out / "samples.png", nrow=8)
-    if cfg.doctor != "off":
-        write_run_report(out, monitor, doctor, stages=spans,
-                         title=f"progan on {cfg.data}, {trainer.step} steps, {cfg.network.resolution} px")
-    return {"checkpoint": str(ckpt), "samples": str(grid_path), "steps": trainer.step,
-            "resumed_from": start if resume else None, "stage": trainer.stage,
-            "alpha": trainer.alpha, "seconds": round(time.perf_counter() - t0, 1),
-            "diagnoses": [(d.failure, d.evidence.get("stage")) for d in monitor.diagnoses],
-            "interventions": len(doctor.interventions)}
+def train_progan(cfg: ProGANTrainConfig, out: str | Path, progress: bool = True, resume: bool = False) -> dict:
+    """Train (or with `resume`, continue) a Progressive GAN in run directory `out`; return the
+    engine's summary."""
+    return Engine(cfg, out, progress=progress, resume=resume).fit(ProGANTask(cfg, progress))
 
 
-def _resume_doctor(out: Path, doctor: Doctor, spans: list[dict], step: int) -> None:
-    """Carry the doctor over a resume: the observations metrics.jsonl recorded up to the
-    checkpoint's step are taken in again, stage by stage (the same diagnoses and detector state
-    as if the run had not stopped), and the interventions doctor.json recorded up to it."""
-    records = []
-    metrics = out / "metrics.jsonl"
-    if metrics.is_file():
-        for line in metrics.read_text().splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(row, dict) and "s_G" in row and row.get("step", step + 1) <= step:
-                records.append({k: v for k, v in row.items() if k != "diagnoses"})
-    doctor.monitor.replay(records, spans)
-    saved = out / "doctor.json"
-    if saved.is_file():
-        try:
-            past = json.loads(saved.read_text()).get("interventions", [])
-            doctor.interventions += [Intervention(**i) for i in past if i["step"] <= step]
-        except (json.JSONDecodeError, TypeError, KeyError):
-            pass  # a damaged report: the interventions before the resume are not carried over
+class ProGANTrainer(GANTrainer):
+    """A ProGAN stepped by its caller (`ganforge bench progan` interleaves it with a DCGAN on a
+    time budget): the same task and engine as `train_progan`, one step per `train_step()`."""
+
+    task_class = ProGANTask
+
+    @property
+    def stage(self) -> int:
+        return self.task.stage
+
+    @property
+    def alpha(self) -> float:
+        return self.task.alpha
+
+    def generate(self, z: torch.Tensor) -> torch.Tensor:
+        """G_ema's images (G's without one) at the final resolution for latents `z`, on the CPU."""
+        return self.task.generate(z.to(self.engine.device)).cpu()
 
 
-def train_from_args(args) -> int:
-    """`ganforge train progan ...` (the flags are declared in ganforge/cli.py)."""
-    try:
-        net = ProGANConfig(z_dim=args.z_dim, resolution=args.resolution, fmap_base=args.fmap_base,
-                           fmap_max=args.fmap_max, fmap_min=args.fmap_min, d_fmap_min=args.d_fmap_min)
-    except ValueError as exc:
-        raise UsageError(f"network: {exc}") from None
-    cfg = ProGANTrainConfig(data=args.data or "shapes", n_images=args.n_images, steps=args.steps,
-                            batch_size=args.batch_size or 32, lr=args.lr or 1e-3, seed=args.seed,
-                            stable_images=args.stable_images, fade_images=args.fade_images,
-                            ema_images=args.ema_images,
-                            sample_every=args.sample_every, network=net, doctor=args.doctor,
-                            doctor_every=args.doctor_every,
-                            thresholds=Thresholds.parse(args.thresholds or ""))
-    if args.resume and not (Path(args.out) / "checkpoint.pt").is_file():
-        raise UsageError(f"--resume: {args.out} holds no checkpoint.pt to continue from")
-    summary = train_progan(cfg, args.out, resume=args.resume, progress=not args.quiet)
-    print(f"trained to step {summary['steps']} (stage {summary['stage']}, "
-          f"{cfg.network.side(summary['stage'])} px, alpha {summary['alpha']:.2f}) in "
-          f"{summary['seconds']} s; checkpoint {summary['checkpoint']}; samples {summary['samples']}")
-    if cfg.doctor != "off":
-        found = ", ".join(f"{f} (stage {st})" for f, st in summary["diagnoses"]) or "none"
-        print(f"doctor ({cfg.doctor}): diagnoses {found}; {summary['interventions']} interventions; "
-              f"report {Path(args.out) / 'doctor.md'}")
-    return 0
+def _describe(s: dict) -> list[str]:
+    lines = [f"grown to stage {s['stage']}, {s['side']} px, alpha {s['alpha']:.2f}"
+             + (f"; resumed from step {s['resumed_from']}" if s.get("resumed_from") is not None else "")]
+    if s.get("doctor_mode", "off") != "off":
+        found = ", ".join(f"{f} (stage {st})" for f, st in s["diagnoses"]) or "none"
+        lines.append(f"doctor ({s['doctor_mode']}): diagnoses {found}; {s['interventions']} interventions; "
+                     f"report {Path(s['checkpoint']).parent / 'doctor.md'}")
+    return lines
+
+
+MODEL = ModelSpec("progan", ProGANTrainConfig, train_progan, _describe)

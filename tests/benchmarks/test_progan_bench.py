@@ -84,6 +84,19 @@ def test_an_arm_scales_every_param_group_from_its_base_rate_on_its_own_clock():
     assert [base for _, base in arm.groups] == [0.1, 0.004]
 
 
+def test_an_arm_on_the_training_engine_scales_the_base_rate_the_engine_sets_each_step_from(tmp_path):
+    from ganforge.training.progan import ProGANConfig, ProGANTrainConfig, ProGANTrainer
+
+    pg = ProGANTrainer(ProGANTrainConfig(batch_size=4, n_images=8, lr=0.002, device="cpu", threads=1,
+                                         network=ProGANConfig(z_dim=8, resolution=8, fmap_base=32, fmap_max=8,
+                                                              fmap_min=4)), tmp_path)
+    arm = Arm("progan", pg.train_step, None, None, (pg.opt_G, pg.opt_D), budget=1.0, decay_from=0.5)
+    arm.clock = 2.0                                     # past the budget: the rate is 0
+    arm.train_for(0.01)
+    assert pg.step >= 1 and pg.opt_G.param_groups[0]["lr"] == pg.opt_D.param_groups[0]["lr"] == 0.0
+    assert [base for _, base in arm.groups] == [0.002, 0.002]
+
+
 def test_time_to_quality_on_single_evaluations_and_on_3_evaluation_medians():
     seconds = [0, 60, 120, 180, 240, 300]
     dcgan = [600.0, 40.0, 90.0, 80.0, 35.0, 45.0]   # one lucky early evaluation at 60 s

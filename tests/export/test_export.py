@@ -1,5 +1,4 @@
 import json
-from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
@@ -7,7 +6,6 @@ import pytest
 import torch
 
 from ganforge.errors import RepositoryError
-from ganforge.export.onnx import UInt8Images
 from ganforge.serving import repository as repo
 from ganforge.serving.sampler import sample_latents
 from ganforge.training.gan import build_dcgan, load_checkpoint

@@ -70,6 +70,10 @@ def test_progan_manifest_records_stage_and_alpha(progan_repo):
     repository, _ = progan_repo
     manifest = json.loads((repository / "tinypro_generator" / "manifest.json").read_text())
     assert manifest["kind"] == "progan" and manifest["stage"] == 2 and "alpha" in manifest
+    # the command that trains the same weights again, every option explicit
+    command = manifest["train_command"]
+    assert command.startswith("ganforge train progan ") and "--stable-images 16 --fade-images 16" in command
+    assert "--fmap-base 64 --fmap-max 16 --fmap-min 8" in command
 
 
 def test_served_progan_by_seed_is_deterministic_and_matches_onnx(progan_server, progan_repo):

@@ -3,7 +3,6 @@ server is reported unavailable (never a hang), SIGTERM drains in-flight requests
 mixed load at concurrency 64 from another process runs without errors or memory growth."""
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -11,7 +10,6 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from ganforge.errors import ServerUnavailable

@@ -94,7 +94,6 @@ def test_cli_serve_prints_endpoints_and_stops_cleanly_on_ctrl_c(tiny_repo):
 
 
 def test_killing_the_launcher_takes_tritonserver_down_with_it(tiny_repo):
-    import os
     import signal
     import subprocess
     import sys

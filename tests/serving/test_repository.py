@@ -1,7 +1,6 @@
 """The committed model repository: every config parses with Triton's schema, every manifest
 matches its files."""
 
-from pathlib import Path
 
 import pytest
 from google.protobuf import text_format

@@ -36,7 +36,7 @@ def test_checkpoint_round_trip_restores_identical_outputs(tmp_path):
     path = save_checkpoint(tmp_path / "c.pt", "dcgan", cfg, {"G": G, "D": D}, step=7, data="shapes")
     payload = load_checkpoint(path)
     assert payload["config"] == {"z_dim": 8, "ngf": 4, "ndf": 4, "resolution": 32, "channels": 3,
-                                 "d_dropout": 0.0}
+                                 "d_dropout": 0.0, "mbstd": False}
     G2, D2 = build_dcgan(payload)
     z = torch.randn(4, 8)
     with torch.no_grad():

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from ganforge.errors import UsageError
-from ganforge.training.mixtures import mixture, preset_config, train_mixture
+from ganforge.training import options
+from ganforge.training.mixtures import MixtureTrainConfig, mixture, train_mixture
 from ganforge.training.monitor import Monitor, Thresholds, diversity, scores
 from tests.conftest import run_cli
 
@@ -90,8 +91,9 @@ def mixture_runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("mix")
     out = {}
     for name in ("healthy", "d-dominates", "g-dominates", "mode-collapse"):
-        cfg = preset_config(name, data="ring", steps=MIX_STEPS, doctor_every=10, doctor="auto")
-        out[name] = (train_mixture(cfg, root / name), root / name)
+        cfg = options.config_from(MixtureTrainConfig, "mlpgan", name, overrides={
+            "data": "ring", "steps": MIX_STEPS, "doctor_every": 10, "doctor": "auto", "threads": 1})
+        out[name] = (train_mixture(cfg, root / name, progress=False), root / name)
     return out
 
 
@@ -130,15 +132,18 @@ def test_auto_applies_and_logs_remedies_with_step_and_reason(mixture_runs):
 
 @pytest.fixture(scope="module")
 def image_runs(tmp_path_factory):
-    from ganforge.training.gan import DCGANConfig
-    from ganforge.training.loop import TrainConfig, apply_preset, train_dcgan
+    from ganforge.training import options
+    from ganforge.training.loop import TrainConfig, train_dcgan
 
     root = tmp_path_factory.mktemp("img")
     out = {}
     for name in ("healthy", "d-dominates", "g-dominates"):
-        cfg = TrainConfig(steps=50, batch_size=16, n_images=128, sample_every=50, doctor_every=5,
-                          threads=1, network=DCGANConfig(z_dim=16, ngf=8, ndf=8, resolution=16))
-        out[name] = (train_dcgan(apply_preset(cfg, name), root / name, progress=False), root / name)
+        small = {"steps": 50, "batch_size": 16, "n_images": 128, "sample_every": 50, "doctor_every": 5,
+                 "threads": 1, "network": {"z_dim": 16, "resolution": 16}}
+        if name == "healthy":
+            small["network"].update(ngf=8, ndf=8)
+        cfg = options.config_from(TrainConfig, "dcgan", name, overrides=small)
+        out[name] = (train_dcgan(cfg, root / name, progress=False), root / name)
     return out
 
 
@@ -190,7 +195,8 @@ def test_doctor_on_a_non_gan_checkpoint_is_a_one_line_error(tmp_path):
 
 
 @pytest.mark.parametrize("args,line", [
-    (["--preset", "crazy"], "Error: --preset: 'crazy' is not one of healthy, d-dominates, g-dominates, mode-collapse"),
+    (["--preset", "crazy"], "Error: argument --preset: invalid choice: 'crazy' (choose from 'd-dominates', "
+                            "'default', 'demo', 'g-dominates', 'healthy', 'mode-collapse', 'stacked-digits')"),
     (["--thresholds", "d_dom_s_G=-1"], "Error: threshold d_dom_s_G: -1.0 is not allowed; must be in [0, 1]"),
     (["--doctor", "maybe"], "Error: argument --doctor: invalid choice: 'maybe' (choose from 'auto', 'report', 'off')"),
 ])

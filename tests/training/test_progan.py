@@ -1,10 +1,11 @@
-"""Progressive GAN: fade-in, growth, equalized LR, pixel norm, minibatch stddev, resume."""
+"""Progressive GAN: fade-in, growth, equalized LR, pixel norm, minibatch stddev, resume, the
+command line, 2 ranks."""
 
 from __future__ import annotations
 
+import json
 import math
 
-import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -13,13 +14,14 @@ from ganforge.training.gan import load_checkpoint
 from ganforge.training.progan import (Discriminator, EqualizedConv2d, EqualizedLinear, Generator,
                                       MinibatchStd, PixelNorm, ProGANConfig, ProGANTrainConfig,
                                       ProGANTrainer, build_progan, schedule, stage_birth, train_progan)
+from tests.conftest import run_cli
 
 TINY = ProGANConfig(z_dim=8, resolution=16, fmap_base=64, fmap_max=16, fmap_min=8)
 
 
 def tiny_train(**kw) -> ProGANTrainConfig:
     base = dict(steps=12, batch_size=8, n_images=32, stable_images=24, fade_images=32, r1_every=4,
-                sample_every=100, log_every=1, checkpoint_every=100, threads=2, network=TINY)
+                sample_every=100, log_every=1, checkpoint_every=100, threads=2, device="cpu", network=TINY)
     return ProGANTrainConfig(**{**base, **kw})
 
 
@@ -112,7 +114,7 @@ def test_growing_keeps_the_trained_weights(tmp_path):
     z = torch.randn(4, TINY.z_dim)
     with torch.no_grad():
         low = trainer.G(z, stage=0, alpha=1.0)
-    trainer._set_stage()                                  # 3 x 8 = 24 images shown: stage 1
+    trainer.task.before_step(trainer.step, trainer.engine)   # 3 x 8 = 24 images shown: stage 1
     assert (trainer.stage, trainer.alpha) == (1, 0.0)
     for k, v in trainer.G.state_dict().items():
         torch.testing.assert_close(v, before[k], msg=k)
@@ -142,10 +144,10 @@ def test_resume_mid_stage_continues_from_the_recorded_stage_and_alpha(tmp_path):
     assert [int(line.split('"step": ')[1].split(",")[0]) for line in lines] == list(range(1, 9))
 
 
-def test_g_ema_moves_towards_g_by_the_half_life_ramped_up_from_each_blocks_birth():
+def test_g_ema_moves_towards_g_by_the_half_life_ramped_up_from_each_blocks_birth(tmp_path):
     cfg = tiny_train(ema_images=64, ema_rampup=0.5)      # stages born at 0, 24 and 80 images
     assert [stage_birth(k, cfg.stable_images, cfg.fade_images) for k in range(3)] == [0, 24, 80]
-    trainer = ProGANTrainer(cfg, ".")
+    trainer = ProGANTrainer(cfg, tmp_path).task
     assert {id(p) for k in range(3) for m in (trainer.G.blocks[k], trainer.G.to_rgb[k])
             for p in m.parameters()} == {id(p) for p in trainer.G.parameters()}
 
@@ -195,24 +197,27 @@ def test_samples_and_export_use_g_ema_and_ema_0_uses_g(tmp_path):
         torch.testing.assert_close(v, plain["state"]["G"][k], msg=k)
 
 
-def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_path):
-    from tests.conftest import run_cli
-
+def test_train_cli_as_typed_writes_a_run_and_a_larger_steps_continues_it(tmp_path):
     out = tmp_path / "run"
-    r = run_cli("train", "progan", "--resume", "--out", str(out), "--resolution", "8")
-    assert r.returncode == 2 and "--resume" in r.stderr
     r = run_cli("train", "progan", "--resolution", "8", "--fmap-max", "0", "--out", str(out))
     assert r.returncode == 2 and "fmap_max must be >= 1, got 0" in r.stderr
-    r = run_cli("train", "progan", "--data", "shapes", "--resolution", "8", "--steps", "3",
-                "--batch-size", "4", "--n-images", "16", "--stable-images", "4",
-                "--fade-images", "4", "--z-dim", "8", "--fmap-base", "64", "--fmap-max", "12",
-                "--fmap-min", "4", "--d-fmap-min", "10", "--out", str(out), "--quiet")
+    args = ["train", "progan", "--data", "shapes", "--resolution", "8", "--batch-size", "4", "--n-images", "16",
+            "--stable-images", "4", "--fade-images", "4", "--z-dim", "8", "--fmap-base", "64", "--fmap-max", "12",
+            "--fmap-min", "4", "--d-fmap-min", "10", "--device", "cpu", "--out", str(out), "--quiet"]
+    r = run_cli(*args, "--steps", "2", "--resume")          # nothing to resume: a new run
     assert r.returncode == 0, r.stderr
-    assert "stage 1, 8 px" in r.stdout
-    assert (out / "checkpoint.pt").is_file() and (out / "samples.png").is_file()
-    from ganforge.training.gan import load_checkpoint
+    assert f"--resume: no checkpoint in {out}; starting a new run" in r.stderr
+    r = run_cli(*args, "--steps", "3", "--resume")
+    assert r.returncode == 0, r.stderr
+    assert "grown to stage 1, 8 px, alpha 1.00; resumed from step 2" in r.stdout
+    assert "doctor (report): diagnoses" in r.stdout
+    for name in ("checkpoint.pt", "samples.png", "train.json", "metrics.jsonl", "doctor.md", "scores.png"):
+        assert (out / name).is_file(), name
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3]
+    assert json.loads((out / "train.json").read_text())["steps"] == 3
 
     ckpt = load_checkpoint(out)
+    assert (ckpt["kind"], ckpt["step"], ckpt["shown"], ckpt["stage"], ckpt["alpha"]) == ("progan", 3, 12, 1, 1.0)
     net = ckpt["config"]
     assert (net["fmap_base"], net["fmap_max"], net["fmap_min"], net["d_fmap_min"]) == (64, 12, 4, 10)
     # 12 maps at 4 px (64 / 4 = 16, capped), 8 at 8 px: the widths reached the layers
@@ -222,36 +227,56 @@ def test_train_cli_runs_and_resume_without_a_checkpoint_is_a_usage_error(tmp_pat
     assert ckpt["state"]["G"]["to_rgb.1.weight"].shape[1] == 8
 
 
-def test_reproduction_commands_carry_the_weight_average_and_the_thin_plate_steps():
-    """The train command recorded in a manifest names every setting that changes the weights:
-    parsed back by the CLI it gives the run's ProGAN half-life and widths and the inpainter's
-    CG steps."""
-    import dataclasses
+def parsed_back(model: str, cls, command: str):
+    """The config a recorded `ganforge train` command gives when typed again."""
     import shlex
 
-    from ganforge.cli import build_parser
+    from ganforge.cli import parse_train_args
+    from ganforge.training import options
+
+    ns = vars(parse_train_args(shlex.split(command)[1:]))
+    return options.config_from(cls, model, overrides=options.typed_values(cls, ns))
+
+
+def test_reproduction_commands_carry_the_weight_average_and_the_widths():
+    """The train command recorded in a manifest names every setting that changes the weights:
+    parsed back by the CLI it gives the run's ProGAN half-life and widths."""
+    import dataclasses
+
+    from ganforge.training.loop import train_command
+
+    progan = ProGANTrainConfig(ema_images=2500, stable_images=6400, network=ProGANConfig(
+        resolution=8, fmap_base=256, fmap_max=32, fmap_min=8, d_fmap_min=16))
+    command = train_command("progan", dataclasses.asdict(progan), "runs/p")
+    assert "--ema-images 2500 " in command and "--d-fmap-min 16 " in command and command.endswith("--out runs/p")
+    assert parsed_back("progan", ProGANTrainConfig, command) == progan
+    # a run recorded before some options existed: those are left out, the rest still parses
+    old = {k: v for k, v in dataclasses.asdict(progan).items() if k not in ("lr_schedule", "grad_clip", "sync_bn")}
+    old["network"] = {k: v for k, v in old["network"].items() if k != "mbstd_group"}
+    assert parsed_back("progan", ProGANTrainConfig, train_command("progan", old, "runs/p")) == progan
+
+
+def test_reproduction_commands_carry_the_thin_plate_steps():
+    """... and the inpainter's prefill and CG steps."""
+    import dataclasses
+
     from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig
     from ganforge.training.loop import train_command
-    from ganforge.training.progan import ProGANConfig, ProGANTrainConfig
-
-    progan = ProGANTrainConfig(ema_images=2500, network=ProGANConfig(resolution=8, fmap_base=256, fmap_max=32,
-                                                                    fmap_min=8, d_fmap_min=16))
-    args = build_parser().parse_args(shlex.split(train_command("progan", dataclasses.asdict(progan), "runs/p"))[1:])
-    assert (args.ema_images, args.stable_images, args.resolution) == (2500, progan.stable_images, 8)
-    assert (args.fmap_base, args.fmap_max, args.fmap_min, args.d_fmap_min) == (256, 32, 8, 16)
-    plain = build_parser().parse_args(["train", "progan", "--out", "runs/p"])   # the CLI's defaults are the network's
-    assert (plain.fmap_base, plain.fmap_max, plain.fmap_min, plain.d_fmap_min) == (
-        ProGANConfig.fmap_base, ProGANConfig.fmap_max, ProGANConfig.fmap_min, ProGANConfig.d_fmap_min)
-    old = {k: v for k, v in dataclasses.asdict(progan).items() if k != "ema_images"}  # a run from before
-    assert "--ema-images 0 " in train_command("progan", old, "runs/p")
 
     inpainter = InpaintTrainConfig(network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50))
-    args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(inpainter), "runs/i"))[1:])
-    assert (args.prefill, args.fill, args.thinplate) == (True, "cascade", 50)
+    command = train_command("inpainter", dataclasses.asdict(inpainter), "runs/i")
+    assert parsed_back("inpainter", InpaintTrainConfig, command) == inpainter
     blend = InpaintTrainConfig(pool=2048, network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50,
                                                                     head="blend", blend_thinplate=120))
-    args = build_parser().parse_args(shlex.split(train_command("inpainter", dataclasses.asdict(blend), "runs/b"))[1:])
-    assert (args.head, args.blend_thinplate, args.pool, args.thinplate) == ("blend", 120, 2048, 50)
+    command = train_command("inpainter", dataclasses.asdict(blend), "runs/b")
+    assert "--head blend " in command and "--blend-thinplate 120 " in command and "--pool 2048 " in command
+    assert parsed_back("inpainter", InpaintTrainConfig, command) == blend
+    # a run recorded before the engine (its own clip, no doctor options): what it has, it keeps
+    old = {k: v for k, v in dataclasses.asdict(blend).items()
+           if k not in ("doctor", "thresholds", "grad_clip", "lr_schedule", "sync_bn", "sample_every",
+                        "checkpoint_every", "device", "precision", "workers")}
+    old["clip"] = 1.0
+    assert parsed_back("inpainter", InpaintTrainConfig, train_command("inpainter", old, "runs/b")) == blend
 
 
 def test_a_discriminator_minimum_widens_only_the_discriminator_at_the_top_sides():
@@ -263,3 +288,52 @@ def test_a_discriminator_minimum_widens_only_the_discriminator_at_the_top_sides(
     assert D.from_rgb[4].weight.shape[0] == 32 and D(torch.zeros(4, 3, 64, 64)).shape == (4,)
     with pytest.raises(ValueError, match="d_fmap_min must be >= 0"):
         ProGANConfig(d_fmap_min=-1)
+
+
+def test_train_help_shows_only_progan_options_and_another_models_option_is_refused(tmp_path):
+    r = run_cli("train", "progan", "--help")
+    assert r.returncode == 0
+    for flag in ("--stable-images", "--fade-images", "--ema-images", "--fmap-base", "--d-fmap-min", "--doctor",
+                 "--preset {bench,default,shipped}"):
+        assert flag in r.stdout, flag
+    for flag in ("--ngf", "--patch", "--lr-g", "--channels"):
+        assert flag not in r.stdout, flag
+    r = run_cli("train", "progan", "--ngf", "8", "--out", str(tmp_path / "x"))
+    assert r.returncode == 2 and r.stderr == "Error: unrecognized arguments: --ngf 8\n"
+    assert not (tmp_path / "x").exists()
+
+
+def test_presets_build_valid_configs():
+    from ganforge.training import options
+
+    shipped = options.config_from(ProGANTrainConfig, "progan", "shipped")
+    assert (shipped.steps, shipped.stable_images, shipped.network.fmap_base, shipped.network.fmap_min) == (
+        10000, 6400, 256, 8)
+    bench = options.config_from(ProGANTrainConfig, "progan", "bench")
+    assert (bench.lr, bench.network.d_fmap_min, bench.lr_schedule) == (3e-3, 32, "linear-decay")
+    assert options.config_from(ProGANTrainConfig, "progan", "default") == ProGANTrainConfig()
+
+
+def test_two_gloo_ranks_follow_one_process_through_a_fade_in(tmp_path):
+    """Data order, noise, R1, the schedule and G_ema do not depend on the number of ranks. The
+    minibatch standard deviation is taken over each rank's own slice of the batch (as each GPU's
+    in the paper's code), so it is set to groups of 1 here, where the slices of 2 ranks would
+    otherwise group other images than one process does."""
+    from tests.training.test_engine import TOLERANCE, max_diff, run_ranks
+
+    run = {"steps": 6, "batch_size": 8, "n_images": 32, "stable_images": 16, "fade_images": 16, "r1_every": 2,
+           "instance_noise": 0.1, "doctor_every": 2, "log_every": 1, "sample_every": 100, "device": "cpu",
+           "network": {"z_dim": 8, "resolution": 8, "fmap_base": 64, "fmap_max": 16, "fmap_min": 8,
+                       "mbstd_group": 1}}
+    from ganforge.training import options
+
+    one = train_progan(options.config_from(ProGANTrainConfig, "progan", overrides=run), tmp_path / "one",
+                       progress=False)
+    two = run_ranks(2, "progan", tmp_path / "two", run)
+    assert max_diff(two[0]["state"], two[1]["state"]) == 0.0
+    state = load_checkpoint(tmp_path / "one")["state"]
+    assert set(state) == {"G", "D", "G_ema"}
+    assert max_diff(state, two[0]["state"]) < TOLERANCE
+    assert one["stage"] == two[0]["summary"]["stage"] == 1
+    stages = [json.loads(line)["stage"] for line in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    assert stages == [0, 0, 1, 1, 1, 1]

@@ -3,13 +3,14 @@ the report with its stages, `ganforge doctor`, --doctor auto, resume."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
+from ganforge.errors import CheckpointError
 from ganforge.training import datasets
 from ganforge.training.gan import load_checkpoint
 from ganforge.training.monitor import Diagnosis, Doctor, Monitor, Thresholds, stage_at
@@ -27,7 +28,7 @@ def tiny_train(**kw) -> ProGANTrainConfig:
     # 8 images a step; stage 0: steps 1-6, stage 1: 7-18 (fade-in 7-12), stage 2: 19-22 (fade-in
     # 19-22: the run ends mid fade-in, at alpha 0.5)
     base = dict(steps=22, batch_size=8, n_images=32, stable_images=48, fade_images=48, r1_every=4,
-                sample_every=100, log_every=1, checkpoint_every=100, threads=2, network=TINY,
+                sample_every=100, log_every=1, checkpoint_every=100, threads=2, device="cpu", network=TINY,
                 doctor_every=2)
     return ProGANTrainConfig(**{**base, **kw})
 
@@ -52,10 +53,20 @@ def test_stage_spans_follow_the_schedule_step_by_step():
 
 def test_stage_spans_of_a_run_resumed_with_another_batch_size():
     # 5 steps of 8 images (40 shown), then 16 a step: shown before steps 6.. = 40, 56, 72, ...
-    assert stage_spans(tiny_train(batch_size=16), 14, resumed=(5, 40)) == [
-        {"stage": 0, "side": 4, "start": 1, "end": 6, "fade_end": None},
-        {"stage": 1, "side": 8, "start": 7, "end": 12, "fade_end": 9},
-        {"stage": 2, "side": 16, "start": 13, "end": 14, "fade_end": 14}]
+    resumed = [{"stage": 0, "side": 4, "start": 1, "end": 6, "fade_end": None},
+               {"stage": 1, "side": 8, "start": 7, "end": 12, "fade_end": 9},
+               {"stage": 2, "side": 16, "start": 13, "end": 14, "fade_end": 14}]
+    assert stage_spans(tiny_train(batch_size=16), 14, resumed=(5, 40)) == resumed
+    # the spans the checkpoint recorded (of a run planned for 22 steps) are kept up to its step
+    assert stage_spans(tiny_train(batch_size=16), 14, resumed=(5, 40), past=stage_spans(tiny_train())) == resumed
+    # resumed twice: 10 steps of 4 images (40), 4 of 16 (104), then 32 a step; where the
+    # batches of 4 and of 16 fell is only known from the recorded spans
+    first = stage_spans(tiny_train(batch_size=16), 14, resumed=(10, 40), past=stage_spans(tiny_train(batch_size=4), 10))
+    assert first == [{"stage": 0, "side": 4, "start": 1, "end": 11, "fade_end": None},
+                     {"stage": 1, "side": 8, "start": 12, "end": 14, "fade_end": 14}]
+    again = stage_spans(tiny_train(batch_size=32), 16, resumed=(14, 104), past=first)
+    assert again == [first[0], {"stage": 1, "side": 8, "start": 12, "end": 16, "fade_end": 14}]
+    assert stage_spans(tiny_train(batch_size=32), 16, resumed=(14, 104))[1]["start"] == 8   # 7.4 a step
 
 
 def test_resumed_with_another_batch_size_the_stages_match_the_measurements(tmp_path):
@@ -159,28 +170,31 @@ def test_doctor_off_measures_nothing_and_writes_no_report(tmp_path):
 
 def test_auto_remedies_go_through_the_trainer_and_survive_a_checkpoint(tmp_path):
     trainer = ProGANTrainer(tiny_train(r1_gamma=0.0), tmp_path)
-    assert set(trainer.knobs()) == {"label_smoothing", "instance_noise", "lr_g", "lr_d"}  # no dropout in D
-    doctor = Doctor(Monitor(trainer.held_at_stage(), trainer.held_z), "auto")
+    task = trainer.task
+    assert set(task.knobs()) == {"label_smoothing", "instance_noise", "lr_g", "lr_d"}  # no dropout in D
+    doctor = Doctor(Monitor(task.held_at_stage(), task.held_z), "auto")
     d = Diagnosis("d_dominates", 3, {"stage": 0}, "forced")
-    done = doctor.remedy(d, trainer, {"z_dim": 8})
+    done = doctor.remedy(d, task, {"z_dim": 8})
     assert [(i.knob, i.old, i.new) for i in done] == [
         ("label_smoothing", 0.0, 0.2), ("instance_noise", 0.0, 0.1), ("lr_d", 1e-3, 5e-4)]
-    assert trainer.knobs() == {"label_smoothing": 0.2, "instance_noise": 0.1, "lr_g": 1e-3, "lr_d": 5e-4}
+    assert task.knobs() == {"label_smoothing": 0.2, "instance_noise": 0.1, "lr_g": 1e-3, "lr_d": 5e-4}
     rec = trainer.train_step()                                 # trains with them
     assert np.isfinite(rec["loss_D"]) and np.isfinite(rec["loss_G"])
-    trainer.save()
-    again = ProGANTrainer(tiny_train(r1_gamma=0.0), tmp_path)
-    again.restore(load_checkpoint(tmp_path, kinds=("progan",)))
-    assert again.knobs() == trainer.knobs()
+    assert trainer.opt_D.param_groups[0]["lr"] == 5e-4
+    trainer.engine.save(task)
+    again = ProGANTrainer(tiny_train(r1_gamma=0.0), tmp_path, resume=True)
+    assert again.step == 1 and again.task.knobs() == task.knobs()
+    with pytest.raises(CheckpointError, match="was trained with network"):   # another network
+        ProGANTrainer(tiny_train(network=dataclasses.replace(TINY, z_dim=4)), tmp_path, resume=True)
     # mode collapse: a larger latent is a restart decision
-    done = doctor.remedy(Diagnosis("mode_collapse", 4, {}, "forced"), trainer, {"z_dim": 8})
+    done = doctor.remedy(Diagnosis("mode_collapse", 4, {}, "forced"), task, {"z_dim": 8})
     assert [(i.action, i.knob, i.new) for i in done if i.action == "restart"] == [("restart", "z_dim", 16)]
 
 
 def test_auto_on_a_run_applies_a_remedy_per_stage_and_a_resumed_run_matches(tmp_path):
     """--doctor auto, forced "G dominates" (early everywhere, patience 2): the condition holds
-    at every observation, so only the stage change re-arms it; each stage's diagnosis doubles D's
-    learning rate. A run cut at a stage's first step and resumed reports and trains exactly as
+    at every observation, so only the stage change re-arms it; each stage's diagnosis halves G's
+    learning rate and doubles D's. A run cut at a stage's first step and resumed reports and trains exactly as
     the uninterrupted one (the detector's streak is carried over the resume)."""
     forced = Thresholds(g_dom_s_G=0.0, g_dom_s_D=1.0, early_fraction=1.0, patience=2)
     kw = dict(doctor="auto", doctor_every=1, thresholds=forced)
@@ -189,8 +203,8 @@ def test_auto_on_a_run_applies_a_remedy_per_stage_and_a_resumed_run_matches(tmp_
     doc = json.loads((full / "doctor.json").read_text())
     assert [(d["step"], d["evidence"]["stage"]) for d in doc["diagnoses"]] == [(2, 0), (8, 1)]
     assert [(i["step"], i["knob"], i["old"], i["new"]) for i in doc["interventions"]] == [
-        (2, "lr_d", 1e-3, 2e-3), (8, "lr_d", 2e-3, 4e-3)]
-    assert load_checkpoint(full)["optim"]["D"]["param_groups"][0]["lr"] == 4e-3
+        (2, "lr_g", 1e-3, 5e-4), (2, "lr_d", 1e-3, 2e-3), (8, "lr_g", 5e-4, 2.5e-4), (8, "lr_d", 2e-3, 4e-3)]
+    assert load_checkpoint(full)["resume"]["optimizers"]["D"]["param_groups"][0]["lr"] == 4e-3
     assert "- step 8: set lr_d 0.002 -> 0.004 (g_dominates:" in (full / "doctor.md").read_text()
 
     cut = tmp_path / "cut"
@@ -215,5 +229,5 @@ def test_cli_doctor_flags_reach_progan(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "doctor (auto): diagnoses g_dominates (stage 0), g_dominates (stage 1);" in r.stdout
     doc = json.loads((out / "doctor.json").read_text())
-    assert doc["mode"] == "auto" and [i["knob"] for i in doc["interventions"]] == ["lr_d", "lr_d"]
+    assert doc["mode"] == "auto" and [i["knob"] for i in doc["interventions"]] == ["lr_g", "lr_d"] * 2
     assert [r["step"] for r in lines(out) if "s_G" in r] == [1, 2, 3, 4]

@@ -1,0 +1,223 @@
+"""The training doctor on failing DCGANs: diagnosis rates, and `--doctor auto` against `report`.
+
+    ganforge bench doctor --json PATH [--quick] [--seeds N] [--steps N]
+                          [--presets healthy,d-dominates,g-dominates,mode-collapse]
+                          [--samples N] [--cache-dir DIR]
+
+Each preset of training/presets/dcgan (the three that fail on purpose, and healthy) is trained
+on procedural shapes at 16 px, for every seed, twice with the same budget of steps: `--doctor
+report` (diagnoses only) and `--doctor auto` (remedies, restarts, the best weights kept).
+Measured per run:
+
+    diagnoses       each failure named, the step it was named and the step its streak began
+    remedies        the knobs set, the restarts (changes, the step rewound to), the step whose
+                    weights the final checkpoint holds
+    cleared         (auto) for each failure treated: not diagnosed again after the remedy, and
+                    its condition not holding at the last observation
+    fd              the Fréchet distance of the shapes classifier's features (training/metrics.py)
+                    between `--samples` images of the final G (eval mode, fixed latents) and as
+                    many held-out real shapes; lower is better
+    pooled_fd       the same distance in the doctor's feature space (images average-pooled to
+                    8x8 per channel), on the same images
+
+Criteria: each failure preset's failure named in >= 4 of 5 report runs; a diagnosis in <= 1 of 5
+healthy report runs; auto's distance below report's in >= 4 of 5 seeds of each failure preset,
+judged on each distance. At 16 px and a few hundred steps the classifier's distance does not
+rank a collapsed or grey G below a healthy one (docs/doctor.md); the pooled one does.
+Writes the JSON (per seed figures, settings, criteria), each run's samples as
+`<json stem>_samples/<preset>_<mode>_seed<k>.npy` (uint8 NHWC) and the real images they are
+compared with (`real.npy`), and the run directories under `<json stem>_runs/`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+
+from ganforge.errors import UsageError
+
+PRESETS = {"healthy": None, "d-dominates": "d_dominates", "g-dominates": "g_dominates",
+           "mode-collapse": "mode_collapse"}
+MODES = ("report", "auto")
+RESOLUTION = 16
+# On 16 px shapes a healthy DCGAN's samples stay alike in the pooled space for hundreds of steps
+# (diversity 0.14-0.6); collapsed ones sit at 0.03-0.07 with near-duplicates: the diversity
+# threshold is set between them.
+THRESHOLDS = "collapse_diversity=0.1"
+RUN = {"batch_size": 32, "n_images": 2048, "doctor_every": 10, "checkpoint_every": 10, "log_every": 10,
+       "sample_every": 100_000, "threads": 1}
+
+
+def _defaults(quick: bool) -> dict:
+    return {"steps": 150, "seeds": 3, "samples": 256} if quick else {"steps": 400, "seeds": 5, "samples": 512}
+
+
+def run(argv: list[str]) -> int:
+    import torch
+
+    from ganforge.cli import Parser
+    from ganforge.training import data as tdata
+    from ganforge.training import metrics
+
+    p = Parser(prog="ganforge bench doctor", description=__doc__.splitlines()[0])
+    p.add_argument("--json", required=True, help="where to write the results")
+    p.add_argument("--quick", action="store_true", help="150 steps, 3 seeds, 256 samples (a few minutes)")
+    p.add_argument("--seeds", type=int, default=None, help="seeds per preset and mode (default 5; quick 3)")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default 400; quick 150)")
+    p.add_argument("--presets", default=",".join(PRESETS), help=f"any of {', '.join(PRESETS)}")
+    p.add_argument("--samples", type=int, default=None, help="images per FD (default 512; quick 256)")
+    p.add_argument("--cache-dir", help="where the shapes classifier is cached")
+    a = p.parse_args(argv)
+    presets = list(dict.fromkeys(x for x in a.presets.split(",") if x))
+    if not presets:
+        raise UsageError(f"--presets: {a.presets!r} names no preset; allowed: {', '.join(PRESETS)}")
+    for name in presets:
+        if name not in PRESETS:
+            raise UsageError(f"--presets: {name!r} is not one of {', '.join(PRESETS)}")
+    for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--samples", a.samples)):
+        if value is not None and value < 2:
+            raise UsageError(f"{flag}: {value} is not allowed; must be >= 2")
+    d = _defaults(a.quick)
+    settings = {"quick": a.quick, "steps": a.steps or d["steps"], "seeds": a.seeds or d["seeds"],
+                "samples": a.samples or d["samples"], "resolution": RESOLUTION, "thresholds": THRESHOLDS,
+                **RUN}
+
+    out = Path(a.json)
+    sample_dir = out.parent / f"{out.stem}_samples"
+    sample_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(1)
+    t0 = time.perf_counter()
+    classifier, accuracy = metrics.load_classifier(a.cache_dir)
+    real = tdata.gan_images("shapes", settings["samples"], RESOLUTION, 99_991).images
+    np.save(sample_dir / "real.npy", real)
+    real_features = (metrics.features(classifier, real), _pooled(real))
+    results: dict = {"settings": {**settings, "classifier_accuracy": accuracy}, "presets": {}}
+    for name in presets:
+        runs = {m: [_one(name, m, seed, settings, classifier, real_features, out, sample_dir)
+                    for seed in range(settings["seeds"])] for m in MODES}
+        results["presets"][name] = {"failure": PRESETS[name], "runs": runs, "summary": _summary(name, runs)}
+    results["criteria"] = _criteria(results["presets"], settings["seeds"])
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    _print(results)
+    print(f"\nwall time {results['wall_seconds']:.0f} s. Results {out}, samples {sample_dir}/")
+    return 0
+
+
+def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_features, out: Path,
+         sample_dir: Path) -> dict:
+    """Train one run, sample its final G, measure the FD; the run's figures."""
+    import torch
+
+    from ganforge.training import metrics, options
+    from ganforge.training.gan import build_dcgan, load_checkpoint
+    from ganforge.training.loop import TrainConfig, to_uint8, train_dcgan
+    from ganforge.training.monitor import Thresholds, check
+
+    cfg = options.config_from(TrainConfig, "dcgan", preset, overrides={
+        **RUN, "steps": settings["steps"], "seed": seed, "doctor": mode,
+        "thresholds": THRESHOLDS})
+    cfg.network = dataclasses.replace(cfg.network, resolution=RESOLUTION)
+    where = out.parent / f"{out.stem}_runs" / f"{preset}_{mode}_seed{seed}"
+    s = train_dcgan(cfg, where, progress=False)
+    payload = load_checkpoint(s["checkpoint"])
+    G, _ = build_dcgan(payload)
+    z = torch.from_numpy(np.random.default_rng(10_000 + seed).standard_normal(
+        (settings["samples"], G.cfg.z_dim)).astype(np.float32))
+    with torch.no_grad():
+        images = to_uint8(G(z))                                       # (N, 16, 16, 3)
+    path = sample_dir / f"{preset}_{mode}_seed{seed}.npy"
+    np.save(path, images)
+    fd = metrics.frechet_distance(metrics.features(classifier, images), real_features[0])
+    pooled_fd = metrics.frechet_distance(_pooled(images), real_features[1])
+    doc = json.loads((where / "doctor.json").read_text())
+    rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    scored = [r for r in rows if "s_G" in r]
+    th = Thresholds.parse(THRESHOLDS)
+    cleared = {}
+    for i in doc["interventions"]:
+        f = i["failure"]
+        if mode != "auto" or f in cleared:
+            continue
+        restart = next((r for r in doc["restarts"] if r["failure"] == f), None)
+        after = restart["step"] if restart else i["step"]
+        # the rows trained after the remedy: past the restart's row, or past the diagnosis
+        tail = rows[next((k for k, r in enumerate(rows) if "rewound_to" in r and r["step"] == after), -1) + 1:] \
+            if restart else [r for r in rows if r["step"] > after]
+        tail_scored = [r for r in tail if "s_G" in r]
+        again = any(f in r.get("diagnoses", []) for r in tail)
+        holds = bool(tail_scored) and f in check(tail_scored[-1], th, settings["steps"])
+        cleared[f] = not again and not holds
+    row = {"seed": seed, "fd": round(fd, 3), "pooled_fd": round(pooled_fd, 3),
+           "doctor_fd": scored[-1].get("fd") if scored else None,
+           "diagnoses": [{"failure": x["failure"], "step": x["step"], "onset": x.get("onset")}
+                         for x in doc["diagnoses"]],
+           "interventions": [{k: i[k] for k in ("step", "failure", "action", "knob", "old", "new")}
+                             for i in doc["interventions"]],
+           "restarts": [{k: r[k] for k in ("failure", "step", "onset", "from_step", "changes")} for r in doc["restarts"]],
+           "kept_step": s.get("kept_step"), "cleared": cleared,
+           "optimizer_steps": settings["steps"] + sum(r["step"] - r["from_step"] for r in doc["restarts"]),
+           "network": payload["config"], "seconds": s["seconds"], "samples": str(path), "run": str(where)}
+    named = ",".join(sorted({x["failure"] for x in row["diagnoses"]})) or "-"
+    print(f"{preset:<14} {mode:<6} seed {seed}: fd {fd:9.1f} pooled {pooled_fd:6.2f}  diagnoses {named:<26} "
+          f"restarts {len(row['restarts'])}  kept step {row['kept_step']}  {s['seconds']:.0f} s", flush=True)
+    return row
+
+
+def _pooled(images: np.ndarray) -> np.ndarray:
+    from ganforge.training.loop import to_tensor
+    from ganforge.training.monitor import features
+
+    return features(to_tensor(images))
+
+
+def _summary(preset: str, runs: dict) -> dict:
+    failure = PRESETS[preset]
+    named = lambda r: {x["failure"] for x in r["diagnoses"]}
+    rep, auto = runs["report"], runs["auto"]
+    out = {"fd_report": [r["fd"] for r in rep], "fd_auto": [r["fd"] for r in auto],
+           "pooled_fd_report": [r["pooled_fd"] for r in rep], "pooled_fd_auto": [r["pooled_fd"] for r in auto],
+           "auto_better": sum(b["fd"] < a["fd"] for a, b in zip(rep, auto)),
+           "auto_better_pooled": sum(b["pooled_fd"] < a["pooled_fd"] for a, b in zip(rep, auto)),
+           "report_any_diagnosis": sum(bool(named(r)) for r in rep)}
+    if failure:
+        out["report_named"] = sum(failure in named(r) for r in rep)
+        treated = [r["cleared"][failure] for r in auto if failure in r["cleared"]]
+        out["auto_treated"], out["auto_cleared"] = len(treated), sum(treated)
+    return out
+
+
+def _criteria(presets: dict, seeds: int) -> dict:
+    """The goals, scaled to the seeds run (4 of 5, 1 of 5)."""
+    need, allow = -(-4 * seeds // 5), seeds // 5
+    out = {}
+    for name, p in presets.items():
+        s = p["summary"]
+        if p["failure"]:
+            out[f"{name}: named in report runs >= {need}/{seeds}"] = s["report_named"] >= need
+            out[f"{name}: auto better classifier fd >= {need}/{seeds}"] = s["auto_better"] >= need
+            out[f"{name}: auto better pooled fd >= {need}/{seeds}"] = s["auto_better_pooled"] >= need
+        else:
+            out[f"{name}: diagnosed in report runs <= {allow}/{seeds}"] = s["report_any_diagnosis"] <= allow
+    return out
+
+
+def _print(results: dict) -> None:
+    n = results["settings"]["seeds"]
+    print(f"\n{'preset':<14} {'named':>9} {'fd report':>19} {'fd auto':>19} {'better':>7} "
+          f"{'pooled report':>15} {'pooled auto':>15} {'better':>7} {'cleared':>8}")
+    for name, p in results["presets"].items():
+        s = p["summary"]
+        named = f"{s['report_named']}/{n}" if p["failure"] else f"{s['report_any_diagnosis']}/{n} any"
+        cleared = f"{s['auto_cleared']}/{s['auto_treated']}" if p["failure"] else "-"
+        ms = lambda v: f"{np.mean(v):.1f} ± {np.std(v):.1f}"
+        print(f"{name:<14} {named:>9} {ms(s['fd_report']):>19} {ms(s['fd_auto']):>19} {s['auto_better']:>5}/{n} "
+              f"{ms(s['pooled_fd_report']):>15} {ms(s['pooled_fd_auto']):>15} {s['auto_better_pooled']:>5}/{n} "
+              f"{cleared:>8}")
+    print()
+    for goal, ok in results["criteria"].items():
+        print(f"{'met' if ok else 'NOT met':<8} {goal}")

@@ -1,0 +1,785 @@
+"""The one training loop every ganforge model runs in.
+
+A model brings a `Task`: its networks, optimizers, data set, one step function and (for GANs)
+the doctor's hooks. The engine brings everything else, the same for every model:
+
+    device       --device auto|cpu|cuda|cuda:N            (auto: CUDA when present)
+    precision    --precision auto|fp32|bf16|fp16          torch.autocast; fp16 with a GradScaler
+    processes    torchrun (RANK, WORLD_SIZE, LOCAL_RANK in the environment): one process per
+                 device, each network in DistributedDataParallel, NCCL on GPUs and gloo on CPU
+    data         a DataLoader per rank over the task's Dataset: each rank reads its part of every
+                 global batch, reshuffled every epoch, decoded in worker processes (data.py)
+    schedule     the learning rate of every optimizer, a function of the step
+    checkpoints  atomic; networks, optimizers, scaler, RNG states, data position and the
+                 doctor's state; `--resume` continues from them on any number of ranks
+    SIGTERM      a preempted pod checkpoints and exits 0
+    restarts     a task with `rewind_keep` keeps its last checkpoints in rewind/; when it decides
+                 a network change (the doctor, auto mode) every rank rebuilds from one of them
+                 at the same step (`Engine.rebuild`)
+    logs         metrics.jsonl, the progress line, sample grids: rank 0 only
+
+    engine = Engine(cfg, out)            # cfg: the model's config, a RunConfig
+    summary = engine.fit(task)
+
+Equal results on any number of ranks: the global batch is the one the user names, split into
+contiguous per-rank slices; noise the step draws comes from one generator every rank holds and
+each rank keeps its slice (`engine.randn`); per-image augmentations are seeded by the image's
+index and the epoch. With synchronised BatchNorm (`--sync-bn`) a run on 2 ranks follows the run
+on 1 process up to floating-point summation order.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from ganforge.errors import CheckpointError, UsageError
+from ganforge.images import save_grid
+from ganforge.progress import Progress
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SCHEDULES = ("constant", "cosine", "linear-decay")
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, default_factory: Any = dataclasses.MISSING,
+           flag: str | None = None, choices: tuple | None = None, cli: bool = True, **checks) -> Any:
+    """A config field that is also a command-line option: its default, its --help text, the
+    values it allows (`choices`, `min`, `max`, `below`), its flag name (default --field-name);
+    `cli=False` keeps it out of the command line (set by presets or code only)."""
+    meta = {"help": help, "flag": flag, "choices": choices, "cli": cli, **checks}
+    if default_factory is not dataclasses.MISSING:
+        return field(default_factory=default_factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class RunConfig:
+    """The settings every model's training shares (the engine's); a model's config extends it."""
+    steps: int = option(1000, "optimizer steps", min=1)
+    batch_size: int = option(64, "global batch size, split evenly across the ranks", min=1)
+    seed: int = option(0, "seed of weights, data order, augmentations and noise", min=0)
+    device: str = option("auto", "auto (CUDA when present), cpu, cuda or cuda:N")
+    precision: str = option("auto", "fp32, bf16 or fp16 (with a gradient scaler); auto: bf16 on a "
+                            "CUDA device that supports it, fp32 elsewhere", choices=PRECISIONS)
+    workers: int = option(0, "DataLoader worker processes per rank decoding images (0: in the "
+                          "training process)", min=0)
+    threads: int = option(0, "torch threads per rank (0: this rank's share of the cores)", min=0)
+    log_every: int = option(25, "steps between metrics.jsonl rows", min=1)
+    sample_every: int = option(500, "steps between sample grids", min=1)
+    checkpoint_every: int = option(500, "steps between checkpoints (and always at the end)", min=1)
+    grad_clip: float = option(0.0, "clip each network's gradient norm to this (0: off)", min=0)
+    lr_schedule: str = option("constant", "learning rate over the run: constant, cosine (to 0), "
+                              "linear-decay (hold, then to 0 over the second half)", choices=SCHEDULES)
+    sync_bn: bool = option(False, "synchronise BatchNorm statistics across ranks (slower; a "
+                           "multi-rank run then matches a 1-process run)")
+
+    def check(self) -> None:
+        """Refuse out-of-range settings, each with a UsageError naming its flag (options.py)."""
+        from ganforge.training.options import check_config
+        check_config(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Where the work runs: device, precision, ranks
+
+def _env_int(name: str, default: int) -> int:
+    try:
+        return int(os.environ.get(name, default))
+    except ValueError:
+        return default
+
+
+class Runtime:
+    """The process's place in the job (rank, world size), its device and its precision."""
+
+    def __init__(self, device: str = "auto", precision: str = "auto", threads: int = 0):
+        self.rank = _env_int("RANK", 0)
+        self.world = _env_int("WORLD_SIZE", 1)
+        self.local_rank = _env_int("LOCAL_RANK", 0)
+        self.local_world = _env_int("LOCAL_WORLD_SIZE", self.world)
+        self.device = self._device(device)
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.precision = self._precision(precision)
+        self._threads(threads)
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
+                                    device_id=self.device if self.device.type == "cuda" else None)
+        self.distributed = self.world > 1
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    def _device(self, name: str) -> torch.device:
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            return torch.device("cpu")
+        if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
+            if not torch.cuda.is_available():
+                raise UsageError(f"--device: {name!r} is not available here (torch {torch.__version__} "
+                                 f"sees no CUDA device); use cpu, or install the CUDA build (README)")
+            index = self.local_rank if name == "cuda" else int(name[5:])
+            if index >= torch.cuda.device_count():
+                raise UsageError(f"--device: {name!r} (local rank {self.local_rank}) is not allowed; "
+                                 f"this machine has {torch.cuda.device_count()} CUDA devices")
+            return torch.device("cuda", index)
+        raise UsageError(f"--device: {name!r} is not allowed; must be {DEVICES}")
+
+    def _precision(self, name: str) -> str:
+        if name not in PRECISIONS:
+            raise UsageError(f"--precision: {name!r} is not allowed; must be one of {', '.join(PRECISIONS)}")
+        if name == "auto":
+            return "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return name
+
+    def _threads(self, threads: int) -> None:
+        """This rank's threads, and on CPU with several ranks per machine, its own cores."""
+        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
+        if self.device.type == "cpu" and self.local_world > 1 and len(cores) >= self.local_world:
+            share = len(cores) // self.local_world
+            cores = cores[self.local_rank * share:(self.local_rank + 1) * share]
+            os.sched_setaffinity(0, cores)
+        torch.set_num_threads(threads or max(1, len(cores)))
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
+
+    def autocast(self):
+        if self.dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    # -- collectives (no-ops on one process) --
+
+    def mean(self, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
+        """The mean over ranks of each value, one all-reduce for all of them."""
+        keys = list(values)
+        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device).detach().reshape(())
+                         for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=self.device)
+        if self.distributed:
+            dist.all_reduce(t)
+            t /= self.world
+        return dict(zip(keys, t.cpu().tolist()))
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on any rank."""
+        if not self.distributed:
+            return flag
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's `obj`, on every rank."""
+        if not self.distributed:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather(self, obj: Any) -> list:
+        if not self.distributed:
+            return [obj]
+        out: list = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+    def close(self) -> None:
+        if self.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+_GROUP_STATS = [True]
+
+
+@contextlib.contextmanager
+def rank_local():
+    """Work one rank does alone (the doctor's measurements, sample grids): BatchNorm takes its
+    statistics from this rank's batch, with no collective the other ranks would have to join."""
+    _GROUP_STATS.append(False)
+    try:
+        yield
+    finally:
+        _GROUP_STATS.pop()
+
+
+class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
+    """BatchNorm whose batch statistics are taken over every rank's slice of the batch, on any
+    device (torch's SyncBatchNorm runs on GPUs only): the sums travel in one differentiable
+    all-reduce, so gradients see the global batch too."""
+
+    def _check_input_dim(self, x: torch.Tensor) -> None:
+        if x.dim() < 2:
+            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not (self.training and _GROUP_STATS[-1] and dist.is_initialized() and dist.get_world_size() > 1):
+            return super().forward(x)
+        from torch.distributed.nn.functional import all_reduce
+
+        dims = [0] + list(range(2, x.dim()))
+        n = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
+        stats = torch.cat([x.sum(dims), (x * x).sum(dims), n.reshape(1)])
+        stats = all_reduce(stats)
+        c = x.shape[1]
+        count = stats[-1]
+        mean = stats[:c] / count
+        var = stats[c:2 * c] / count - mean * mean
+        if self.track_running_stats:
+            with torch.no_grad():
+                self.num_batches_tracked += 1
+                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
+                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
+                self.running_var.mul_(1 - m).add_(var.detach() * count / max(float(count) - 1, 1.0), alpha=m)
+        shape = [1, c] + [1] * (x.dim() - 2)
+        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
+        if self.affine:
+            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
+        return y
+
+    @classmethod
+    def convert(cls, module: nn.Module) -> nn.Module:
+        """Replace every BatchNorm in `module` by a GroupBatchNorm with the same state."""
+        out = module
+        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
+            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
+            out.load_state_dict(module.state_dict())
+            out.train(module.training)
+        for name, child in module.named_children():
+            out.add_module(name, cls.convert(child))
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What a model brings
+
+class Task:
+    """A model's part of training. Subclasses set `kind` and implement `setup`, `dataset` and
+    `step`; the rest has defaults a model overrides when it has something to say."""
+
+    kind = "model"
+    nets: dict[str, nn.Module]            # the networks saved in checkpoints (raw, unwrapped)
+    opts: dict[str, torch.optim.Optimizer]
+
+    def __init__(self, cfg: RunConfig):
+        self.cfg = cfg
+
+    # required
+    def setup(self, eng: "Engine") -> None:
+        """Build networks (on eng.device, wrapped for training with eng.wrap) and optimizers."""
+        raise NotImplementedError
+
+    def dataset(self) -> torch.utils.data.Dataset:
+        """The training items; indexed by (index, epoch) (data.py)."""
+        raise NotImplementedError
+
+    def step(self, batch: torch.Tensor, eng: "Engine") -> dict[str, torch.Tensor]:
+        """One training step on this rank's slice of the global batch; returns scalars to log."""
+        raise NotImplementedError
+
+    # optional
+    def network_config(self):
+        """The config dataclass export rebuilds the networks from."""
+        return self.cfg.network
+
+    def before_step(self, step: int, eng: "Engine") -> None:
+        """Called before each step (ProGAN's stage schedule)."""
+
+    def after_step(self, step: int, eng: "Engine") -> None:
+        """Called after each optimizer step (weight averages)."""
+
+    def samples(self) -> np.ndarray | None:
+        """uint8 NHWC images for the sample grid, or None."""
+        return None
+
+    def status(self, row: dict) -> str:
+        return " ".join(f"{k} {v:.4g}" for k, v in row.items() if isinstance(v, float))
+
+    # the doctor (GANs)
+    def doctor_due(self, step: int) -> bool:
+        return False
+
+    def doctor_observe(self, step: int) -> dict:
+        """Measure and diagnose on rank 0; return the record fields to log."""
+        return {}
+
+    def knobs(self) -> dict:
+        return {}
+
+    def set_knob(self, name: str, value: float) -> None:
+        raise KeyError(name)
+
+    # a restart with changed networks (the doctor in auto mode, training/remedies.py)
+    rewind_keep = 0     # checkpoints kept to rewind to (rewind/step_N.pt); 0: none, no restarts
+
+    def restart_decision(self) -> dict | None:
+        """On rank 0 after `doctor_observe`: a network change to make now, {"onset": the step
+        the failure began, "changes": {...}, ...}, or None."""
+        return None
+
+    def rebuild(self, eng: "Engine", payload: dict, decision: dict) -> None:
+        """Build the networks with `decision["changes"]`, filled from checkpoint `payload`, wrap
+        them (eng.wrap) and rebuild the optimizers; on every rank."""
+        raise NotImplementedError
+
+    def extra_state(self) -> dict:
+        """Plain values the task needs on resume (the doctor's records), saved in checkpoints."""
+        return {}
+
+    def checkpoint_fields(self) -> dict:
+        """Plain values recorded at the checkpoint's top level, beside the weights, for readers
+        of the weights (export: ProGAN's stage and alpha)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def finish(self, out: Path, eng: "Engine") -> dict:
+        """After the last step, on rank 0: reports, pictures; returns fields for the summary."""
+        return {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The loop
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The learning rate at `step` (0-based, before the step) as a share of the base rate."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * min(step, steps) / steps))
+    if schedule == "linear-decay":   # hold for the first half, then fall linearly to 0 (pix2pix)
+        half = steps / 2
+        return 1.0 if step < half else max(0.0, 1.0 - (step - half) / (steps - half))
+    raise UsageError(f"--lr-schedule: {schedule!r} is not allowed; must be one of {', '.join(SCHEDULES)}")
+
+
+def rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state()[1].tolist(),
+            "python": list(random.getstate()[1]),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+
+def set_rng_state(s: dict) -> None:
+    torch.set_rng_state(s["torch"])
+    np.random.set_state(("MT19937", np.asarray(s["numpy"], dtype=np.uint32), 624, 0, 0.0))
+    random.setstate((3, tuple(s["python"]), None))
+    if s.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def atomic_save(payload: dict, path: Path) -> Path:
+    """torch.save to a temporary file, flushed to disk, then renamed over `path`: a kill at any
+    moment leaves either the previous checkpoint or the new one, never a torn file."""
+    tmp = path.with_name(path.name + ".partial")
+    with open(tmp, "wb") as f:
+        torch.save(payload, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+class Engine:
+    """Runs a Task: see the module docstring."""
+
+    def __init__(self, cfg: RunConfig, out: str | Path, progress: bool = True, resume: bool = False):
+        cfg.check()
+        self.cfg, self.out = cfg, Path(out)
+        self.rt = Runtime(cfg.device, cfg.precision, cfg.threads)
+        if cfg.batch_size % self.rt.world:
+            raise UsageError(f"--batch-size: {cfg.batch_size} is not allowed on {self.rt.world} ranks; "
+                             f"must divide evenly by the number of ranks")
+        self.local_batch = cfg.batch_size // self.rt.world
+        self.progress, self.resume = progress, resume
+        self.device = self.rt.device
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.rt.precision == "fp16")
+        self.gen = torch.Generator().manual_seed(cfg.seed + 104729)   # the step's noise, same on every rank
+        self.step = 0
+        self.epoch, self.batch_in_epoch = 0, 0
+        self.timing = {"data_wait_s": 0.0, "step_s": 0.0, "allreduce_s": 0.0, "timed_steps": 0}
+        self.bad_files: dict[str, str] = {}
+        self._stop_signal: int | None = None
+        if self.rt.main:
+            try:
+                (self.out / "samples").mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise UsageError(f"--out: cannot create {self.out} ({exc.strerror})") from exc
+            if not os.access(self.out, os.W_OK):
+                raise UsageError(f"--out: {self.out} is not writable")
+        torch.manual_seed(cfg.seed)
+        np.random.seed(cfg.seed % 2**32)
+        random.seed(cfg.seed)
+
+    @property
+    def main(self) -> bool:
+        return self.rt.main
+
+    # -- what a task's step uses --
+
+    def wrap(self, net: nn.Module, find_unused: bool = False) -> nn.Module:
+        """Move a network to the device; on several ranks, synchronise its BatchNorm (--sync-bn)
+        and wrap it in DistributedDataParallel. Returns the module to train through; keep the
+        raw one for checkpoints. `find_unused`: some parameters take no part in a step (ProGAN's
+        blocks of the stages not yet grown)."""
+        net.to(self.device)
+        if not self.rt.distributed:
+            return net
+        if self.cfg.sync_bn:
+            if self.device.type == "cuda":
+                net = nn.SyncBatchNorm.convert_sync_batchnorm(net)
+            else:
+                net = GroupBatchNorm.convert(net)
+        ddp = nn.parallel.DistributedDataParallel(
+            net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
+            broadcast_buffers=not self.cfg.sync_bn, find_unused_parameters=find_unused)
+        ddp.register_comm_hook(self, _timed_allreduce)
+        return ddp
+
+    def randn(self, n: int, *shape: int) -> torch.Tensor:
+        """Standard normal noise for this rank's `n` items: drawn for the whole global batch from
+        the generator every rank holds, this rank's slice kept (results do not depend on ranks)."""
+        full = torch.randn((n * self.rt.world, *shape), generator=self.gen)
+        return full[self.rt.rank * n:(self.rt.rank + 1) * n].to(self.device, non_blocking=True)
+
+    def rand(self, n: int, *shape: int) -> torch.Tensor:
+        full = torch.rand((n * self.rt.world, *shape), generator=self.gen)
+        return full[self.rt.rank * n:(self.rt.rank + 1) * n].to(self.device, non_blocking=True)
+
+    def autocast(self):
+        return self.rt.autocast()
+
+    def update(self, loss: torch.Tensor, opt: torch.optim.Optimizer, zero: bool = True,
+               clip: float | None = None) -> None:
+        """Backward through `loss`, clip (`clip`, default --grad-clip; 0: off), step `opt`
+        (scaled in fp16)."""
+        if zero:
+            opt.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        clip = self.cfg.grad_clip if clip is None else clip
+        if clip:
+            self.scaler.unscale_(opt)
+            params = [p for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            torch.nn.utils.clip_grad_norm_(params, clip)
+        self.scaler.step(opt)
+
+    # -- checkpoints --
+
+    def checkpoint_path(self) -> Path:
+        return self.out / "checkpoint.pt"
+
+    def save(self, task: Task, final: bool = False) -> Path | None:
+        """Rank 0 writes the checkpoint (atomically); every rank waits for it."""
+        path = self.checkpoint_path()
+        if self.main:
+            train = json.loads(json.dumps(dataclasses.asdict(self.cfg)))
+            payload = {
+                "format": "ganforge-checkpoint", "version": 1, "kind": task.kind,
+                "config": dataclasses.asdict(task.network_config()),
+                "state": {name: net.state_dict() for name, net in task.nets.items()},
+                "step": self.step, "data": getattr(self.cfg, "data", None), "seed": self.cfg.seed,
+                "train": train, **task.checkpoint_fields(),
+                "resume": {
+                    "optimizers": {name: o.state_dict() for name, o in task.opts.items()},
+                    "scaler": self.scaler.state_dict(),
+                    "rng": rng_state(), "noise": self.gen.get_state(),
+                    "epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch,
+                    "world_size": self.rt.world, "finished": final,
+                    "task": task.extra_state(), "bad_files": self.bad_files,
+                },
+            }
+            atomic_save(payload, path)
+            if task.rewind_keep and not final:
+                self._keep_for_rewind(path, task.rewind_keep)
+        self.rt.barrier()
+        return path
+
+    # -- rewinding (a restart with changed networks) --
+
+    def rewind_steps(self) -> list[int]:
+        """Steps of the checkpoints kept to rewind to, oldest first."""
+        return sorted(int(p.stem[5:]) for p in (self.out / "rewind").glob("step_*.pt"))
+
+    def _keep_for_rewind(self, path: Path, keep: int) -> None:
+        import shutil
+
+        folder = self.out / "rewind"
+        folder.mkdir(exist_ok=True)
+        tmp = folder / "partial.pt"
+        shutil.copyfile(path, tmp)
+        os.replace(tmp, folder / f"step_{self.step:06d}.pt")
+        for step in self.rewind_steps()[:-keep]:
+            (folder / f"step_{step:06d}.pt").unlink(missing_ok=True)
+
+    def rebuild(self, task: Task, decision: dict) -> None:
+        """A restart with changed networks, on every rank at the same step: the kept checkpoint
+        of step `decision["from_step"]` is read, the task builds its new networks from it
+        (`task.rebuild`), and the step, data position, noise and RNG go back to that checkpoint.
+        Only networks, optimizers and position change: the task's knobs stay as they are."""
+        from ganforge.training.gan import load_checkpoint
+
+        payload = load_checkpoint(self.out / "rewind" / f"step_{decision['from_step']:06d}.pt", (task.kind,))
+        r = payload["resume"]
+        task.rebuild(self, payload, decision)
+        for o in task.opts.values():
+            for g in o.param_groups:
+                g.setdefault("base_lr", g["lr"])
+        self.scaler.load_state_dict(r["scaler"])
+        set_rng_state(r["rng"])
+        self.gen.set_state(r["noise"])
+        self.step, self.epoch, self.batch_in_epoch = int(payload["step"]), int(r["epoch"]), int(r["batch_in_epoch"])
+        self._batch_iter = self._batches(self._dataset)
+        if self.main:   # the abandoned steps' checkpoints
+            for step in self.rewind_steps():
+                if step > self.step:
+                    (self.out / "rewind" / f"step_{step:06d}.pt").unlink()
+
+    def _restart_point(self, decision: dict | None) -> dict | None:
+        """Rank 0: the decision with the kept checkpoint it rewinds to (the last one before the
+        failure's onset; the oldest kept when none is), or None when nothing is kept."""
+        steps = self.rewind_steps() if decision else []
+        if not steps:
+            return None
+        before = [s for s in steps if s < decision["onset"]]
+        return {**decision, "from_step": before[-1] if before else steps[0]}
+
+    def restore(self, task: Task) -> bool:
+        """Load the run's checkpoint into the task (every rank reads the file); False if none."""
+        path = self.checkpoint_path()
+        if not path.is_file():
+            return False
+        from ganforge.training.gan import load_checkpoint
+
+        payload = load_checkpoint(path, (task.kind,))
+        r = payload.get("resume")
+        if r is None:
+            raise CheckpointError(f"--resume: {path} holds final weights only (no optimizer state); "
+                                  f"start a new run in another --out")
+        for name, net in task.nets.items():
+            net.load_state_dict(payload["state"][name])
+        for name, o in task.opts.items():
+            o.load_state_dict(r["optimizers"][name])
+        self.scaler.load_state_dict(r["scaler"])
+        set_rng_state(r["rng"])
+        self.gen.set_state(r["noise"])
+        self.step, self.epoch, self.batch_in_epoch = int(payload["step"]), int(r["epoch"]), int(r["batch_in_epoch"])
+        self.bad_files = dict(r.get("bad_files", {}))
+        task.load_extra_state(r.get("task", {}))
+        return True
+
+    # -- signals --
+
+    def _on_signal(self, sig, _frame) -> None:
+        self._stop_signal = sig
+
+    @contextlib.contextmanager
+    def _signals(self):
+        old = {}
+        try:
+            for s in (signal.SIGTERM, signal.SIGINT):
+                old[s] = signal.signal(s, self._on_signal)
+        except ValueError:       # not the main thread: leave signals alone
+            pass
+        try:
+            yield
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    # -- the loop --
+
+    def _batches(self, dataset) -> Iterator[torch.Tensor]:
+        from ganforge.training import data
+
+        while True:
+            loader = data.loader(dataset, self.local_batch, self.cfg.batch_size, self.rt.rank, self.rt.world,
+                                 self.cfg.seed, self.epoch, self.batch_in_epoch, self.cfg.workers,
+                                 pin=self.device.type == "cuda")
+            for images, bad in loader:
+                for path, why in bad:
+                    self.bad_files.setdefault(path, why)
+                yield images
+            self.epoch += 1
+            self.batch_in_epoch = 0
+
+    def start(self, task: Task, resume: bool = False) -> bool:
+        """Set the task up on this rank, restore its checkpoint when `resume` (True if one was
+        found), and open its data."""
+        task.setup(self)
+        for o in task.opts.values():
+            for g in o.param_groups:
+                g.setdefault("base_lr", g["lr"])
+        resumed = resume and self.restore(task)
+        self._first_step = self.step
+        dataset = task.dataset()
+        if len(dataset) < self.cfg.batch_size:
+            raise UsageError(f"--batch-size: {self.cfg.batch_size} is more than the {len(dataset)} training "
+                             f"items of --data {getattr(self.cfg, 'data', '')!r}")
+        self._dataset = dataset
+        self._batch_iter = self._batches(dataset)
+        if task.rewind_keep and not resumed:    # a new run: its start is the first point to rewind to
+            if self.main:
+                for step in self.rewind_steps():
+                    (self.out / "rewind" / f"step_{step:06d}.pt").unlink()
+            self.save(task)
+        return resumed
+
+    def one_step(self, task: Task) -> dict[str, torch.Tensor]:
+        """One optimizer step of the task: learning rates, the next batch, the step, the timing."""
+        factor = lr_factor(self.cfg.lr_schedule, self.step, self.cfg.steps)
+        for o in task.opts.values():
+            for g in o.param_groups:
+                g["lr"] = g["base_lr"] * factor
+        task.before_step(self.step, self)
+        t_data = time.perf_counter()
+        batch = next(self._batch_iter).to(self.device, non_blocking=True)
+        t_step = time.perf_counter()
+        warm = self.step > self._first_step      # the first step of a process (allocations) is not timed
+        out = task.step(batch, self)
+        self.scaler.update()
+        self.step += 1
+        self.batch_in_epoch += 1
+        task.after_step(self.step, self)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if warm:
+            self.timing["data_wait_s"] += t_step - t_data
+            self.timing["step_s"] += time.perf_counter() - t_step
+            self.timing["timed_steps"] += 1
+        else:
+            self.timing["allreduce_s"] = 0.0
+        return out
+
+    def fit(self, task: Task) -> dict:
+        """Train the task to `steps`: see the module docstring."""
+        cfg, rt = self.cfg, self.rt
+        resumed = self.start(task, self.resume)
+        if self.resume and rt.main:
+            print(f"resuming {task.kind} at step {self.step} from {self.checkpoint_path()}" if resumed
+                  else f"--resume: no checkpoint in {self.out}; starting a new run", file=sys.stderr)
+        if self.main:
+            (self.out / "train.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            metrics_path = self.out / "metrics.jsonl"
+            kept = []
+            if resumed and metrics_path.is_file():   # rows after the checkpoint are done again
+                kept = [ln for ln in metrics_path.read_text().splitlines()
+                        if ln.strip() and json.loads(ln).get("step", 0) <= self.step]
+            metrics_path.write_text("".join(ln + "\n" for ln in kept))
+            metrics = open(metrics_path, "a")
+        bar = Progress(cfg.steps, f"train {task.kind}", unit="step", enabled=self.progress and self.main,
+                       initial=self.step)
+        t0 = time.perf_counter()
+        row: dict = {}
+        interrupted = None
+        try:
+            with self._signals():
+                while self.step < cfg.steps:
+                    out = self.one_step(task)
+                    s = self.step
+                    log_now = s % cfg.log_every == 0 or s == cfg.steps
+                    doctor_now = task.doctor_due(s)
+                    if log_now or doctor_now:
+                        row = {"step": s, **{k: round(v, 6) for k, v in rt.mean(out).items()}}
+                    rewound = False
+                    if doctor_now:
+                        if self.main:
+                            with rank_local():
+                                row.update(task.doctor_observe(s))
+                        knobs, decision = rt.broadcast(
+                            (task.knobs(), self._restart_point(task.restart_decision())) if self.main else None)
+                        if not self.main:
+                            for k, v in knobs.items():
+                                task.set_knob(k, v)
+                        if decision is not None and s < cfg.steps:
+                            self.rebuild(task, decision)
+                            row.update(restart=decision["changes"], rewound_to=self.step)
+                            rewound = True
+                    if self.main and (log_now or doctor_now):
+                        row["seconds"] = round(time.perf_counter() - t0, 3)
+                        metrics.write(json.dumps(row) + "\n")
+                        metrics.flush()
+                    if self.main and not rewound and (s % cfg.sample_every == 0 or s == cfg.steps):
+                        with rank_local():
+                            grid = task.samples()
+                        if grid is not None:
+                            save_grid(grid, self.out / "samples" / f"step_{s:06d}.png", nrow=8)
+                    if rt.any(self._stop_signal is not None):
+                        interrupted = s
+                        break
+                    if s % cfg.checkpoint_every == 0 and s != cfg.steps and not rewound:
+                        self.save(task)
+                    bar.update(self.step - bar.n, status=task.status({k: v for k, v in row.items() if k != "step"}))
+        finally:
+            bar.close()
+            if self.main:
+                metrics.close()
+        seconds = time.perf_counter() - t0
+        ckpt = self.save(task, final=interrupted is None)
+        import resource
+
+        summary = {"kind": task.kind, "checkpoint": str(ckpt), "steps": self.step, "seconds": round(seconds, 1),
+                   "world_size": rt.world, "device": str(self.device), "precision": rt.precision,
+                   "max_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+                   **{k: round(v, 4) for k, v in self.timing.items()}}
+        summary.update({k: v for k, v in row.items() if k not in ("step", "seconds")})
+        bad = {}
+        for part in rt.gather(self.bad_files):
+            bad.update(part)
+        summary["bad_files"] = bad
+        if interrupted is not None:
+            name = signal.Signals(self._stop_signal).name if self._stop_signal else "signal"
+            summary["interrupted"] = name
+        elif self.main:
+            with rank_local():
+                summary.update(task.finish(self.out, self))
+        if self.main:
+            if bad:
+                (self.out / "bad_files.json").write_text(json.dumps(bad, indent=2) + "\n")
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        return summary
+
+
+def _timed_allreduce(eng: Engine, bucket):
+    """DDP's all-reduce of one gradient bucket, with the time from the bucket being ready to its
+    mean being back (overlapped with the rest of the backward pass) added to the engine's timing."""
+    t0 = time.perf_counter()
+    group = dist.group.WORLD
+    tensor = bucket.buffer().div_(dist.get_world_size(group))
+    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+
+    def done(f):
+        eng.timing["allreduce_s"] += time.perf_counter() - t0
+        return f.value()[0]
+
+    return fut.then(done)

@@ -1,0 +1,83 @@
+"""What the doctor does to a network in auto mode, beyond turning knobs: a restart with a
+changed architecture, and keeping the best weights seen.
+
+A restart (Doctor.pending -> Engine.rebuild -> the task's `rebuild`) builds the networks with
+the decided changes (more or fewer filters, a larger z, a minibatch-std layer) and fills them
+from the last checkpoint kept before the failure began:
+
+    kept = transplant(new_net, payload["state"]["D"])     # {"equal": n, "sliced": n, "fresh": n}
+
+a tensor of the same shape is copied; a resized one (filters halved or doubled, z grown) gets
+the overlapping slice, the rest keeps its fresh initialisation; a tensor the checkpoint lacks
+stays fresh. The optimizers are rebuilt (Adam's moments do not carry over to other shapes).
+
+`BestWeights` follows the doctor's quality figure (`fd`, lower is better) and holds a copy of
+the networks where it was lowest, so a run that degrades late can end on its best weights.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+KEEP_MARGIN = 0.1   # the final weights give way to the best when their fd is > best x (1 + this)
+
+
+@torch.no_grad()
+def transplant(net: nn.Module, state: dict[str, torch.Tensor]) -> dict[str, int]:
+    """Copy `state` (another network's state_dict) into `net` wherever shapes allow; returns how
+    many tensors were copied whole, copied as an overlapping slice, and left as initialised."""
+    counts = {"equal": 0, "sliced": 0, "fresh": 0}
+    own = net.state_dict()
+    for key, mine in own.items():
+        old = state.get(key)
+        if old is None or old.dim() != mine.dim():
+            counts["fresh"] += 1
+            continue
+        if old.shape == mine.shape:
+            mine.copy_(old)
+            counts["equal"] += 1
+            continue
+        # (out, in, kh, kw) and the like: the leading part of every axis
+        region = tuple(slice(0, min(a, b)) for a, b in zip(old.shape, mine.shape))
+        mine[region] = old[region].to(mine.dtype)
+        counts["sliced"] += 1
+    return counts
+
+
+class BestWeights:
+    """The networks' state where the doctor's `fd` was lowest (copies on the CPU)."""
+
+    def __init__(self):
+        self.step: int | None = None
+        self.fd = float("inf")
+        self.state: dict[str, dict[str, torch.Tensor]] = {}
+
+    def offer(self, step: int, fd: float | None, nets: dict[str, nn.Module]) -> bool:
+        """Keep `nets` when `fd` is the lowest so far; True if kept."""
+        if fd is None or not fd < self.fd:
+            return False
+        self.step, self.fd = int(step), float(fd)
+        self.state = {name: {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
+                      for name, net in nets.items()}
+        return True
+
+    def reset(self) -> None:
+        """Forget (the networks changed shape: a restart)."""
+        self.__init__()
+
+    def better_than(self, final_fd: float | None, margin: float = KEEP_MARGIN) -> bool:
+        """Whether the final weights, measured `final_fd`, are measurably worse than the best."""
+        return (self.step is not None and final_fd is not None
+                and final_fd > self.fd * (1.0 + margin))
+
+    def restore(self, nets: dict[str, nn.Module]) -> None:
+        for name, net in nets.items():
+            net.load_state_dict(self.state[name])
+
+    def to_state(self) -> dict:
+        return {"step": self.step, "fd": self.fd, "state": self.state} if self.step is not None else {}
+
+    def load(self, saved: dict) -> None:
+        if saved:
+            self.step, self.fd, self.state = saved["step"], saved["fd"], saved["state"]
