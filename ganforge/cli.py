@@ -352,10 +352,10 @@ def cmd_denoise(args) -> int:
 
 def cmd_inpaint(args) -> int:
     from ganforge.images import read_image, write_image
-    from ganforge.masks import dilate, to_binary
+    from ganforge.masks import dilate, read_mask
 
     image = read_image(args.input, max_pixels=args.max_pixels)
-    mask = dilate(to_binary(_read_mask(args.mask), str(args.mask)), args.dilate)
+    mask = dilate(read_mask(args.mask, "--mask"), args.dilate)
     if mask.shape != image.shape[:2]:
         raise UsageError(f"--mask: size {mask.shape[1]}x{mask.shape[0]} differs from the image's "
                          f"{image.shape[1]}x{image.shape[0]}")
@@ -373,23 +373,6 @@ def cmd_inpaint(args) -> int:
     print(f"inpainted {100 * share:.1f}% of {args.input} ({image.shape[1]}x{image.shape[0]}) "
           f"with {args.model} -> {out}")
     return 0
-
-
-def _read_mask(path: str):
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    from ganforge.errors import DataError
-
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "L")
-            return np.asarray(im)
-    except FileNotFoundError:
-        raise DataError(f"--mask: {path}: no such file") from None
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataError(f"--mask: {path}: not a readable image ({exc})") from None
 
 
 def cmd_bench(args) -> int:

@@ -117,3 +117,20 @@ def dilate(mask: np.ndarray, pixels: int) -> np.ndarray:
     from PIL import Image, ImageFilter
 
     return np.asarray(Image.fromarray(mask).filter(ImageFilter.MaxFilter(2 * pixels + 1)))
+
+
+def read_mask(path, flag: str | None = None) -> np.ndarray:
+    """A mask file as (H, W) uint8, 255 = hole, by `to_binary`'s rule (a grey value of at least
+    half of full scale; a transparent pixel is not a hole). Errors name `flag` when given."""
+    from PIL import Image, UnidentifiedImageError
+
+    where = f"{flag}: {path}" if flag else str(path)
+    try:
+        with Image.open(path) as im:
+            if im.mode == "P":
+                im = im.convert("RGBA" if "transparency" in im.info else "L")
+            return to_binary(np.asarray(im), str(path))
+    except FileNotFoundError:
+        raise DataError(f"{where}: no such mask file") from None
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise DataError(f"{where}: not a readable mask ({exc})") from None

@@ -213,24 +213,6 @@ def shard_defaults(index: int | None, num_shards: int | None, env=os.environ) ->
 
 # -- the per-item work, in the item threads -----------------------------------------------------
 
-def read_mask(path: Path) -> np.ndarray:
-    """A mask file as (H, W) uint8, 255 = hole, by ganforge.masks.to_binary's rule (a grey value
-    of at least half of full scale; a transparent pixel is not a hole)."""
-    from PIL import Image, UnidentifiedImageError
-
-    from ganforge.masks import to_binary
-
-    try:
-        with Image.open(path) as im:
-            if im.mode == "P":
-                im = im.convert("RGBA" if "transparency" in im.info else "L")
-            return to_binary(np.asarray(im), str(path))
-    except FileNotFoundError as exc:
-        raise DataError(f"{path}: no such mask file") from exc
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise DataError(f"{path}: not a readable mask ({exc})") from exc
-
-
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -264,7 +246,7 @@ def _settings(opts: "JobOptions", tile: int) -> dict:
 
 def prepare(item: Item, tile: int, opts: "JobOptions", previous: dict | None):
     """Read and check one item; Skipped when `previous` (its journal line) still holds."""
-    from ganforge.masks import dilate
+    from ganforge.masks import dilate, read_mask
 
     try:
         if item.mask is None:

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from ganforge.masks import read_mask
 from ganforge.serving import jobs
 from ganforge.serving.server import LocalServer, ServerOptions, free_port
 from tests.conftest import run_cli
@@ -155,7 +156,7 @@ def test_pixels_outside_the_holes_are_byte_identical_and_the_holes_are_filled(fo
                    if not p.stem.endswith("_mask"))
         from ganforge.images import read_image
         image = read_image(src)
-        mask = jobs.read_mask((root / key).parent / f"{Path(key).stem}_mask.png") > 0
+        mask = read_mask((root / key).parent / f"{Path(key).stem}_mask.png") > 0
         result = np.asarray(Image.open(out / key))
         assert result.shape == image.shape
         assert np.array_equal(result[~mask], image[~mask]), key
