@@ -1,7 +1,7 @@
 """`ganforge bench inpaint`: learned inpainters vs classical methods, PSNR and SSIM over the hole.
 
     ganforge bench inpaint --json inpaint.json [--images DIR] [--quick]
-        [--model LABEL=PATH ...] [--size 64] [--n 48] [--out DIR]
+        [--model LABEL=PATH ...] [--size 64] [--n 48]
 
 Test images: square crops of the held-out photos (scikit-image's chelsea and coffee, never seen
 in training) or of every photo under `--images DIR`, resized to `--size` (default: the models'
@@ -86,7 +86,10 @@ def biharmonic(image, mask):
 
 
 def learned(path: str) -> tuple[Callable, str]:
-    """An inpainting function for a run/checkpoint (torch) or a model directory (ONNX Runtime)."""
+    """An inpainting function for a run/checkpoint (torch) or a model directory (ONNX Runtime).
+
+    Runs of every network fed (masked image, mask): the inpainter, the context encoder, its
+    masked autoencoder (`mae`, the same U-Net) and an `inpaint` pix2pix."""
     from ganforge.serving.inpaint import inpaint_image
 
     p = Path(path)
@@ -107,10 +110,14 @@ def learned(path: str) -> tuple[Callable, str]:
         from ganforge.export.image import UInt8Inpaint
         from ganforge.training.gan import CONFIGS, load_checkpoint
 
-        payload = load_checkpoint(p, kinds=("inpainter", "pix2pix", "context-encoder"))
+        payload = load_checkpoint(p, kinds=("inpainter", "pix2pix", "context-encoder", "mae"))
         if payload["kind"] == "pix2pix":
+            if payload["config"].get("task") != "inpaint":
+                raise UsageError(f"--model: {path} holds a pix2pix {payload['config'].get('task')!r} model; "
+                                 f"only a pix2pix trained with --task inpaint inpaints")
             from ganforge.training.pix2pix import UNet as Net
-        elif payload["kind"] == "context-encoder":
+        elif payload["kind"] in ("context-encoder", "mae"):      # mae.py trains the context encoder's F
+            import ganforge.training.mae  # noqa: F401  (registers the "mae" kind in CONFIGS)
             from ganforge.training.context_encoder import UNet as Net
         else:
             from ganforge.training.inpainting import ContextEncoder as Net
@@ -124,6 +131,20 @@ def learned(path: str) -> tuple[Callable, str]:
             with torch.no_grad():
                 return module(torch.from_numpy(tiles), torch.from_numpy(tmasks)).numpy()
     return (lambda image, mask: inpaint_image(image, mask, tile, run, max_batch=16)), f"{kind}, tile {tile}"
+
+
+def load_models(specs: list[str], log=print) -> dict[str, Callable]:
+    """`--model LABEL=PATH` values -> {label: inpainting function} (`learned`), each named in `log`."""
+    methods: dict[str, Callable] = {}
+    for spec in specs:
+        label, sep, path = spec.partition("=")
+        if not sep or not label or not path:
+            raise UsageError(f"--model: {spec!r} is not allowed; expected LABEL=PATH")
+        if not Path(path).exists():
+            raise UsageError(f"--model: {path} does not exist")
+        methods[label], how = learned(path)
+        log(f"model {label}: {path} ({how})")
+    return methods
 
 
 def default_models() -> list[str]:
@@ -180,19 +201,14 @@ def run(argv: list[str]) -> int:
     ap.add_argument("--no-classical", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     n = 12 if args.quick else args.n
-    if n < 1 or args.size < 16:
-        raise UsageError(f"--n/--size: {n}/{args.size} not allowed; need n >= 1, size >= 16")
+    if n < 1:
+        raise UsageError(f"--n: {n} is not allowed; must be >= 1")
+    if args.size < 16:
+        raise UsageError(f"--size: {args.size} is not allowed; must be >= 16")
     methods: dict[str, Callable] = {}
     if not args.no_classical:
         methods.update({"telea": telea, "navier-stokes": navier_stokes, "biharmonic": biharmonic})
-    for spec in args.model if args.model is not None else default_models():
-        label, sep, path = spec.partition("=")
-        if not sep or not label or not path:
-            raise UsageError(f"--model: {spec!r} is not allowed; expected LABEL=PATH")
-        if not Path(path).exists():
-            raise UsageError(f"--model: {path} does not exist")
-        methods[label], how = learned(path)
-        print(f"model {label}: {path} ({how})")
+    methods.update(load_models(args.model if args.model is not None else default_models()))
     images = test_set(args.images, n, args.size)
     masks = {s: make_masks(s, n, args.size) for s in SETTINGS}
     print(f"inpainting benchmark: {n} crops of {args.size}x{args.size} from "

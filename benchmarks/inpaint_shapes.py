@@ -8,11 +8,13 @@ square hole per image covering 25 % (`centre25`) or 40 % (`centre40`) of it; a 4
 most of the shape in most images, so its outline and colour must be inferred from what shows.
 
 Methods: OpenCV Telea and Navier-Stokes (radius 3), scikit-image `inpaint_biharmonic`, and each
-learned model given as `--model LABEL=PATH` (a run directory / checkpoint run in torch, or a
-Triton model directory holding `1/model.onnx` run in ONNX Runtime, as `ganforge bench inpaint`
-runs them). Default models: the run `runs/context_encoder_shapes` (`ganforge train
-context-encoder --preset shapes`) and the shipped classical inpainter
-`model_repository/inpainter_photos`, where present. Known pixels are kept by every method.
+learned model given as `--model LABEL=PATH` (a run directory / checkpoint run in torch: context
+encoder, masked autoencoder, inpaint pix2pix; or a Triton model directory holding
+`1/model.onnx` run in ONNX Runtime, as `ganforge bench inpaint` runs them). Default models: the
+runs `runs/context_encoder_shapes` (`ganforge train context-encoder --preset shapes`) and
+`runs/pix2pix_shapes` (`ganforge train pix2pix --preset shapes`) and the shipped classical
+inpainter `model_repository/inpainter_photos`, where present. Known pixels are kept by every
+method.
 
 Scores per method and setting: PSNR and SSIM over the hole (as `ganforge bench inpaint`), and
 the shapes classifier's accuracy (training/metrics.py: shape and colour heads) on the completed
@@ -31,7 +33,7 @@ from typing import Callable
 import numpy as np
 
 from ganforge import masks as maskgen
-from ganforge.benchmarks.inpaint import biharmonic, evaluate, learned, navier_stokes, telea
+from ganforge.benchmarks.inpaint import biharmonic, evaluate, load_models, navier_stokes, telea
 from ganforge.errors import UsageError
 
 SETTINGS = {"centre25": 0.25, "centre40": 0.40}
@@ -44,6 +46,8 @@ def default_models() -> list[str]:
     found = []
     if Path("runs/context_encoder_shapes/checkpoint.pt").is_file():
         found.append("context-encoder=runs/context_encoder_shapes")
+    if Path("runs/pix2pix_shapes/checkpoint.pt").is_file():
+        found.append("pix2pix=runs/pix2pix_shapes")
     if Path("model_repository/inpainter_photos/1/model.onnx").is_file():
         found.append("shipped-inpainter=model_repository/inpainter_photos")
     return found
@@ -98,14 +102,7 @@ def run(argv: list[str]) -> int:
     from ganforge.training import datasets
 
     methods: dict[str, Callable] = {"telea": telea, "navier-stokes": navier_stokes, "biharmonic": biharmonic}
-    for spec in args.model if args.model is not None else default_models():
-        label, sep, path = spec.partition("=")
-        if not sep or not label or not path:
-            raise UsageError(f"--model: {spec!r} is not allowed; expected LABEL=PATH")
-        if not Path(path).exists():
-            raise UsageError(f"--model: {path} does not exist")
-        methods[label], how = learned(path)
-        print(f"model {label}: {path} ({how})")
+    methods.update(load_models(args.model if args.model is not None else default_models()))
     test = datasets.shapes(n, SIZE, seed=TEST_SEED)
     masks = {s: np.stack([maskgen.centre(SIZE, SIZE, a)] * n) for s, a in SETTINGS.items()}
     print(f"inpainting benchmark on shapes: {n} held-out images of {SIZE}x{SIZE} (seed {TEST_SEED}); hole share "

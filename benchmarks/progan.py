@@ -13,6 +13,12 @@ linearly to 0 at `--seconds`, so each arm's final FD is that of a run planned fo
 Beside the first time an arm's FD is at or below the DCGAN's final FD, the JSON reports the same
 comparison made on 3-evaluation medians ("median_of_3"), which one lucky or unlucky evaluation
 cannot move.
+
+`--doctor auto` lets the training doctor watch the ProGAN arm as `ganforge train progan --doctor
+auto` does (the DCGAN arm is never doctored): remedies on diagnoses, and at the end of the budget
+the best weights of the final resolution (by the doctor's FD on its own held-out batch) put back
+when the last are measurably worse; the ProGAN's final FD is then measured again, and the JSON
+keeps both ("progan.final_fd_before_keep"), with the run's best FD to compare.
 """
 
 from __future__ import annotations
@@ -28,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ganforge.errors import UsageError
 from ganforge.training import datasets, metrics
 from ganforge.training.ema import averaged_copy, ema_beta, update_average
 from ganforge.training.gan import DCGANConfig
@@ -71,6 +78,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--d-fmap-min", type=int, default=32,
                    help="ProGAN: D's own minimum, for a D wider than G at the top sides (0: --fmap-min)")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--doctor", choices=("off", "report", "auto"), default="off",
+                   help="the training doctor on the ProGAN arm (auto: remedies and the best weights kept)")
+    p.add_argument("--doctor-every", type=int, default=50, help="steps between the doctor's observations")
     p.add_argument("--cache-dir", help="where the FD classifier is cached")
     return p
 
@@ -85,15 +95,18 @@ def lr_factor(clock: float, budget: float, decay_from: float) -> float:
 
 
 class Arm:
+    """One side of the race: `step` trains one step; its clock counts its own training time. The
+    budgeted schedule scales the learning rates of `engine` (the training engine's `lr_scale`,
+    so the doctor's rate changes and a restart's new optimizers follow it) or, for optimizers
+    stepped outside the engine, each of `optimizers`' param groups from its rate at the start."""
+
     def __init__(self, name: str, step, generate, z: torch.Tensor, optimizers=(),
-                 budget: float = 0.0, decay_from: float = 1.0):
+                 budget: float = 0.0, decay_from: float = 1.0, engine=None):
         self.name, self.step, self.generate, self.z = name, step, generate, z
         self.clock, self.steps = 0.0, 0
         self.seconds: list[float] = []
         self.fd: list[float] = []
-        self.budget, self.decay_from = budget, decay_from
-        # each param group's base learning rate, which the schedule scales (the engine's
-        # `base_lr` where the optimizer is stepped by the training engine)
+        self.budget, self.decay_from, self.engine = budget, decay_from, engine
         self.groups = [(g, g["lr"]) for opt in optimizers for g in opt.param_groups]
 
     def train_for(self, seconds: float) -> None:
@@ -101,8 +114,10 @@ class Arm:
         while (elapsed := time.perf_counter() - t0) < seconds:
             if self.decay_from < 1:
                 f = lr_factor(self.clock + elapsed, self.budget, self.decay_from)
+                if self.engine is not None:
+                    self.engine.lr_scale = f
                 for g, base in self.groups:
-                    g["base_lr" if "base_lr" in g else "lr"] = base * f
+                    g["lr"] = base * f
             self.step()
             self.steps += 1
         self.clock += time.perf_counter() - t0
@@ -128,17 +143,20 @@ def run(argv: list[str]) -> int:
         parser.set_defaults(resolution=32, seconds=150, eval_every=15, n_fd=500, n_images=2048,
                             phase_images=1600)
     args = parser.parse_args(argv)
+    widths = {"resolution": args.resolution, "fmap_base": args.fmap_base, "fmap_max": args.fmap_max,
+              "fmap_min": args.fmap_min, "d_fmap_min": args.d_fmap_min}
     try:
-        pg_net = ProGANConfig(z_dim=64, resolution=args.resolution, fmap_base=args.fmap_base,
-                              fmap_max=args.fmap_max, fmap_min=args.fmap_min,
-                              d_fmap_min=args.d_fmap_min)
+        pg_net = ProGANConfig(z_dim=64, **widths)
     except ValueError as exc:
-        raise SystemExit(f"Error: ProGAN network: {exc}") from None
+        field, _, rest = str(exc).partition(" ")
+        if field in widths:  # the config names its field; the user typed the flag
+            raise UsageError(f"--{field.replace('_', '-')}: {rest}") from None
+        raise UsageError(f"ProGAN network: {exc}") from None
     for flag, value in (("--lr", args.lr), ("--dcgan-lr", args.dcgan_lr)):
         if not value > 0:
-            raise SystemExit(f"Error: {flag} must be > 0, got {value}")
+            raise UsageError(f"{flag}: {value} is not allowed; must be > 0")
     if not 0 <= args.decay_from <= 1:
-        raise SystemExit(f"Error: --decay-from must be in [0, 1], got {args.decay_from}")
+        raise UsageError(f"--decay-from: {args.decay_from} is not allowed; must be in [0, 1]")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
     classifier, accuracy = metrics.load_classifier(args.cache_dir)
@@ -150,12 +168,16 @@ def run(argv: list[str]) -> int:
     # (sample grids, checkpoints) is not kept
     runs = tempfile.TemporaryDirectory(prefix="bench-progan-")
     dc = GANTrainer(TrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0, threads=args.threads,
-                                label_smoothing=0.1, instance_noise=0.1,
+                                label_smoothing=0.1, instance_noise=0.1, doctor="off",
                                 lr_g=args.dcgan_lr, lr_d=args.dcgan_lr,
                                 network=DCGANConfig(z_dim=64, resolution=args.resolution)), Path(runs.name) / "dcgan")
     pg = ProGANTrainer(ProGANTrainConfig(n_images=args.n_images, batch_size=args.batch_size, seed=0,
                                          threads=args.threads, lr=args.lr, stable_images=args.phase_images,
                                          fade_images=args.phase_images, ema_images=args.ema_images,
+                                         doctor=args.doctor, doctor_every=args.doctor_every,
+                                         # steps: the doctor's horizon ("early" in a stage);
+                                         # the budget in seconds ends the run
+                                         steps=1_000_000, checkpoint_every=10 * args.doctor_every,
                                          network=pg_net), Path(runs.name) / "progan")
 
     # the DCGAN's weight average, kept as the ProGAN keeps its own (training/ema.py)
@@ -179,8 +201,8 @@ def run(argv: list[str]) -> int:
         return torch.cat([pg.generate(zz[i:i + 256]) for i in range(0, len(zz), 256)])
 
     schedule = {"budget": args.seconds, "decay_from": args.decay_from}
-    arms = [Arm("dcgan", dc_step, dc_generate, z, (dc.opt_G, dc.opt_D), **schedule),
-            Arm("progan", pg.train_step, pg_generate, z, (pg.opt_G, pg.opt_D), **schedule)]
+    arms = [Arm("dcgan", dc_step, dc_generate, z, engine=dc.engine, **schedule),
+            Arm("progan", pg.train_step, pg_generate, z, engine=pg.engine, **schedule)]
 
     def evaluate(arm: Arm) -> None:
         fake = arm.generate(arm.z).clamp(-1, 1)
@@ -202,21 +224,31 @@ def run(argv: list[str]) -> int:
                 next_eval[arm.name] = arm.clock + args.eval_every
 
     dcg, prg = arms
+    kept = pg.keep_best() if args.doctor == "auto" else None
+    before_keep = prg.fd[-1]
+    if kept and kept["kept"]:     # the best weights put back: the final FD is theirs
+        prg.fd.pop()
+        prg.seconds.pop()
+        evaluate(prg)
     target = dcg.fd[-1]
 
-    def adam_lr(arm: Arm) -> dict[str, float]:  # the base rates the optimizers trained with
-        return dict(zip(("G", "D"), (base for _, base in arm.groups)))
+    def adam_lr(trainer: GANTrainer) -> dict[str, float]:  # the base rates the optimizers trained with
+        return {k: trainer.task.opts[k].param_groups[0]["base_lr"] for k in ("G", "D")}
 
     t_dc, t_pg = (first_time_at_or_below(a.seconds, a.fd, target) for a in arms)
     target3 = statistics.median(dcg.fd[-3:])
     t3_dc, t3_pg = (first_time_at_or_below(a.seconds, a.fd, target3, window=3) for a in arms)
     evaluated = f"G_ema (half-life {args.ema_images} images)" if args.ema_images else "G"
     result = {
-        "dcgan": {"seconds": dcg.seconds, "fd": dcg.fd, "steps": dcg.steps, "adam_lr": adam_lr(dcg),
+        "dcgan": {"seconds": dcg.seconds, "fd": dcg.fd, "steps": dcg.steps, "adam_lr": adam_lr(dc),
                   "evaluated": evaluated},
-        "progan": {"seconds": prg.seconds, "fd": prg.fd, "steps": prg.steps, "adam_lr": adam_lr(prg),
+        "progan": {"seconds": prg.seconds, "fd": prg.fd, "steps": prg.steps, "adam_lr": adam_lr(pg),
                    "evaluated": evaluated,
-                   "final_stage_side": pg.cfg.network.side(pg.stage), "final_alpha": pg.alpha},
+                   "final_stage_side": pg.cfg.network.side(pg.stage), "final_alpha": pg.alpha,
+                   "doctor": args.doctor, "kept": kept, "final_fd_before_keep": before_keep,
+                   "best_fd": min(prg.fd), "final_over_best": round(prg.fd[-1] / min(prg.fd), 4),
+                   "diagnoses": [d.failure for d in pg.task.watch.monitor.diagnoses],
+                   "interventions": len(pg.task.watch.doctor.interventions)},
         "dcgan_final_fd": target,
         "seconds_to_dcgan_final": {"dcgan": t_dc, "progan": t_pg},
         "speedup_to_dcgan_final": speedup(t_dc, t_pg),
@@ -251,6 +283,9 @@ def run(argv: list[str]) -> int:
     print(f"DCGAN final FD {target}; seconds to reach it: DCGAN {t_dc}, ProGAN {t_pg}; "
           f"speedup {result['speedup_to_dcgan_final']}; final FDs at {args.seconds} s: "
           f"DCGAN {dcg.fd[-1]}, ProGAN {prg.fd[-1]}")
+    if args.doctor == "auto":
+        print(f"ProGAN with the doctor: best FD {min(prg.fd)}, final {prg.fd[-1]} (x{result['progan']['final_over_best']}"
+              f" of the best); before the best weights were put back: {before_keep}")
     print(f"on 3-evaluation medians: DCGAN final FD {target3}; seconds to reach it: DCGAN {t3_dc}, "
           f"ProGAN {t3_pg}; speedup {result['median_of_3']['speedup_to_dcgan_final']}")
     print(f"wrote {args.json} and {plot}")

@@ -27,7 +27,9 @@ fields of `ContextEncoderTrainConfig` and `UNetConfig`, presets in presets/conte
 Each item's hole is drawn by `item_rng` from its index and epoch (a centre square of 20-40 %
 of the area, or random rectangles or strokes covering 20-30 %), so a run on several ranks
 trains as one process does. The doctor watches the adversarial part (s_G, s_D on a fixed
-held-out batch with fixed holes) through `GANDoctor`.
+held-out batch with fixed holes) through `GANDoctor`. `--init-from RUN` starts F from a masked
+autoencoder's weights (training/mae.py: the same UNet pre-trained to fill hidden patches); D
+starts fresh.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from ganforge.training.gan import CONFIGS
 from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.loop import _describe as describe_doctor
 from ganforge.training.models import ModelSpec
+from ganforge.training.remedies import dropout_control
 
 KIND = "context-encoder"
 HOLES = ("centre", "random", "mixed")
@@ -200,6 +203,8 @@ class ContextEncoderTrainConfig(GANOptions):
     lambda_adv: float = option(0.001, "weight of L_adv, the adversarial loss", min=0)
     lr: float = option(1e-3, "F's Adam learning rate", min=0)
     lr_d: float = option(2e-4, "D's Adam learning rate", min=0)
+    init_from: str | None = option(None, "start F from a masked autoencoder's run directory or checkpoint "
+                                   "(ganforge train mae, the same --width, --depth, --dilations); D starts fresh")
     lr_schedule: str = option("cosine", "learning rate over the run: constant, cosine (to 0), linear-decay "
                               "(hold, then to 0 over the second half)", choices=SCHEDULES)
     instance_noise: float = option(0.0, "std of Gaussian noise on D's inputs (Sønderby et al., 2017)", min=0)
@@ -223,6 +228,33 @@ class ContextEncoderTrainConfig(GANOptions):
         if self.data not in BUNDLED and self.data != "photos" and not tdata.is_streamed(self.data):
             raise UsageError(f"--data: {self.data!r} is not allowed; must be shapes, stacked_digits, photos, "
                              f"a folder of images or a .txt / .jsonl list of image paths")
+        if self.init_from:
+            init_weights(self.init_from, self.network)
+
+
+INIT_KINDS = ("mae", KIND)      # checkpoints whose "net" is this UNet: a masked autoencoder's, or ours
+SHAPE_FIELDS = ("width", "depth", "dilations")   # what fixes F's parameters' shapes
+
+
+def init_weights(path: str | Path, network: UNetConfig) -> dict:
+    """The checkpoint `--init-from` names (a masked autoencoder's, training/mae.py), checked to
+    hold F's parameters for `network`: a UsageError naming --init-from and the fields that
+    differ otherwise."""
+    from ganforge.errors import CheckpointError
+    from ganforge.training.gan import load_checkpoint
+
+    try:
+        payload = load_checkpoint(path, INIT_KINDS)
+    except CheckpointError as exc:
+        raise UsageError(f"--init-from: {str(exc).removeprefix('checkpoint: ')}") from None
+    show = lambda v: join_ints(v) if isinstance(v, (tuple, list)) else str(v)
+    theirs, ours = payload["config"], {k: getattr(network, k) for k in SHAPE_FIELDS}
+    differ = [k for k in SHAPE_FIELDS if show(theirs.get(k)) != show(ours[k])]
+    if differ:
+        raise UsageError(f"--init-from: {path} holds a U-Net with {', '.join(f'{k} {show(theirs.get(k))}' for k in differ)}"
+                         f"; this context encoder has {', '.join(f'{k} {show(ours[k])}' for k in differ)}; "
+                         f"give the same {', '.join('--' + k for k in differ)}")
+    return payload
 
 
 def training_images(cfg: ContextEncoderTrainConfig) -> tdata.Dataset:
@@ -254,6 +286,9 @@ class ContextEncoderTask(GANTask):
     (non-saturating L_adv) per iteration."""
 
     kind = KIND
+    sizes = {"ndf": "d_width", "ngf": "width"}
+    # F's learning rate drives the reconstruction as much as the adversarial term: not a knob
+    fixed_knobs = frozenset({"lr_g"})
 
     def __init__(self, cfg: ContextEncoderTrainConfig, progress: bool = True):
         super().__init__(cfg)
@@ -261,12 +296,12 @@ class ContextEncoderTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg, dev = self.cfg, eng.device
+        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
+        self.plan_rewind()
         torch.manual_seed(cfg.seed)
-        self.G, self.D = UNet(cfg.network), Critic(cfg.network)
-        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=(0.5, 0.999))
-        self.nets, self.opts = {"net": self.G, "D": self.D}, {"net": self.opt_G, "D": self.opt_D}
+        self.build(eng, cfg.lr, cfg.lr_d)
+        if cfg.init_from and not (eng.resume and eng.checkpoint_path().is_file()):   # before step 0
+            self.G.load_state_dict(init_weights(cfg.init_from, cfg.network)["state"]["net"])
         images = training_images(cfg)
         self.data = HoledImages(images, cfg.tile, cfg.holes, cfg.seed)
         # the doctor's batch: held-out images, fixed holes; its "latents" are the masked inputs
@@ -276,6 +311,14 @@ class ContextEncoderTask(GANTask):
         if eng.main:    # the sample grid's images and holes: rank 0's alone
             held = held_out_images(cfg, images, 8, cfg.seed + 1)
             self.held = (held, to_tensor(held).to(dev), fixed_holes(cfg, 8, cfg.seed + 5000).to(dev))
+
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        self.G, self.D = UNet(self.cfg.network), Critic(self.cfg.network)
+        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=(0.5, 0.999))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=(0.5, 0.999))
+        self.nets, self.opts = {"net": self.G, "D": self.D}, {"net": self.opt_G, "D": self.opt_D}
+        self.d_drop = dropout_control(self.D)
 
     def dataset(self):
         return self.data
@@ -297,13 +340,12 @@ class ContextEncoderTask(GANTask):
         with eng.autocast():
             pred = self.G_train(x * (1 - m), m).float()
         fake = completed(x, pred, m)
-        # D: real images -> 1 - label_smoothing, completions -> 0
-        with eng.autocast():
+        # D: real images -> 1 - label_smoothing, completions -> 0 (the label knobs applied)
+        with self.d_grad(eng), eng.autocast():
             d_real = self.D_train(self._noisy(x, eng)).float()
             d_fake = self.D_train(self._noisy(fake.detach(), eng)).float()
-            loss_D = (F.binary_cross_entropy_with_logits(d_real, torch.full_like(d_real, 1 - cfg.label_smoothing))
-                      + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        eng.update(loss_D, self.opt_D, clip=0.0)
+            loss_D = self.d_loss(d_real, d_fake, eng)
+        self.update_d(loss_D, eng, clip=0.0)
         # F: the masked L2 over the hole, and fooling D with the completed image
         with eng.autocast():
             d_gen = self.D_train(self._noisy(fake, eng)).float()
@@ -322,21 +364,7 @@ class ContextEncoderTask(GANTask):
     def doctor_observe(self, step: int) -> dict:
         def watched(z):    # z = (masked image, hole): the held-out batch completed by F
             return z[:, :3] + self.G(z[:, :3], z[:, 3:]) * z[:, 3:]
-        net = self.cfg.network
-        return self.watch.observe(step, self.D, watched, self, {"width": net.width, "d_width": net.d_width})
-
-    def knobs(self) -> dict:
-        return {"lr_d": self.opt_D.param_groups[0]["base_lr"], "instance_noise": self.cfg.instance_noise,
-                "label_smoothing": self.cfg.label_smoothing}
-
-    def set_knob(self, name: str, value: float) -> None:
-        if name == "lr_d":
-            for g in self.opt_D.param_groups:
-                g["lr"] = g["base_lr"] = value
-        elif name in ("instance_noise", "label_smoothing"):
-            setattr(self.cfg, name, value)
-        else:
-            raise KeyError(name)
+        return self.watch.observe(step, self.D, watched, self, self.network_sizes(), nets=self.nets)
 
     @torch.no_grad()
     def samples(self) -> np.ndarray:
@@ -347,7 +375,7 @@ class ContextEncoderTask(GANTask):
 
     def finish(self, out: Path, eng: Engine) -> dict:
         grid = save_grid(self.samples(), out / "samples.png", nrow=8)
-        return {"samples": str(grid),
+        return {"samples": str(grid), **({"init_from": self.cfg.init_from} if self.cfg.init_from else {}),
                 **self.watch.report(out, f"context encoder on {self.cfg.data}, {eng.step} steps")}
 
 

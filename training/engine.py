@@ -26,6 +26,9 @@ contiguous per-rank slices; noise the step draws comes from one generator every 
 each rank keeps its slice (`engine.randn`); per-image augmentations are seeded by the image's
 index and the epoch. With synchronised BatchNorm (`--sync-bn`) a run on 2 ranks follows the run
 on 1 process up to floating-point summation order.
+
+The process's rank, device, precision and collectives (`Runtime`) and the BatchNorm synchronised
+across ranks are in distributed.py.
 """
 
 from __future__ import annotations
@@ -45,15 +48,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch import nn
 
 from ganforge.errors import CheckpointError, UsageError
 from ganforge.images import save_grid
 from ganforge.progress import Progress
+from ganforge.training.distributed import PRECISIONS, GroupBatchNorm, Runtime, rank_local, timed_allreduce
 
-DEVICES = "auto, cpu, cuda or cuda:N"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SCHEDULES = ("constant", "cosine", "linear-decay")
 
 
@@ -93,184 +94,6 @@ class RunConfig:
         """Refuse out-of-range settings, each with a UsageError naming its flag (options.py)."""
         from ganforge.training.options import check_config
         check_config(self)
-
-
-# ---------------------------------------------------------------------------------------------
-# Where the work runs: device, precision, ranks
-
-def _env_int(name: str, default: int) -> int:
-    try:
-        return int(os.environ.get(name, default))
-    except ValueError:
-        return default
-
-
-class Runtime:
-    """The process's place in the job (rank, world size), its device and its precision."""
-
-    def __init__(self, device: str = "auto", precision: str = "auto", threads: int = 0):
-        self.rank = _env_int("RANK", 0)
-        self.world = _env_int("WORLD_SIZE", 1)
-        self.local_rank = _env_int("LOCAL_RANK", 0)
-        self.local_world = _env_int("LOCAL_WORLD_SIZE", self.world)
-        self.device = self._device(device)
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
-        self.precision = self._precision(precision)
-        self._threads(threads)
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
-                                    device_id=self.device if self.device.type == "cuda" else None)
-        self.distributed = self.world > 1
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def _device(self, name: str) -> torch.device:
-        if name == "auto":
-            name = "cuda" if torch.cuda.is_available() else "cpu"
-        if name == "cpu":
-            return torch.device("cpu")
-        if name == "cuda" or (name.startswith("cuda:") and name[5:].isdigit()):
-            if not torch.cuda.is_available():
-                raise UsageError(f"--device: {name!r} is not available here (torch {torch.__version__} "
-                                 f"sees no CUDA device); use cpu, or install the CUDA build (README)")
-            index = self.local_rank if name == "cuda" else int(name[5:])
-            if index >= torch.cuda.device_count():
-                raise UsageError(f"--device: {name!r} (local rank {self.local_rank}) is not allowed; "
-                                 f"this machine has {torch.cuda.device_count()} CUDA devices")
-            return torch.device("cuda", index)
-        raise UsageError(f"--device: {name!r} is not allowed; must be {DEVICES}")
-
-    def _precision(self, name: str) -> str:
-        if name not in PRECISIONS:
-            raise UsageError(f"--precision: {name!r} is not allowed; must be one of {', '.join(PRECISIONS)}")
-        if name == "auto":
-            return "bf16" if self.device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-        return name
-
-    def _threads(self, threads: int) -> None:
-        """This rank's threads, and on CPU with several ranks per machine, its own cores."""
-        cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else list(range(os.cpu_count() or 1))
-        if self.device.type == "cpu" and self.local_world > 1 and len(cores) >= self.local_world:
-            share = len(cores) // self.local_world
-            cores = cores[self.local_rank * share:(self.local_rank + 1) * share]
-            os.sched_setaffinity(0, cores)
-        torch.set_num_threads(threads or max(1, len(cores)))
-
-    @property
-    def dtype(self) -> torch.dtype | None:
-        return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.precision)
-
-    def autocast(self):
-        if self.dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=self.dtype)
-
-    # -- collectives (no-ops on one process) --
-
-    def mean(self, values: dict[str, float | torch.Tensor]) -> dict[str, float]:
-        """The mean over ranks of each value, one all-reduce for all of them."""
-        keys = list(values)
-        t = torch.stack([torch.as_tensor(values[k], dtype=torch.float64, device=self.device).detach().reshape(())
-                         for k in keys]) if keys else torch.zeros(0, dtype=torch.float64, device=self.device)
-        if self.distributed:
-            dist.all_reduce(t)
-            t /= self.world
-        return dict(zip(keys, t.cpu().tolist()))
-
-    def any(self, flag: bool) -> bool:
-        """True on every rank when it is true on any rank."""
-        if not self.distributed:
-            return flag
-        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's `obj`, on every rank."""
-        if not self.distributed:
-            return obj
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def gather(self, obj: Any) -> list:
-        if not self.distributed:
-            return [obj]
-        out: list = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def barrier(self) -> None:
-        if self.distributed:
-            dist.barrier()
-
-    def close(self) -> None:
-        if self.distributed and dist.is_initialized():
-            dist.destroy_process_group()
-
-
-_GROUP_STATS = [True]
-
-
-@contextlib.contextmanager
-def rank_local():
-    """Work one rank does alone (the doctor's measurements, sample grids): BatchNorm takes its
-    statistics from this rank's batch, with no collective the other ranks would have to join."""
-    _GROUP_STATS.append(False)
-    try:
-        yield
-    finally:
-        _GROUP_STATS.pop()
-
-
-class GroupBatchNorm(nn.modules.batchnorm._BatchNorm):
-    """BatchNorm whose batch statistics are taken over every rank's slice of the batch, on any
-    device (torch's SyncBatchNorm runs on GPUs only): the sums travel in one differentiable
-    all-reduce, so gradients see the global batch too."""
-
-    def _check_input_dim(self, x: torch.Tensor) -> None:
-        if x.dim() < 2:
-            raise ValueError(f"expected at least 2-D input, got {x.dim()}-D")
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not (self.training and _GROUP_STATS[-1] and dist.is_initialized() and dist.get_world_size() > 1):
-            return super().forward(x)
-        from torch.distributed.nn.functional import all_reduce
-
-        dims = [0] + list(range(2, x.dim()))
-        n = torch.tensor(float(x.numel() // x.shape[1]), device=x.device, dtype=x.dtype)
-        stats = torch.cat([x.sum(dims), (x * x).sum(dims), n.reshape(1)])
-        stats = all_reduce(stats)
-        c = x.shape[1]
-        count = stats[-1]
-        mean = stats[:c] / count
-        var = stats[c:2 * c] / count - mean * mean
-        if self.track_running_stats:
-            with torch.no_grad():
-                self.num_batches_tracked += 1
-                m = self.momentum if self.momentum is not None else 1.0 / float(self.num_batches_tracked)
-                self.running_mean.mul_(1 - m).add_(mean.detach(), alpha=m)
-                self.running_var.mul_(1 - m).add_(var.detach() * count / max(float(count) - 1, 1.0), alpha=m)
-        shape = [1, c] + [1] * (x.dim() - 2)
-        y = (x - mean.reshape(shape)) * torch.rsqrt(var.reshape(shape) + self.eps)
-        if self.affine:
-            y = y * self.weight.reshape(shape) + self.bias.reshape(shape)
-        return y
-
-    @classmethod
-    def convert(cls, module: nn.Module) -> nn.Module:
-        """Replace every BatchNorm in `module` by a GroupBatchNorm with the same state."""
-        out = module
-        if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, cls):
-            out = cls(module.num_features, module.eps, module.momentum, module.affine, module.track_running_stats)
-            out.load_state_dict(module.state_dict())
-            out.train(module.training)
-        for name, child in module.named_children():
-            out.add_module(name, cls.convert(child))
-        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -417,6 +240,9 @@ class Engine:
     def __init__(self, cfg: RunConfig, out: str | Path, progress: bool = True, resume: bool = False):
         cfg.check()
         self.cfg, self.out = cfg, Path(out)
+        # a multiplier on every learning rate, for a caller that steps the engine on a clock of
+        # its own (a benchmark's budgeted schedule); the doctor's rate changes stay in base_lr
+        self.lr_scale = 1.0
         self.rt = Runtime(cfg.device, cfg.precision, cfg.threads)
         if cfg.batch_size % self.rt.world:
             raise UsageError(f"--batch-size: {cfg.batch_size} is not allowed on {self.rt.world} ranks; "
@@ -464,7 +290,7 @@ class Engine:
         ddp = nn.parallel.DistributedDataParallel(
             net, device_ids=[self.device.index] if self.device.type == "cuda" else None,
             broadcast_buffers=not self.cfg.sync_bn, find_unused_parameters=find_unused)
-        ddp.register_comm_hook(self, _timed_allreduce)
+        ddp.register_comm_hook(self, timed_allreduce)
         return ddp
 
     def randn(self, n: int, *shape: int) -> torch.Tensor:
@@ -520,7 +346,9 @@ class Engine:
                 },
             }
             atomic_save(payload, path)
-            if task.rewind_keep and not final:
+            # points to rewind to: the scheduled checkpoints only, so a run stopped by SIGTERM
+            # and resumed rewinds where the uninterrupted run does
+            if task.rewind_keep and not final and self.step % self.cfg.checkpoint_every == 0:
                 self._keep_for_rewind(path, task.rewind_keep)
         self.rt.barrier()
         return path
@@ -564,6 +392,24 @@ class Engine:
             for step in self.rewind_steps():
                 if step > self.step:
                     (self.out / "rewind" / f"step_{step:06d}.pt").unlink()
+
+    def consult(self, task: Task, s: int) -> dict:
+        """The doctor at step `s`, on every rank: rank 0 measures, diagnoses and remedies; its
+        knobs reach every rank, and a restart it decided rewinds every rank (`rebuild`).
+        Returns the fields to log (with `rewound_to` after a restart)."""
+        row: dict = {}
+        if self.main:
+            with rank_local():
+                row.update(task.doctor_observe(s))
+        knobs, decision = self.rt.broadcast(
+            (task.knobs(), self._restart_point(task.restart_decision())) if self.main else None)
+        if not self.main:
+            for k, v in knobs.items():
+                task.set_knob(k, v)
+        if decision is not None and s < self.cfg.steps:
+            self.rebuild(task, decision)
+            row.update(restart=decision["changes"], rewound_to=self.step)
+        return row
 
     def _restart_point(self, decision: dict | None) -> dict | None:
         """Rank 0: the decision with the kept checkpoint it rewinds to (the last one before the
@@ -657,7 +503,7 @@ class Engine:
 
     def one_step(self, task: Task) -> dict[str, torch.Tensor]:
         """One optimizer step of the task: learning rates, the next batch, the step, the timing."""
-        factor = lr_factor(self.cfg.lr_schedule, self.step, self.cfg.steps)
+        factor = lr_factor(self.cfg.lr_schedule, self.step, self.cfg.steps) * self.lr_scale
         for o in task.opts.values():
             for g in o.param_groups:
                 g["lr"] = g["base_lr"] * factor
@@ -713,18 +559,8 @@ class Engine:
                         row = {"step": s, **{k: round(v, 6) for k, v in rt.mean(out).items()}}
                     rewound = False
                     if doctor_now:
-                        if self.main:
-                            with rank_local():
-                                row.update(task.doctor_observe(s))
-                        knobs, decision = rt.broadcast(
-                            (task.knobs(), self._restart_point(task.restart_decision())) if self.main else None)
-                        if not self.main:
-                            for k, v in knobs.items():
-                                task.set_knob(k, v)
-                        if decision is not None and s < cfg.steps:
-                            self.rebuild(task, decision)
-                            row.update(restart=decision["changes"], rewound_to=self.step)
-                            rewound = True
+                        row.update(self.consult(task, s))
+                        rewound = "rewound_to" in row
                     if self.main and (log_now or doctor_now):
                         row["seconds"] = round(time.perf_counter() - t0, 3)
                         metrics.write(json.dumps(row) + "\n")
@@ -768,18 +604,3 @@ class Engine:
                 (self.out / "bad_files.json").write_text(json.dumps(bad, indent=2) + "\n")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
         return summary
-
-
-def _timed_allreduce(eng: Engine, bucket):
-    """DDP's all-reduce of one gradient bucket, with the time from the bucket being ready to its
-    mean being back (overlapped with the rest of the backward pass) added to the engine's timing."""
-    t0 = time.perf_counter()
-    group = dist.group.WORLD
-    tensor = bucket.buffer().div_(dist.get_world_size(group))
-    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-
-    def done(f):
-        eng.timing["allreduce_s"] += time.perf_counter() - t0
-        return f.value()[0]
-
-    return fut.then(done)

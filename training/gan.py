@@ -315,6 +315,10 @@ class MLPDiscriminator(nn.Module):
             if isinstance(m, nn.Dropout):
                 m.p = p
 
+    @property
+    def dropout(self) -> float:
+        return next(m.p for m in self.modules() if isinstance(m, nn.Dropout))
+
     def noise(self) -> list[tuple[SharedDropout, tuple[int]]]:
         """Each dropout layer and the shape of one pack's input to it (see `dropout_masks`)."""
         return [(m, (self.cfg.ndf,)) for m in self.main if isinstance(m, SharedDropout)]

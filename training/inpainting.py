@@ -36,7 +36,8 @@ from ganforge.training import data as tdata
 from ganforge.training import datasets
 from ganforge.training.autoencoders import REC_REDUCTIONS, image_crops, masked_mse, psnr
 from ganforge.training.options import comma_ints, join_ints
-from ganforge.training.engine import SCHEDULES, Engine, Task, atomic_save, option, rank_local
+from ganforge.training.distributed import rank_local
+from ganforge.training.engine import SCHEDULES, Engine, Task, atomic_save, option
 from ganforge.training.gan import CONFIGS
 from ganforge.training.loop import GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.loop import _describe as describe_doctor

@@ -15,6 +15,8 @@ A run directory holds:
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import dataclasses
 import math
 import sys
@@ -28,12 +30,13 @@ import torch.nn.functional as F
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.training import data as tdata
+from ganforge.training.doctor import DOCTOR_MODES, Doctor, Intervention, render_kept
 from ganforge.training.engine import Engine, RunConfig, Task, option
 from ganforge.training.gan import DCGANConfig, Discriminator, Generator, init_weights, load_checkpoint
 from ganforge.training.models import ModelSpec
-from ganforge.training.monitor import (DOCTOR_MODES, FAILURES, Doctor, Intervention, Monitor, Thresholds,
-                                       render_kept, write_run_report)
-from ganforge.training.remedies import BestWeights, transplant
+from ganforge.training.monitor import FAILURES, Monitor, Thresholds
+from ganforge.training.remedies import BestWeights, dropout_control, transplant
+from ganforge.training.reports import write_run_report
 
 
 def _thresholds_text(th: dict | Thresholds) -> str | None:
@@ -52,6 +55,12 @@ class GANOptions(RunConfig):
     thresholds: Thresholds = option(default_factory=Thresholds, help="doctor thresholds, NAME=VALUE,... "
                                     "(docs/doctor.md)", parse=Thresholds.parse, format=_thresholds_text,
                                     metavar="NAME=VALUE,...", show="docs/doctor.md")
+    # the knobs of D's side the doctor turns (set here to start a run with them)
+    label_smoothing: float = option(0.0, "real label = 1 - this (Salimans et al., 2016)", min=0, below=0.5)
+    label_flip: float = option(0.0, "share of D's real and fake labels flipped at random (noisy labels)",
+                               min=0, below=0.5)
+    instance_noise: float = option(0.0, "std of Gaussian noise on D's inputs (Sønderby et al., 2017)", min=0)
+    d_steps_every: int = option(1, "D is updated on every N-th step only (1: every step)", min=1)
 
 
 @dataclass
@@ -69,10 +78,7 @@ class TrainConfig(GANOptions):
     beta1: float = option(0.5, "Adam beta1 (DCGAN's 0.5)", min=0, below=1)
     beta2: float = option(0.999, "Adam beta2", min=0, below=1)
     label_smoothing: float = option(0.1, "real label = 1 - this (Salimans et al., 2016)", min=0, below=0.5)
-    label_flip: float = option(0.0, "share of D's real and fake labels flipped at random (noisy labels)",
-                               min=0, below=0.5)
     instance_noise: float = option(0.1, "std of Gaussian noise on D's inputs (Sønderby et al., 2017)", min=0)
-    d_steps_every: int = option(1, "D is updated on every N-th step only (1: every step)", min=1)
     network: DCGANConfig = option(default_factory=DCGANConfig)
 
     def validate(self) -> None:
@@ -134,6 +140,9 @@ class GANDoctor:
         self.log = (lambda m: print("\n" + m, file=sys.stderr)) if log else (lambda m: None)
         self.doctor = Doctor(self.monitor, cfg.doctor, log=self.log)
         self.best = BestWeights()
+        # every observation and every rewind, in order: a resumed run replays them to the same
+        # diagnoses, including those of steps a restart abandoned
+        self.timeline: list[dict] = []
 
     def due(self, step: int) -> bool:
         return self.cfg.doctor != "off" and self.monitor.due(step)
@@ -144,6 +153,7 @@ class GANDoctor:
         lowest `fd`, and at the run's last step put them back when the last weights are
         measurably worse (remedies.KEEP_MARGIN)."""
         found = self.doctor.observe(step, D, G_sample, trainer, network, extra)
+        self.timeline.append(self.monitor.last)
         row = {k: v for k, v in self.monitor.last.items() if k != "step"}
         if found:
             row["diagnoses"] = [d.failure for d in found]
@@ -151,17 +161,27 @@ class GANDoctor:
             if done:
                 row["interventions"] = {i.knob: i.new for i in done if i.action == "set"}
         if self.cfg.doctor == "auto" and nets is not None:
-            fd = self.monitor.last.get("fd")
-            self.best.offer(step, fd, nets)
-            if step >= self.cfg.steps and self.best.step is not None:
-                kept = self.best.better_than(fd)
+            self.best.offer(step, self.monitor.last.get("fd"), nets)
+            if step >= self.cfg.steps:
+                kept = self.keep_best(step, nets)
                 if kept:
-                    self.best.restore(nets)
-                self.doctor.kept = {"step": self.best.step, "fd": round(self.best.fd, 5),
-                                    "final_step": int(step), "final_fd": fd, "kept": kept}
-                row["kept_step"] = self.best.step if kept else int(step)
-                self.log(render_kept(self.doctor.kept))
+                    row["kept_step"] = kept["step"] if kept["kept"] else int(step)
         return row
+
+    def keep_best(self, step: int, nets: dict) -> dict | None:
+        """At the end of a run: the best weights put back into `nets` when the last ones,
+        measured at the latest observation, are measurably worse (remedies.KEEP_MARGIN); the
+        decision, or None when there is nothing to decide (not auto mode, nothing kept)."""
+        if self.cfg.doctor != "auto" or self.best.step is None:
+            return None
+        fd = self.monitor.last.get("fd")
+        kept = self.best.better_than(fd)
+        if kept:
+            self.best.restore(nets)
+        self.doctor.kept = {"step": self.best.step, "fd": round(self.best.fd, 5),
+                            "final_step": int(step), "final_fd": fd, "kept": kept}
+        self.log(render_kept(self.doctor.kept))
+        return self.doctor.kept
 
     def take_restart(self) -> dict | None:
         """A network change the doctor decided (auto mode), once; None otherwise."""
@@ -172,15 +192,19 @@ class GANDoctor:
         dropped (metrics.jsonl keeps them), every detector re-armed, the best weights forgotten
         (their networks had other shapes)."""
         back = decision["from_step"]
+        self._rewind(back)
+        self.timeline.append({"rewound_to": back})
+        self.best.reset()
+        self.doctor.restarted(decision, back)
+
+    def _rewind(self, back: int) -> None:
         self.monitor.records = [r for r in self.monitor.records if r["step"] <= back]
         self.monitor.last = self.monitor.records[-1] if self.monitor.records else {}
         for f in FAILURES:
             self.monitor.rearm(f)
-        self.best.reset()
-        self.doctor.restarted(decision, back)
 
     def state(self) -> dict:
-        return {"records": self.monitor.records,
+        return {"records": self.monitor.records, "timeline": self.timeline,
                 "interventions": [dataclasses.asdict(i) for i in self.doctor.interventions],
                 "restarts": self.doctor.restarts, "best": self.best.to_state()}
 
@@ -188,7 +212,12 @@ class GANDoctor:
         """Take the records and interventions of `state()` back (a resumed run); `stages`
         (ProGAN): the records are diagnosed again stage by stage."""
         if state:
-            self.monitor.replay(state.get("records", []), stages)
+            self.timeline = list(state.get("timeline", state.get("records", [])))
+            for entry in self.timeline:
+                if "rewound_to" in entry:
+                    self._rewind(entry["rewound_to"])
+                else:
+                    self.monitor.replay([entry], stages)
             self.doctor.interventions = [Intervention(**i) for i in state.get("interventions", [])]
             self.doctor.restarts = list(state.get("restarts", []))
             self.best.load(state.get("best", {}))
@@ -204,26 +233,154 @@ class GANDoctor:
 
 
 class GANTask(Task):
-    """What every adversarial task shares: `self.watch` (a GANDoctor built in `setup`), instance
-    noise on D's inputs drawn so the ranks agree, and the doctor's state carried by checkpoints
-    (the knobs as they are now, the observations, the remedies)."""
+    """What every adversarial task shares, so every one takes the doctor's remedies:
 
+    - `self.watch`, a GANDoctor built in `setup`, and its state carried by checkpoints;
+    - D's loss with the label knobs (`d_loss`: smoothing and random flips), instance noise on
+      D's inputs (`_noisy`), D sitting out all but every `d_steps_every`-th step (`d_grad`,
+      `update_d`), dropout in D (`remedies.dropout_control`: D's own, or inserted);
+    - the knobs the doctor turns (`knobs` / `set_knob`), less those in `fixed_knobs`;
+    - a restart with changed networks (`rebuild`): the task's `build` makes G, D, their
+      wrappers and optimizers from `cfg.network`; `sizes` maps the doctor's names (ndf, ngf,
+      z_dim, mbstd, pack) to its config fields; `rebuilt` refreshes what depends on them.
+
+    A subclass sets `self.G`, `self.D`, `self.opt_G`, `self.opt_D`, `self.nets`, `self.opts`
+    and `self.d_drop` in `build`, and calls `self.plan_rewind()` in `setup`."""
+
+    can_restart = True
+    sizes: dict[str, str] = {}              # the doctor's name -> the field of cfg.network
+    fixed_knobs: frozenset[str] = frozenset()
+
+    def __init__(self, cfg: GANOptions):
+        # the doctor turns knobs and resizes networks in the task's own copy: the caller's
+        # config (and train.json, written from it) keeps the settings the run was started with
+        super().__init__(copy.deepcopy(cfg))
+
+    # -- D's side --
     def _noisy(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
         """x plus the instance noise on D's inputs (--instance-noise)."""
         if not self.cfg.instance_noise:
             return x
         return x + self.cfg.instance_noise * eng.randn(x.shape[0], *x.shape[1:])
 
+    def d_targets(self, logit_real: torch.Tensor, logit_fake: torch.Tensor,
+                  eng: Engine) -> tuple[torch.Tensor, torch.Tensor]:
+        """D's targets: reals 1 - label_smoothing, fakes 0; with --label-flip a share of each
+        side's items (all of an item's patches) swapped, drawn so the ranks agree."""
+        cfg = self.cfg
+        real = torch.full_like(logit_real, 1.0 - cfg.label_smoothing)
+        fake = torch.zeros_like(logit_fake)
+        if cfg.label_flip:
+            n = logit_real.shape[0]
+            shape = (n,) + (1,) * (logit_real.dim() - 1)
+            real = torch.where((eng.rand(n) < cfg.label_flip).view(shape), torch.zeros_like(real), real)
+            fake = torch.where((eng.rand(n) < cfg.label_flip).view(shape),
+                               torch.full_like(fake, 1.0 - cfg.label_smoothing), fake)
+        return real, fake
+
+    def d_loss(self, logit_real: torch.Tensor, logit_fake: torch.Tensor, eng: Engine) -> torch.Tensor:
+        """D's logistic loss, BCE(real, target) + BCE(fake, target), with the label knobs."""
+        real, fake = self.d_targets(logit_real, logit_fake, eng)
+        return (F.binary_cross_entropy_with_logits(logit_real, real)
+                + F.binary_cross_entropy_with_logits(logit_fake, fake))
+
+    def d_turn(self, eng: Engine) -> bool:
+        """Whether D is updated at this step (--d-steps-every)."""
+        return eng.step % self.cfg.d_steps_every == 0
+
+    def d_grad(self, eng: Engine):
+        """The context D's loss is computed in: no graph on the steps D sits out."""
+        return contextlib.nullcontext() if self.d_turn(eng) else torch.no_grad()
+
+    def update_d(self, loss: torch.Tensor, eng: Engine, **kw) -> None:
+        if self.d_turn(eng):
+            eng.update(loss, self.opt_D, **kw)
+
+    # -- the doctor --
     def doctor_due(self, step: int) -> bool:
         return self.watch.due(step)
+
+    def network_sizes(self) -> dict:
+        """The network's sizes in the doctor's names, for its restart decisions."""
+        return {name: getattr(self.cfg.network, field) for name, field in self.sizes.items()}
+
+    def knobs(self) -> dict:
+        cfg = self.cfg
+        k = {"label_smoothing": cfg.label_smoothing, "label_flip": cfg.label_flip,
+             "instance_noise": cfg.instance_noise, "d_dropout": self.d_drop.dropout,
+             "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"],
+             "d_steps_every": cfg.d_steps_every}
+        return {name: v for name, v in k.items() if name not in self.fixed_knobs}
+
+    def set_knob(self, name: str, value: float) -> None:
+        if name in self.fixed_knobs:
+            raise KeyError(name)
+        if name in ("label_smoothing", "label_flip", "instance_noise"):
+            setattr(self.cfg, name, value)
+        elif name == "d_steps_every":
+            self.cfg.d_steps_every = int(value)
+        elif name in ("lr_g", "lr_d"):
+            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
+                g["lr"] = g["base_lr"] = value
+        elif name == "d_dropout":
+            self.d_drop.set_dropout(value)
+        else:
+            raise KeyError(name)
 
     def extra_state(self) -> dict:
         return {"knobs": self.knobs(), "doctor": self.watch.state()}
 
     def load_extra_state(self, state: dict) -> None:
         for k, v in state.get("knobs", {}).items():
-            self.set_knob(k, v)
+            if k not in self.fixed_knobs:
+                self.set_knob(k, v)
         self.watch.load_state(state.get("doctor", {}))
+
+    # -- a restart with changed networks --
+    def plan_rewind(self) -> None:
+        """In auto mode, keep the checkpoints that cover a failure's streak and one before it."""
+        cfg = self.cfg
+        if cfg.doctor == "auto":
+            th = cfg.thresholds
+            self.rewind_keep = min(8, math.ceil((th.patience + 1) * cfg.doctor_every / cfg.checkpoint_every) + 1)
+
+    def trained_network(self, eng: Engine):
+        """On resume, the network config the checkpoint was trained with (a restart's changes
+        included); else the configured one."""
+        if eng.resume and eng.checkpoint_path().is_file():
+            saved = load_checkpoint(eng.checkpoint_path(), (self.kind,))["config"]
+            return type(self.cfg.network)(**saved)
+        return self.cfg.network
+
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        raise NotImplementedError
+
+    def resized(self, changes: dict):
+        """cfg.network with the doctor's `changes` (its names) applied."""
+        return dataclasses.replace(self.cfg.network, **{self.sizes[k]: v for k, v in changes.items()})
+
+    def rebuilt(self, eng: Engine, payload: dict) -> None:
+        """After `rebuild`: refresh what depends on the networks' sizes (latents for a new z)."""
+
+    def restart_decision(self) -> dict | None:
+        return self.watch.take_restart()
+
+    def rebuild(self, eng: Engine, payload: dict, decision: dict) -> None:
+        """G and D with the decided changes, filled from the checkpoint `payload` where shapes
+        allow (remedies.transplant); new optimizers at the current learning rates; the knobs kept."""
+        lr_g, lr_d = self.opt_G.param_groups[0]["base_lr"], self.opt_D.param_groups[0]["base_lr"]
+        dropout = self.d_drop.dropout
+        self.cfg.network = self.resized(decision["changes"])
+        # the fresh parts drawn from the run's seed and the step decided at, not from wherever the
+        # global RNG stands: a run resumed from SIGTERM rebuilds the same networks
+        torch.manual_seed(self.cfg.seed + 7 * int(decision["step"]) + 1)
+        self.build(eng, lr_g, lr_d)
+        for name, net in self.nets.items():
+            transplant(net, payload["state"][name])
+        self.d_drop.set_dropout(dropout)
+        self.rebuilt(eng, payload)
+        if eng.main:
+            self.watch.restarted(decision)
 
 
 class DCGANTask(GANTask):
@@ -232,7 +389,7 @@ class DCGANTask(GANTask):
     from the last checkpoint before the failure began (`rebuild`; kept in rewind/)."""
 
     kind = "dcgan"
-    can_restart = True
+    sizes = {"ndf": "ndf", "ngf": "ngf", "z_dim": "z_dim", "mbstd": "mbstd"}
 
     def __init__(self, cfg: TrainConfig, progress: bool = True):
         super().__init__(cfg)
@@ -240,21 +397,17 @@ class DCGANTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg, dev = self.cfg, eng.device
-        if eng.resume and eng.checkpoint_path().is_file():   # the networks the run had (a restart's)
-            cfg.network = DCGANConfig(**load_checkpoint(eng.checkpoint_path(), ("dcgan",))["config"])
-        net = cfg.network
-        if cfg.doctor == "auto":     # the checkpoints that cover a failure's streak, and one before
-            th = cfg.thresholds
-            self.rewind_keep = min(8, math.ceil((th.patience + 1) * cfg.doctor_every / cfg.checkpoint_every) + 1)
+        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
+        self.plan_rewind()
         torch.manual_seed(cfg.seed)
-        self._build(net, eng, cfg.lr_g, cfg.lr_d)
-        self.data = tdata.gan_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
-        self.held_real = to_tensor(held_out_reals(cfg, self.data, net.resolution)).to(dev)
+        self.build(eng, cfg.lr_g, cfg.lr_d)
+        self.data = tdata.gan_images(cfg.data, cfg.n_images, cfg.network.resolution, cfg.seed)
+        self.held_real = to_tensor(held_out_reals(cfg, self.data, cfg.network.resolution)).to(dev)
         self._latents(dev)
         self.watch = GANDoctor(cfg, self.held_real, self.held_z, log=self.progress and eng.main)
 
-    def _build(self, net: DCGANConfig, eng: Engine, lr_g: float, lr_d: float) -> None:
-        cfg = self.cfg
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        cfg, net = self.cfg, self.cfg.network
         self.G, self.D = Generator(net), Discriminator(net)
         self.G.apply(init_weights)
         self.D.apply(init_weights)
@@ -264,46 +417,24 @@ class DCGANTask(GANTask):
         self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
         self.nets = {"G": self.G, "D": self.D}
         self.opts = {"G": self.opt_G, "D": self.opt_D}
+        self.d_drop = dropout_control(self.D)
 
     def _latents(self, dev) -> None:
         z_dim, seed = self.cfg.network.z_dim, self.cfg.seed
         self.fixed_z = fixed_latents(z_dim, seed + 1).to(dev)
         self.held_z = fixed_latents(z_dim, seed + 2).to(dev)
 
-    def rebuild(self, eng: Engine, payload: dict, decision: dict) -> None:
-        """G and D with the decided changes, filled from the checkpoint `payload` where shapes
-        allow (remedies.transplant); new optimizers at the current learning rates; the knobs kept."""
-        lr_g, lr_d = self.opt_G.param_groups[0]["base_lr"], self.opt_D.param_groups[0]["base_lr"]
-        dropout = self.D.dropout
-        self.cfg.network = dataclasses.replace(self.cfg.network, **decision["changes"])
-        self._build(self.cfg.network, eng, lr_g, lr_d)
-        for name, net in self.nets.items():
-            transplant(net, payload["state"][name])
-        self.D.set_dropout(dropout)
+    def rebuilt(self, eng: Engine, payload: dict) -> None:
         self._latents(eng.device)
         self.watch.monitor.z = self.held_z
-        if eng.main:
-            self.watch.restarted(decision)
-
-    def restart_decision(self) -> dict | None:
-        return self.watch.take_restart()
 
     def dataset(self):
         return self.data
 
     def _d_loss(self, x: torch.Tensor, fake: torch.Tensor, eng: Engine):
-        cfg = self.cfg
         logit_real = self.D_train(self._noisy(x, eng)).float()
         logit_fake = self.D_train(self._noisy(fake, eng)).float()
-        real_target = torch.full_like(logit_real, 1.0 - cfg.label_smoothing)
-        fake_target = torch.zeros_like(logit_fake)
-        if cfg.label_flip:   # noisy labels: a share of each side's labels swapped
-            n = x.shape[0]
-            real_target = torch.where(eng.rand(n) < cfg.label_flip, fake_target, real_target)
-            fake_target = torch.where(eng.rand(n) < cfg.label_flip, 1.0 - cfg.label_smoothing, fake_target)
-        loss_D = (F.binary_cross_entropy_with_logits(logit_real, real_target)
-                  + F.binary_cross_entropy_with_logits(logit_fake, fake_target))
-        return loss_D, logit_real, logit_fake
+        return self.d_loss(logit_real, logit_fake, eng), logit_real, logit_fake
 
     def step(self, batch: torch.Tensor, eng: Engine) -> dict:
         cfg = self.cfg
@@ -313,13 +444,9 @@ class DCGANTask(GANTask):
         with eng.autocast():
             fake = self.G_train(z)
         # D: real -> 1 (smoothed), fake -> 0; on every d_steps_every-th step only
-        if eng.step % cfg.d_steps_every == 0:
-            with eng.autocast():
-                loss_D, logit_real, logit_fake = self._d_loss(x, fake.detach(), eng)
-            eng.update(loss_D, self.opt_D)
-        else:
-            with torch.no_grad(), eng.autocast():
-                loss_D, logit_real, logit_fake = self._d_loss(x, fake.detach(), eng)
+        with self.d_grad(eng), eng.autocast():
+            loss_D, logit_real, logit_fake = self._d_loss(x, fake.detach(), eng)
+        self.update_d(loss_D, eng)
         # G: non-saturating, maximise log D(G(z))
         with eng.autocast():
             logit_gen = self.D_train(self._noisy(fake, eng)).float()
@@ -334,30 +461,12 @@ class DCGANTask(GANTask):
 
     # -- the doctor --
     def doctor_observe(self, step: int) -> dict:
-        net = self.cfg.network
-        return self.watch.observe(step, self.D, self.G, self,
-                                  {"ndf": net.ndf, "ngf": net.ngf, "z_dim": net.z_dim, "mbstd": net.mbstd},
-                                  nets=self.nets)
-
-    def knobs(self) -> dict:
-        return {"label_smoothing": self.cfg.label_smoothing, "label_flip": self.cfg.label_flip,
-                "instance_noise": self.cfg.instance_noise, "d_dropout": self.D.dropout,
-                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"],
-                "d_steps_every": self.cfg.d_steps_every}
+        return self.watch.observe(step, self.D, self.G, self, self.network_sizes(), nets=self.nets)
 
     def set_knob(self, name: str, value: float) -> None:
-        if name in ("label_smoothing", "label_flip", "instance_noise"):
-            setattr(self.cfg, name, value)
-        elif name == "d_steps_every":
-            self.cfg.d_steps_every = int(value)
-        elif name in ("lr_g", "lr_d"):
-            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-                g["lr"] = g["base_lr"] = value
-        elif name == "d_dropout":     # the checkpoint's config says D's rate as it is
-            self.D.set_dropout(value)
+        super().set_knob(name, value)
+        if name == "d_dropout":     # the checkpoint's config says D's rate as it is
             self.cfg.network = dataclasses.replace(self.cfg.network, d_dropout=value)
-        else:
-            raise KeyError(name)
 
     @torch.no_grad()
     def samples(self) -> np.ndarray:
@@ -390,14 +499,28 @@ class GANTrainer:
         self.engine = Engine(cfg, out, progress=False, resume=resume)
         self.task = self.task_class(cfg, progress=False)
         self.engine.start(self.task, resume)
-        self.G, self.D, self.opt_G, self.opt_D = self.task.G, self.task.D, self.task.opt_G, self.task.opt_D
+
+    # the task's current networks and optimizers (a doctor's restart replaces them)
+    G = property(lambda self: self.task.G)
+    D = property(lambda self: self.task.D)
+    opt_G = property(lambda self: self.task.opt_G)
+    opt_D = property(lambda self: self.task.opt_D)
 
     @property
     def step(self) -> int:
         return self.engine.step
 
     def train_step(self) -> dict:
-        return {k: float(v) for k, v in self.engine.one_step(self.task).items()}
+        """One step, then the doctor when it is due (its fields in the returned row)."""
+        row = {k: float(v) for k, v in self.engine.one_step(self.task).items()}
+        if self.task.doctor_due(self.step):
+            row.update(self.engine.consult(self.task, self.step))
+        return row
+
+    def keep_best(self) -> dict | None:
+        """End a run stopped on another clock than its steps (a benchmark's budget): put back
+        the doctor's best weights when the last are measurably worse (auto mode)."""
+        return self.task.watch.keep_best(self.step, self.task.nets)
 
     def samples(self) -> np.ndarray:
         return self.task.samples()

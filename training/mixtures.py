@@ -16,7 +16,6 @@ rejection sampling (`ganforge bench modes`, variant doctor-auto+drs).
 from __future__ import annotations
 
 import dataclasses
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,12 +25,12 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ganforge.errors import UsageError
-from ganforge.training.engine import Engine, Task, lr_factor, option
+from ganforge.training.engine import Engine, lr_factor, option
 from ganforge.training.gan import (MLPDiscriminator, MLPGANConfig, MLPGenerator, dropout_masks,
                                   load_checkpoint)
-from ganforge.training.loop import GANDoctor, GANOptions
+from ganforge.training.loop import GANDoctor, GANOptions, GANTask
 from ganforge.training.models import ModelSpec
-from ganforge.training.monitor import FAILURES
+from ganforge.training.remedies import dropout_control
 
 MIXTURES = ("ring", "grid")
 DRS_QUANTILE = 0.95   # gamma: this quantile of F over the burn-in draws (Azadi et al. 2019, sec. 3.3)
@@ -140,77 +139,69 @@ class MixtureTrainConfig(GANOptions):
                 raise UsageError(f"{name}: {value!r} is not allowed; must be {allowed}")
 
 
-class MixtureTask(Task):
+class MixtureTask(GANTask):
     """The non-saturating GAN of DCGANTask on 2-D points: --d-steps D steps, then one G step.
 
-    In doctor auto mode, a restart decision (PacGAN packing, a larger z_dim...) is acted on once:
-    G and D are rebuilt with it (on every rank, from the next step) and trained for the steps
-    that remain; the checkpoint then holds the new networks and their config."""
+    In doctor auto mode a network change (PacGAN packing, a larger z_dim, other widths) restarts
+    the run from the last checkpoint before the failure began, as for every GAN (GANTask.rebuild);
+    the checkpoint then holds the new networks and their config."""
 
     kind = "mlpgan"
+    sizes = {"z_dim": "z_dim", "ngf": "ngf", "ndf": "ndf", "pack": "pack"}
 
     def __init__(self, cfg: MixtureTrainConfig, progress: bool = True):
         super().__init__(cfg)
         self.progress = progress
         self.mix = mixture(cfg.data)
-        self.label_smoothing, self.instance_noise = cfg.label_smoothing, cfg.instance_noise
-        self.pending: MLPGANConfig | None = None      # a restart decided, built at the next step
-        self.restart_step: int | None = None          # the step the restart was decided at
-        self.restart_with: dict = {}                  # ... and the network changes decided
-        self.restarted = False
 
     def setup(self, eng: Engine) -> None:
         cfg = self.cfg
-        net = cfg.network
-        if eng.resume and eng.checkpoint_path().is_file():   # the networks the run had (a restart's)
-            net = MLPGANConfig(**load_checkpoint(eng.checkpoint_path(), ("mlpgan",))["config"])
+        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
+        self.plan_rewind()
         self.device, self.local_batch = eng.device, eng.local_batch
         torch.manual_seed(cfg.seed)
-        self._build(net, eng)
-        held = np.random.default_rng(cfg.seed + 7919)
-        self.held_real = torch.from_numpy(self.mix.sample(512, held)).to(eng.device)
-        held_z = torch.from_numpy(held.standard_normal((512, net.z_dim)).astype(np.float32)).to(eng.device)
-        self.watch = GANDoctor(cfg, self.held_real, held_z, log=self.progress and eng.main,
+        self.build(eng, cfg.lr_g, cfg.lr_d)
+        self.held_real = torch.from_numpy(self.mix.sample(512, np.random.default_rng(cfg.seed + 7919))).to(eng.device)
+        self.watch = GANDoctor(cfg, self.held_real, self._held_z(), log=self.progress and eng.main,
                                mode_of=self.mix.nearest_mode, n_modes=self.mix.n_modes)
 
-    def _build(self, net: MLPGANConfig, eng: Engine) -> None:
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        cfg, net = self.cfg, self.cfg.network
         if eng.local_batch % net.pack:
-            raise UsageError(f"--batch-size: {self.cfg.batch_size} is not allowed on {eng.rt.world} ranks with "
+            raise UsageError(f"--batch-size: {cfg.batch_size} is not allowed on {eng.rt.world} ranks with "
                              f"--pack {net.pack}; each rank's share must divide by --pack")
-        cfg = self.cfg
-        self.net = net
         self.G, self.D = MLPGenerator(net), MLPDiscriminator(net)
         self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
         betas = (cfg.beta1, cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr_g, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr_d, betas=betas)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
         for o in (self.opt_G, self.opt_D):
             for g in o.param_groups:
                 g["base_lr"] = g["lr"]
         self.nets = {"G": self.G, "D": self.D}
         self.opts = {"G": self.opt_G, "D": self.opt_D}
+        self.d_drop = dropout_control(self.D)
 
-    def _restart_z(self) -> None:
-        """The doctor's held-out latents for the restarted G (its z_dim may have changed)."""
-        z = np.random.default_rng(self.cfg.seed + 7919 + 1).standard_normal((512, self.net.z_dim))
-        self.watch.monitor.z = torch.from_numpy(z.astype(np.float32)).to(self.device)
+    def restart_decision(self) -> dict | None:
+        decision = super().restart_decision()
+        if decision and self.local_batch % decision["changes"].get("pack", 1):   # each rank's batch fills its packs
+            changes = {k: v for k, v in decision["changes"].items() if k != "pack"}
+            decision = {**decision, "changes": changes} if changes else None
+        return decision
 
-    def network_config(self) -> MLPGANConfig:
-        return self.net
+    def _held_z(self) -> torch.Tensor:
+        """The doctor's held-out latents, for G's z_dim as it is now."""
+        z = np.random.default_rng(self.cfg.seed + 7919 + 1).standard_normal((512, self.cfg.network.z_dim))
+        return torch.from_numpy(z.astype(np.float32)).to(self.device)
+
+    def rebuilt(self, eng: Engine, payload: dict) -> None:
+        self.watch.monitor.z = self._held_z()     # the restarted G's z_dim may differ
 
     def dataset(self) -> MixturePoints:
         return MixturePoints(self.mix, self.cfg.n_points, self.cfg.seed, self.cfg.d_steps)
 
     def before_step(self, step: int, eng: Engine) -> None:
         cfg = self.cfg
-        if self.pending is not None:
-            # new networks with the decided config, the same held-out batch, the remaining steps
-            # (the learning rates start again from the configured ones)
-            self._build(self.pending, eng)
-            self.pending, self.restarted = None, True
-            self._restart_z()
-            for f in FAILURES:
-                self.watch.monitor.rearm(f)
         decay = 1.0 - (1.0 - cfg.lr_floor) * step / cfg.steps if cfg.lr_decay else 1.0
         factor = lr_factor(cfg.lr_schedule, step, cfg.steps) * decay
         for o in self.opts.values():
@@ -218,27 +209,24 @@ class MixtureTask(Task):
                 g["lr"] = g["base_lr"] * factor
 
     def _noisy(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
-        s = self.instance_noise * (1.0 - eng.step / self.cfg.steps)  # annealed to 0
+        s = self.cfg.instance_noise * (1.0 - eng.step / self.cfg.steps)  # annealed to 0
         return x + s * eng.randn(x.shape[0], *x.shape[1:]) if s else x
 
     def _judge(self, x: torch.Tensor, eng: Engine) -> torch.Tensor:
         """D's logits for this rank's points, its dropout masks drawn for the global batch."""
-        with dropout_masks(self.D.noise(), x.shape[0] // self.net.pack, eng.rand):
+        with dropout_masks(self.D.noise(), x.shape[0] // self.cfg.network.pack, eng.rand):
             return self.D_train(self._noisy(x, eng)).float()
 
     def step(self, batch: torch.Tensor, eng: Engine) -> dict:
         # batch: (B, d_steps, 2), one real batch per D step
-        n, z_dim = batch.shape[0], self.net.z_dim
+        n, z_dim = batch.shape[0], self.cfg.network.z_dim
         for j in range(self.cfg.d_steps):
             x = batch[:, j]
             with torch.no_grad(), eng.autocast():
                 fake = self.G_train(eng.randn(n, z_dim)).float()
-            with eng.autocast():
-                logit_real, logit_fake = self._judge(x, eng), self._judge(fake, eng)
-                loss_D = (F.binary_cross_entropy_with_logits(
-                          logit_real, torch.full_like(logit_real, 1 - self.label_smoothing))
-                          + F.binary_cross_entropy_with_logits(logit_fake, torch.zeros_like(logit_fake)))
-            eng.update(loss_D, self.opt_D)
+            with self.d_grad(eng), eng.autocast():
+                loss_D = self.d_loss(self._judge(x, eng), self._judge(fake, eng), eng)
+            self.update_d(loss_D, eng)
         with eng.autocast():
             logit_gen = self._judge(self.G_train(eng.randn(n, z_dim)), eng)
             loss_G = F.binary_cross_entropy_with_logits(logit_gen, torch.ones_like(logit_gen))
@@ -249,69 +237,8 @@ class MixtureTask(Task):
         return f"loss_D {row['loss_D']:.3f} loss_G {row['loss_G']:.3f}" if "loss_D" in row else ""
 
     # -- the doctor --
-    def doctor_due(self, step: int) -> bool:
-        return self.watch.due(step)
-
     def doctor_observe(self, step: int) -> dict:
-        net = dataclasses.asdict(self.net)
-        row = self.watch.observe(step, self.D, self.G, self, {k: net[k] for k in ("z_dim", "ngf", "pack")})
-        decided = self.watch.doctor.restart_config()
-        if self.cfg.doctor == "auto" and decided and self.restart_step is None and step < self.cfg.steps:
-            if self.local_batch % decided.get("pack", 1):   # each rank's batch must fill its packs
-                decided = {k: v for k, v in decided.items() if k != "pack"}
-            self.pending = dataclasses.replace(self.net, **decided)
-            self.restart_step, self.restart_with = step, decided
-            row["restart"] = decided
-            if self.progress:
-                print(f"\nstep {step}: restarted with {decided}", file=sys.stderr)
-        return row
-
-    def knobs(self) -> dict:
-        """The doctor's knobs, and `network`: the config G and D are (about to be) built with."""
-        return {"label_smoothing": self.label_smoothing, "instance_noise": self.instance_noise,
-                "d_dropout": next(m.p for m in self.D.modules() if isinstance(m, torch.nn.Dropout)),
-                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"],
-                "network": dataclasses.asdict(self.pending or self.net)}
-
-    def set_knob(self, name: str, value) -> None:
-        if name in ("label_smoothing", "instance_noise"):
-            setattr(self, name, value)
-        elif name in ("lr_g", "lr_d"):
-            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-                g["lr"] = g["base_lr"] = value
-        elif name == "d_dropout":
-            self.D.set_dropout(value)
-        elif name == "network":
-            net = MLPGANConfig(**value)
-            if net != self.net:
-                self.pending = net
-        else:
-            raise KeyError(name)
-
-    def extra_state(self) -> dict:
-        return {"knobs": self.knobs(), "doctor": self.watch.state(), "restart_step": self.restart_step,
-                "restart_with": self.restart_with, "restarted": self.restarted}
-
-    def load_extra_state(self, state: dict) -> None:
-        self.restart_step, self.restarted = state.get("restart_step"), bool(state.get("restarted"))
-        self.restart_with = dict(state.get("restart_with") or {})
-        if self.restarted:
-            self._restart_z()
-        knobs = dict(state.get("knobs", {}))
-        network = knobs.pop("network", None)
-        for k, v in knobs.items():
-            self.set_knob(k, v)
-        if network is not None:
-            self.set_knob("network", network)
-        doctor = state.get("doctor", {})
-        records = doctor.get("records", [])
-        if self.restart_step is None:
-            self.watch.load_state(doctor)
-        else:    # the detectors were re-armed when the restart was decided
-            self.watch.load_state({**doctor, "records": [r for r in records if r["step"] <= self.restart_step]})
-            for f in FAILURES:
-                self.watch.monitor.rearm(f)
-            self.watch.monitor.replay([r for r in records if r["step"] > self.restart_step])
+        return self.watch.observe(step, self.D, self.G, self, self.network_sizes())
 
     # -- the end --
     @torch.no_grad()
@@ -325,8 +252,10 @@ class MixtureTask(Task):
         np.save(out / "samples.npy", points)
         scatter({f"{cfg.data} seed {cfg.seed}": points}, self.mix, out / "samples.png")
         return {"samples": str(out / "samples.png"), "points": str(out / "samples.npy"),
-                **self.mix.coverage(points), "n_modes": self.mix.n_modes, "restarted": self.restarted,
-                "restart": self.restart_with if self.restarted else {}, "network": dataclasses.asdict(self.net),
+                **self.mix.coverage(points), "n_modes": self.mix.n_modes,
+                "restarted": bool(self.watch.doctor.restarts),
+                "restart": {k: v for r in self.watch.doctor.restarts for k, v in r["changes"].items()},
+                "network": dataclasses.asdict(self.cfg.network),
                 **self.watch.report(out, f"mlpgan on {cfg.data}, {eng.step} steps")}
 
 

@@ -22,6 +22,8 @@ REGISTRY: dict[str, tuple[str, str]] = {
                   "classical fills (thin plate, harmonic cascade)"),
     "context-encoder": ("ganforge.training.context_encoder", "the context encoder: a U-Net that paints the "
                         "hole, masked L2 + adversarial loss (Pathak et al.)"),
+    "mae": ("ganforge.training.mae", "a masked autoencoder on the context encoder's U-Net: MSE over hidden "
+            "patches; a start for context-encoder --init-from"),
     "progan": ("ganforge.training.progan", "Progressive GAN, grown from 4x4 with fade-in"),
     "mlpgan": ("ganforge.training.mixtures", "a GAN on 2-D mixtures (ring, grid), where modes can be counted"),
     "pix2pix": ("ganforge.training.pix2pix", "pix2pix: U-Net, 70x70 PatchGAN, L1 x 100"),

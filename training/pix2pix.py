@@ -4,8 +4,10 @@
     D: 70x70 PatchGAN on (condition, image) pairs: a map of real/fake logits, one per patch
     L_G = L_adv + lambda_l1 * ‖y − G(c)‖₁,   lambda_l1 = 100
 
-Two offline tasks, both from crops of the same photos:
-- `inpaint`: condition = masked image + mask (the masks of ganforge.masks), target = the photo.
+Two offline tasks, both from crops of the same photos (or from the bundled shapes and digits):
+- `inpaint`: condition = masked image (the hole at 0, mid grey) + mask, target = the photo; the
+  masks of ganforge.masks (`--holes masks`) or the context encoder's holes (`--holes centre`,
+  `random`, `mixed`: with `--data shapes`, the pairs `ganforge bench inpaint-shapes` scores).
   G then has the context encoder's signature `G(masked_image, mask)`, so it exports, serves and
   is benchmarked exactly like the context encoder.
 - `edges`: condition = the photo's edge map (Sobel magnitude, thresholded), target = the photo.
@@ -35,11 +37,13 @@ from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.training import datasets
 from ganforge.training.autoencoders import image_crops
-from ganforge.training.data import item_rng
+from ganforge.training.context_encoder import BUNDLED, HOLES, hole
+from ganforge.training.data import gan_images, item_rng
 from ganforge.training.engine import Engine, option
 from ganforge.training.gan import CONFIGS, SharedDropout, dropout_masks
 from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.models import ModelSpec
+from ganforge.training.remedies import dropout_control
 
 TASKS = ("inpaint", "edges")
 
@@ -165,15 +169,19 @@ def edge_map(images: np.ndarray, threshold: float = 0.12) -> np.ndarray:
 @dataclass
 class Pix2PixTrainConfig(GANOptions):
     """pix2pix training: the engine's settings, the doctor's, and these."""
-    data: str = option("photos", "photos (scikit-image's training split), a folder of images, or a "
-                       ".txt / .jsonl list of image paths (streamed)")
+    data: str = option("photos", "photos (scikit-image's training split), shapes, stacked_digits (made in "
+                       "memory), a folder of images, or a .txt / .jsonl list of image paths (streamed)")
+    holes: str = option("masks", "inpaint: masks (one of --n-images / 4 seeded blocks, strokes or centre "
+                        "squares), or the context encoder's, drawn per image and epoch: centre (a centred square "
+                        "over 0.2-0.4 of the area), random, mixed", choices=("masks",) + HOLES)
     steps: int = option(1000, "optimizer steps of D and G each", min=1)
     batch_size: int = option(16, "global batch size, split evenly across the ranks", min=2)
     tile: int = option(64, "training crop side: >= 32 and a multiple of 2 ** --depth", min=32)
     lambda_l1: float = option(100.0, "weight of the L1 loss (the paper's 100)", min=0)
     lr: float = option(2e-4, "Adam learning rate of G and D (betas 0.5, 0.999)", min=0)
     n_images: int = option(4096, "photos: training crops drawn once per run (1/10 to 6/10 of the "
-                           "photo's shorter side); inpaint: masks, a quarter as many, at least 64", min=2)
+                           "photo's shorter side); shapes, stacked_digits: images made; --holes masks: "
+                           "masks, a quarter as many, at least 64", min=2)
     doctor_every: int = option(100, "steps between s_G / s_D measurements on the held-out batch", min=1)
     network: Pix2PixConfig = option(default_factory=Pix2PixConfig)
 
@@ -188,11 +196,11 @@ CROP_SCALE = (0.1, 0.6)   # crop side as a share of the photo's shorter side
 
 class Pairs(Dataset):
     """pix2pix's training pairs: each crop of `crops` (a data.py data set) with its condition as
-    a fourth channel, uint8 (T, T, 4): a hole mask (inpaint: one of `n_masks` seeded masks,
-    chosen per item and epoch) or the crop's edge map (edges)."""
+    a fourth channel, uint8 (T, T, 4): a hole mask (inpaint: one of `n_masks` seeded masks, or a
+    context encoder's hole of kind `holes`, chosen per item and epoch) or the crop's edge map."""
 
-    def __init__(self, crops: Dataset, task: str, n_masks: int, seed: int):
-        self.crops, self.task, self.n_masks, self.seed = crops, task, n_masks, seed
+    def __init__(self, crops: Dataset, task: str, n_masks: int, seed: int, holes: str = "masks"):
+        self.crops, self.task, self.n_masks, self.seed, self.holes = crops, task, n_masks, seed, holes
 
     def __len__(self) -> int:
         return len(self.crops)
@@ -200,7 +208,9 @@ class Pairs(Dataset):
     def __getitem__(self, key) -> tuple[np.ndarray, list]:
         index, epoch = key if isinstance(key, tuple) else (key, 0)
         crop, bad = self.crops[(index, epoch)]
-        if self.task == "inpaint":
+        if self.task == "inpaint" and self.holes != "masks":
+            condition = hole(crop.shape[0], self.holes, item_rng(self.seed, epoch, index, stream=2))[..., None]
+        elif self.task == "inpaint":
             pick = int(item_rng(self.seed, epoch, index, stream=2).integers(self.n_masks))
             condition = maskgen.mixed(crop.shape[0], crop.shape[1], pick)[..., None]
         else:
@@ -241,10 +251,18 @@ class _Completion(nn.Module):
         return y if self.m is None else self.x * (1 - self.m) + y * self.m
 
 
-def held_pairs(task: str, n: int, tile: int, seed: int, mask_seed: int) -> tuple[np.ndarray, torch.Tensor]:
-    """`n` crops of the held-out photos (never trained on) and their uint8 condition channel."""
-    held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), n, tile, seed=seed)
-    if task == "inpaint":
+def held_pairs(task: str, n: int, tile: int, seed: int, mask_seed: int, data: str = "photos",
+               holes: str = "masks") -> tuple[np.ndarray, torch.Tensor]:
+    """`n` images never trained on (a bundled set drawn with another seed, else crops of the
+    held-out photos) and their uint8 condition channel."""
+    if data in BUNDLED:
+        held = datasets.load_images(data, n, tile, seed)
+    else:
+        held = datasets.random_crops(datasets.skimage_photos(datasets.HELD_OUT_PHOTOS), n, tile, seed=seed)
+    if task == "inpaint" and holes != "masks":
+        rng = np.random.default_rng(mask_seed)
+        channel = np.stack([hole(tile, holes, rng) for _ in range(n)])[..., None]
+    elif task == "inpaint":
         channel = np.stack([maskgen.mixed(tile, tile, mask_seed + i) for i in range(n)])[..., None]
     else:
         channel = edge_map(held)
@@ -256,36 +274,52 @@ class Pix2PixTask(GANTask):
     inpainting, D judges the completion (known pixels kept, G's pixels in the hole)."""
 
     kind = "pix2pix"
+    sizes = {"ndf": "ndf", "ngf": "ngf"}
+    # G's learning rate drives the L1 term as much as the adversarial one: not a knob
+    fixed_knobs = frozenset({"lr_g"})
 
     def __init__(self, cfg: Pix2PixTrainConfig, progress: bool = True):
         super().__init__(cfg)
         self.progress = progress
 
     def setup(self, eng: Engine) -> None:
-        cfg, net, dev = self.cfg, self.cfg.network, eng.device
+        cfg, dev = self.cfg, eng.device
+        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
+        net = cfg.network
+        self.plan_rewind()
         torch.manual_seed(cfg.seed)
-        self.G, self.D = UNet(net), PatchGAN(net)
-        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=(0.5, 0.999))
-        self.nets, self.opts = {"net": self.G, "D": self.D}, {"G": self.opt_G, "D": self.opt_D}
-        self.noise = self.G.noise(cfg.tile)
+        self.build(eng, cfg.lr, cfg.lr)
         # the doctor's fixed held-out batch: real = held-out crops, its `z` = their conditions;
         # D judges (condition, image) pairs, so the D it sees is bound to the held-out conditions
-        held, channel = held_pairs(net.task, 32, cfg.tile, cfg.seed + 7919, 9000)
+        held, channel = held_pairs(net.task, 32, cfg.tile, cfg.seed + 7919, 9000, cfg.data, cfg.holes)
         x = to_tensor(held).to(dev)
         c, m = condition_of(net.task, x, channel.to(dev))
         self.D_held, self.G_held = _Bound(self.D, c), _Completion(self.G, x, m)
         self.watch = GANDoctor(cfg, x, c, log=self.progress and eng.main)
         # the pictures: 8 held-out crops, their conditions, G's outputs
-        self.shown, channel = held_pairs(net.task, 8, cfg.tile, 1, 5000)
+        self.shown, channel = held_pairs(net.task, 8, cfg.tile, 1, 5000, cfg.data, cfg.holes)
         self.shown_x = to_tensor(self.shown).to(dev)
         self.shown_c, self.shown_m = condition_of(net.task, self.shown_x, channel.to(dev))
 
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        net = self.cfg.network
+        self.G, self.D = UNet(net), PatchGAN(net)
+        self.G_train, self.D_train = eng.wrap(self.G), eng.wrap(self.D)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=(0.5, 0.999))
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=(0.5, 0.999))
+        self.nets, self.opts = {"net": self.G, "D": self.D}, {"G": self.opt_G, "D": self.opt_D}
+        self.noise = self.G.noise(self.cfg.tile)
+        self.d_drop = dropout_control(self.D)
+        if hasattr(self, "D_held"):     # a rebuild: the doctor's views follow the new networks
+            self.D_held.D, self.G_held.G = self.D, self.G
+
     def dataset(self) -> Pairs:
         c = self.cfg
-        crops = image_crops(c.data, max(c.n_images, c.batch_size), c.tile, c.seed, CROP_SCALE)
-        return Pairs(crops, c.network.task, max(64, c.n_images // 4), c.seed)
+        if c.data in BUNDLED:
+            crops = gan_images(c.data, max(c.n_images, c.batch_size), c.tile, c.seed)
+        else:
+            crops = image_crops(c.data, max(c.n_images, c.batch_size), c.tile, c.seed, CROP_SCALE)
+        return Pairs(crops, c.network.task, max(64, c.n_images // 4), c.seed, c.holes)
 
     def step(self, batch: torch.Tensor, eng: Engine) -> dict:
         cfg = self.cfg
@@ -296,16 +330,16 @@ class Pix2PixTask(GANTask):
             pred = self.G_train(x * (1 - m), m) if m is not None else self.G_train(c)
         pred = pred.float()
         fake = x * (1 - m) + pred * m if m is not None else pred   # inpaint: D judges the completion
-        # D step: (c, real) -> 1 on every patch, (c, fake) -> 0; halved as in the paper
-        with eng.autocast():
-            d_real = self.D_train(c, x).float()
-            d_fake = self.D_train(c, fake.detach()).float()
-            loss_D = 0.5 * (F.binary_cross_entropy_with_logits(d_real, torch.ones_like(d_real))
-                            + F.binary_cross_entropy_with_logits(d_fake, torch.zeros_like(d_fake)))
-        eng.update(loss_D, self.opt_D)
+        # D step: (c, real) -> 1 on every patch, (c, fake) -> 0; halved as in the paper (the
+        # doctor's label knobs, instance noise and D's steps applied)
+        with self.d_grad(eng), eng.autocast():
+            d_real = self.D_train(c, self._noisy(x, eng)).float()
+            d_fake = self.D_train(c, self._noisy(fake.detach(), eng)).float()
+            loss_D = 0.5 * self.d_loss(d_real, d_fake, eng)
+        self.update_d(loss_D, eng)
         # G step: fool D on every patch + lambda_l1 * L1 to the target
         with eng.autocast():
-            d_gen = self.D_train(c, fake).float()
+            d_gen = self.D_train(c, self._noisy(fake, eng)).float()
             l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
         l_l1 = (pred - x).abs().mean()
         eng.update(l_adv + cfg.lambda_l1 * l_l1, self.opt_G)
@@ -319,16 +353,7 @@ class Pix2PixTask(GANTask):
 
     # -- the doctor (its held-out scores replace the batch's in the row) --
     def doctor_observe(self, step: int) -> dict:
-        return self.watch.observe(step, self.D_held, self.G_held, self, {})
-
-    def knobs(self) -> dict:
-        return {"lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"]}
-
-    def set_knob(self, name: str, value: float) -> None:
-        if name not in ("lr_g", "lr_d"):
-            raise KeyError(name)
-        for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-            g["lr"] = g["base_lr"] = value
+        return self.watch.observe(step, self.D_held, self.G_held, self, self.network_sizes(), nets=self.nets)
 
     @torch.no_grad()
     def samples(self) -> np.ndarray:

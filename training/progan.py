@@ -49,6 +49,7 @@ from ganforge.training.loop import (GANDoctor, GANOptions, GANTask, GANTrainer, 
                                     held_out_reals, to_tensor, to_uint8)
 from ganforge.training.models import ModelSpec
 from ganforge.training.monitor import follow_stages
+from ganforge.training.remedies import dropout_control
 
 
 @dataclass(frozen=True)
@@ -400,6 +401,8 @@ class ProGANTask(GANTask):
     schedule sets (stage, alpha) from the images shown before each step."""
 
     kind = "progan"
+    # restarts: a larger z; D's (ndf) or G's (ngf) width at the top sides, where the maps are fewest
+    sizes = {"z_dim": "z_dim", "ndf": "d_fmap_min", "ngf": "fmap_min"}
 
     def __init__(self, cfg: ProGANTrainConfig, progress: bool = True):
         super().__init__(cfg)
@@ -409,34 +412,69 @@ class ProGANTask(GANTask):
         self.resumed_from: int | None = None
 
     def setup(self, eng: Engine) -> None:
-        cfg, net, dev = self.cfg, self.cfg.network, eng.device
+        cfg, dev = self.cfg, eng.device
         if eng.resume and eng.checkpoint_path().is_file():
-            trained = load_checkpoint(eng.checkpoint_path(), ("progan",))["config"]
-            if trained != dataclasses.asdict(net):
+            saved = load_checkpoint(eng.checkpoint_path(), ("progan",))
+            trained, restarts = saved["config"], saved.get("resume", {}).get("task", {}).get("doctor", {})
+            if trained != dataclasses.asdict(cfg.network) and not restarts.get("restarts"):
                 raise CheckpointError(f"--resume: {eng.checkpoint_path()} was trained with network {trained}, "
-                                      f"not {dataclasses.asdict(net)}")
+                                      f"not {dataclasses.asdict(cfg.network)}")
+            cfg.network = ProGANConfig(**trained)      # a restart's networks, when the doctor made one
+        net = cfg.network
         self.eng = eng
+        self.plan_rewind()
         torch.manual_seed(cfg.seed)
-        self.G, self.D = Generator(net), Discriminator(net)
-        # G's exponential moving average (Karras et al. 2018, sec. A.1; half-life and ramp-up as
-        # in StyleGAN2): what samples, the benchmark and export use; the doctor watches G itself
-        self.G_ema = averaged_copy(self.G).to(dev) if cfg.ema_images else None
-        # the blocks of stages not yet grown take no part in a step
-        self.G_train, self.D_train = eng.wrap(self.G, find_unused=True), eng.wrap(self.D, find_unused=True)
-        betas = (cfg.beta1, cfg.beta2)
-        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=cfg.lr, betas=betas)
-        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=cfg.lr, betas=betas)
-        self.nets = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
-        self.opts = {"G": self.opt_G, "D": self.opt_D}
+        self.build(eng, cfg.lr, cfg.lr)
         self.data = tdata.gan_images(cfg.data, cfg.n_images, net.resolution, cfg.seed)
-        self.fixed_z = fixed_latents(net.z_dim, cfg.seed + 1).to(dev)
+        self._latents(dev)
         # the doctor's fixed held-out batch at full resolution (`held_at_stage` brings it to the
-        # stage), and latents
+        # stage)
         self.held_real = to_tensor(held_out_reals(cfg, self.data, net.resolution)).to(dev)   # (64, C, R, R)
-        self.held_z = fixed_latents(net.z_dim, cfg.seed + 2).to(dev)
         self.step_index = 0
         self.set_stage()
         self.watch = GANDoctor(cfg, self.held_at_stage(), self.held_z, log=self.progress and eng.main)
+
+    def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        cfg, net = self.cfg, self.cfg.network
+        self.G, self.D = Generator(net), Discriminator(net)
+        # G's exponential moving average (Karras et al. 2018, sec. A.1; half-life and ramp-up as
+        # in StyleGAN2): what samples, the benchmark and export use; the doctor watches G itself
+        self.G_ema = averaged_copy(self.G).to(eng.device) if cfg.ema_images else None
+        # the blocks of stages not yet grown take no part in a step
+        self.G_train, self.D_train = eng.wrap(self.G, find_unused=True), eng.wrap(self.D, find_unused=True)
+        betas = (cfg.beta1, cfg.beta2)
+        self.opt_G = torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=betas)
+        self.opt_D = torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=betas)
+        self.nets = {"G": self.G, "D": self.D, **({"G_ema": self.G_ema} if self.G_ema is not None else {})}
+        self.opts = {"G": self.opt_G, "D": self.opt_D}
+        # D's activations are functional: dropout goes after each of its blocks, and after the
+        # final block's conv and dense layer (before their leaky ReLU, which commutes with it)
+        final = self.D.blocks[0]
+        self.d_drop = dropout_control(self.D, [*(m for m in self.D.modules() if isinstance(m, DBlock)),
+                                               final.conv, final.dense])
+
+    def _latents(self, dev) -> None:
+        z_dim, seed = self.cfg.network.z_dim, self.cfg.seed
+        self.fixed_z = fixed_latents(z_dim, seed + 1).to(dev)
+        self.held_z = fixed_latents(z_dim, seed + 2).to(dev)
+
+    def network_sizes(self) -> dict:
+        net = self.cfg.network
+        return {"z_dim": net.z_dim, "ndf": net.d_fmap_min or net.fmap_min, "ngf": net.fmap_min}
+
+    def resized(self, changes: dict) -> ProGANConfig:
+        net = self.cfg.network
+        if "ngf" in changes and "ndf" not in changes:   # G's minimum width grows; D keeps its own
+            changes = {**changes, "ndf": net.d_fmap_min or net.fmap_min}
+        return super().resized(changes)
+
+    def rebuilt(self, eng: Engine, payload: dict) -> None:
+        """Back to the images shown at the checkpoint rewound to; new latents for a new z."""
+        self.shown = int(payload["shown"])
+        self.set_stage()
+        self._latents(eng.device)
+        self.watch.monitor.z = self.held_z
+        self.watch.monitor.set_real(self.held_at_stage())
 
     def dataset(self):
         return self.data
@@ -497,20 +535,19 @@ class ProGANTask(GANTask):
         r1 = cfg.r1_gamma > 0 and self.step_index % cfg.r1_every == 0
         if r1:
             x.requires_grad_(True)
+        r1 = r1 and self.d_turn(eng)
         with eng.autocast():
             fake = self.G_train(z)
+        with self.d_grad(eng), eng.autocast():
             logit_real = self.D_train(self._noisy(x, eng)).float()
             logit_fake = self.D_train(self._noisy(fake.detach(), eng)).float()
-        loss_real = F.softplus(-logit_real).mean()                   # -log D(x): real target 1
-        if cfg.label_smoothing:                                      # real target 1 - smoothing
-            ls = cfg.label_smoothing
-            loss_real = (1 - ls) * loss_real + ls * F.softplus(logit_real).mean()
-        loss_D = loss_real + F.softplus(logit_fake).mean()
-        if r1:
-            (grad,) = torch.autograd.grad(logit_real.sum(), x, create_graph=True)
-            penalty = grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
-            loss_D = loss_D + 0.5 * cfg.r1_gamma * cfg.r1_every * penalty
-        eng.update(loss_D, self.opt_D)
+            # the logistic loss, softplus(-real) + softplus(fake), with the label knobs
+            loss_D = self.d_loss(logit_real, logit_fake, eng)
+            if r1:
+                (grad,) = torch.autograd.grad(logit_real.sum(), x, create_graph=True)
+                penalty = grad.float().pow(2).sum(dim=(1, 2, 3)).mean()
+                loss_D = loss_D + 0.5 * cfg.r1_gamma * cfg.r1_every * penalty
+        self.update_d(loss_D, eng)
         with eng.autocast():
             loss_G = F.softplus(-self.D_train(self._noisy(fake, eng)).float()).mean()
         eng.update(loss_G, self.opt_G)
@@ -538,21 +575,11 @@ class ProGANTask(GANTask):
         follow_stages(self.watch.monitor, self.spans, step)
         self.watch.monitor.set_real(self.held_at_stage())
         extra = {"stage": self.stage, "side": self.cfg.network.side(self.stage), "alpha": round(self.alpha, 4)}
-        return self.watch.observe(step, self.D, self.G, self, {"z_dim": self.cfg.network.z_dim}, extra)
-
-    # D has no dropout, so no d_dropout knob
-    def knobs(self) -> dict:
-        return {"label_smoothing": self.cfg.label_smoothing, "instance_noise": self.cfg.instance_noise,
-                "lr_g": self.opt_G.param_groups[0]["base_lr"], "lr_d": self.opt_D.param_groups[0]["base_lr"]}
-
-    def set_knob(self, name: str, value: float) -> None:
-        if name in ("label_smoothing", "instance_noise"):
-            setattr(self.cfg, name, value)
-        elif name in ("lr_g", "lr_d"):
-            for g in (self.opt_G if name == "lr_g" else self.opt_D).param_groups:
-                g["lr"] = g["base_lr"] = value
-        else:
-            raise KeyError(name)
+        # the best weights are those of the final resolution, faded in: earlier stages' FD is
+        # measured at other sides and does not compare
+        final = self.stage == self.cfg.network.n_stages - 1 and self.alpha >= 1.0
+        return self.watch.observe(step, self.D, self.G, self, self.network_sizes(), extra,
+                                  nets=self.nets if final else None)
 
     # -- checkpoints --
 

@@ -11,13 +11,20 @@ a tensor of the same shape is copied; a resized one (filters halved or doubled, 
 the overlapping slice, the rest keeps its fresh initialisation; a tensor the checkpoint lacks
 stays fresh. The optimizers are rebuilt (Adam's moments do not carry over to other shapes).
 
+`dropout_control(D)` gives every D the course's "dropout in D": D's own dropout layers when
+it was built with them (the DCGAN, the 2-D mixtures' D), otherwise dropout inserted after its
+hidden activations by forward hooks, its rate 0 until the doctor raises it.
+
 `BestWeights` follows the doctor's quality figure (`fd`, lower is better) and holds a copy of
 the networks where it was lowest, so a run that degrades late can end on its best weights.
 """
 
 from __future__ import annotations
 
+from typing import Iterable
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 KEEP_MARGIN = 0.1   # the final weights give way to the best when their fd is > best x (1 + this)
@@ -81,3 +88,31 @@ class BestWeights:
     def load(self, saved: dict) -> None:
         if saved:
             self.step, self.fd, self.state = saved["step"], saved["fd"], saved["state"]
+
+
+class InsertedDropout:
+    """Dropout after each of `sites` (default: D's LeakyReLU modules) for a D built without it:
+    a forward hook on each, so D's weights, its state_dict and its export are unchanged. The
+    rate (`dropout`) is the doctor's knob; at 0 the hooks pass their input through."""
+
+    def __init__(self, D: nn.Module, sites: Iterable[nn.Module] | None = None):
+        self.dropout = 0.0
+        self.sites = list(sites) if sites is not None else [m for m in D.modules() if isinstance(m, nn.LeakyReLU)]
+        if not self.sites:
+            raise ValueError(f"{type(D).__name__} has no site for dropout (no LeakyReLU module)")
+        for m in self.sites:
+            m.register_forward_hook(self._hook)
+
+    def _hook(self, module: nn.Module, inputs, output: torch.Tensor) -> torch.Tensor:
+        return F.dropout(output, self.dropout, module.training) if self.dropout else output
+
+    def set_dropout(self, p: float) -> None:
+        self.dropout = float(p)
+
+
+def dropout_control(D: nn.Module, sites: Iterable[nn.Module] | None = None):
+    """What turns D's dropout: D itself when it has dropout layers of its own (`set_dropout`,
+    `dropout`), else an InsertedDropout over `sites`."""
+    if hasattr(D, "set_dropout") and hasattr(type(D), "dropout"):
+        return D
+    return InsertedDropout(D, sites)

@@ -48,3 +48,33 @@ def test_a_bad_model_argument_is_one_error_line_and_exit_2(tmp_path):
     r = run_cli("bench", "inpaint", "--json", str(tmp_path / "x.json"), "--model", "nolabel")
     assert r.returncode == 2
     assert r.stderr.strip().splitlines()[-1] == "Error: --model: 'nolabel' is not allowed; expected LABEL=PATH"
+
+
+def test_load_models_runs_a_pix2pix_and_a_masked_autoencoder_run_and_refuses_an_edges_pix2pix(tmp_path):
+    from ganforge import masks as maskgen
+    from ganforge.errors import UsageError
+    from ganforge.training import datasets
+    from ganforge.training.mae import MAETrainConfig, MAEUNetConfig, train_mae
+
+    p2p = dict(steps=1, batch_size=2, tile=32, n_images=8, threads=1, doctor="off")
+    train_pix2pix(Pix2PixTrainConfig(data="shapes", holes="centre", network=Pix2PixConfig(ngf=4, ndf=4, depth=5), **p2p),
+                  tmp_path / "p2p", progress=False)
+    train_mae(MAETrainConfig(steps=1, batch_size=2, tile=32, patch=4, n_images=8, threads=1,
+                             network=MAEUNetConfig(width=8, depth=3, dilations=(1, 2))), tmp_path / "mae", progress=False)
+    r = run_cli("bench", "inpaint", "--json", str(tmp_path / "b.json"), "--n", "1", "--size", "32", "--no-classical",
+                "--model", f"m={tmp_path / 'mae'}")      # a fresh process: no training module imported before
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / "b.json").read_text())["m"]["centre25"]["psnr"] > 0
+    logged = []
+    methods = bench.load_models([f"p={tmp_path / 'p2p'}", f"m={tmp_path / 'mae'}"], log=logged.append)
+    assert list(methods) == ["p", "m"] and "pix2pix, tile 32" in logged[0] and "mae, tile 32" in logged[1]
+    image, mask = datasets.shapes(1, 32, seed=5).images[0], maskgen.centre(32, 32, 0.25)
+    for fn in methods.values():
+        out = fn(image, mask)
+        assert out.shape == image.shape and np.array_equal(out[mask == 0], image[mask == 0])
+        assert not np.array_equal(out[mask > 0], image[mask > 0])
+    train_pix2pix(Pix2PixTrainConfig(network=Pix2PixConfig(task="edges", ngf=4, ndf=4, depth=5), **p2p),
+                  tmp_path / "edges", progress=False)
+    with pytest.raises(UsageError, match="^--model: .* holds a pix2pix 'edges' model; only a pix2pix trained "
+                                         "with --task inpaint inpaints$"):
+        bench.load_models([f"e={tmp_path / 'edges'}"])

@@ -43,20 +43,23 @@ def test_bench_progan_tiny_run_writes_both_curves_and_records_the_widths(tmp_pat
 
 def test_bench_progan_refuses_a_bad_width_before_training(tmp_path):
     r = run_cli("bench", "progan", "--fmap-base", "0", "--json", str(tmp_path / "x.json"))
-    assert r.returncode == 1 and "fmap_base must be >= 1, got 0" in r.stderr
+    assert r.returncode == 2
+    assert r.stderr.strip().splitlines()[-1] == "Error: --fmap-base: must be >= 1, got 0"
     assert not (tmp_path / "x.json").exists()
 
 
 def test_bench_progan_refuses_a_bad_learning_rate_before_training(tmp_path):
     for flag in ("--lr", "--dcgan-lr"):
         r = run_cli("bench", "progan", flag, "-0.001", "--json", str(tmp_path / "x.json"))
-        assert r.returncode == 1 and f"{flag} must be > 0, got -0.001" in r.stderr, r.stderr
+        assert r.returncode == 2, r.stderr
+        assert r.stderr.strip().splitlines()[-1] == f"Error: {flag}: -0.001 is not allowed; must be > 0"
     assert not (tmp_path / "x.json").exists()
 
 
 def test_bench_progan_refuses_a_decay_start_outside_the_budget(tmp_path):
     r = run_cli("bench", "progan", "--decay-from", "1.5", "--json", str(tmp_path / "x.json"))
-    assert r.returncode == 1 and "--decay-from must be in [0, 1], got 1.5" in r.stderr, r.stderr
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.strip().splitlines()[-1] == "Error: --decay-from: 1.5 is not allowed; must be in [0, 1]"
     assert not (tmp_path / "x.json").exists()
 
 
@@ -84,17 +87,18 @@ def test_an_arm_scales_every_param_group_from_its_base_rate_on_its_own_clock():
     assert [base for _, base in arm.groups] == [0.1, 0.004]
 
 
-def test_an_arm_on_the_training_engine_scales_the_base_rate_the_engine_sets_each_step_from(tmp_path):
+def test_an_arm_on_the_training_engine_scales_its_rates_through_the_engine(tmp_path):
     from ganforge.training.progan import ProGANConfig, ProGANTrainConfig, ProGANTrainer
 
     pg = ProGANTrainer(ProGANTrainConfig(batch_size=4, n_images=8, lr=0.002, device="cpu", threads=1,
                                          network=ProGANConfig(z_dim=8, resolution=8, fmap_base=32, fmap_max=8,
                                                               fmap_min=4)), tmp_path)
-    arm = Arm("progan", pg.train_step, None, None, (pg.opt_G, pg.opt_D), budget=1.0, decay_from=0.5)
+    arm = Arm("progan", pg.train_step, None, None, engine=pg.engine, budget=1.0, decay_from=0.5)
     arm.clock = 2.0                                     # past the budget: the rate is 0
     arm.train_for(0.01)
     assert pg.step >= 1 and pg.opt_G.param_groups[0]["lr"] == pg.opt_D.param_groups[0]["lr"] == 0.0
-    assert [base for _, base in arm.groups] == [0.002, 0.002]
+    # the base rates stay the engine's (and the doctor's): the schedule scales them
+    assert pg.engine.lr_scale == 0.0 and pg.opt_G.param_groups[0]["base_lr"] == 0.002
 
 
 def test_time_to_quality_on_single_evaluations_and_on_3_evaluation_medians():

@@ -125,18 +125,19 @@ def test_a_restart_rewinds_to_the_checkpoint_before_the_failure_with_the_changed
     final = eng.save(task)
     payload = load_checkpoint(final)
     assert payload["config"]["z_dim"] == 32 and payload["config"]["mbstd"] is True
-    assert payload["train"]["network"]["ngf"] == 16
+    assert payload["train"]["network"]["ngf"] == 8    # the settings the run was started with
     build_dcgan(payload)                       # export rebuilds from the config
 
 
-def test_an_auto_run_restarts_once_and_says_so(tmp_path):
+def test_an_auto_run_restarts_and_says_so(tmp_path):
     torch.set_num_threads(1)
     s = train_dcgan(config("d-dominates", doctor="auto", steps=60), tmp_path, progress=False)
     assert s["restarts"] and s["restarts"][0]["changes"] == {"ndf": 32, "ngf": 8}
     r = s["restarts"][0]
-    assert r["from_step"] < r["step"]
+    assert r["from_step"] < r["step"] and len(s["restarts"]) <= 2    # at most 2, one per failure
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
-    assert payload["config"]["ndf"] == 32 and payload["config"]["ngf"] == 8 and payload["step"] == 60
+    final = {k: v for restart in s["restarts"] for k, v in restart["changes"].items()}
+    assert {k: payload["config"][k] for k in final} == final and payload["step"] == 60
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     marks = [row for row in rows if "rewound_to" in row]
     assert marks[0]["rewound_to"] == r["from_step"] and marks[0]["restart"] == {"ndf": 32, "ngf": 8}
@@ -148,7 +149,7 @@ def test_an_auto_run_restarts_once_and_says_so(tmp_path):
 
 
 def test_the_final_checkpoint_holds_the_best_weights_when_the_last_are_worse(trainer, tmp_path):
-    eng, task = trainer.engine, trainer.task
+    task = trainer.task
     for _ in range(3):
         trainer.train_step()
     task.watch.observe(3, task.D, task.G, task, {}, nets=task.nets)

@@ -134,8 +134,9 @@ def test_two_gloo_ranks_follow_one_process_through_a_doctor_restart(tmp_path):
     for n in ("G", "D"):   # DDP keeps the ranks identical
         for k, v in two[0]["state"][n].items():
             assert torch.equal(v, two[1]["state"][n][k]), (n, k)
-    rows = logged_rows_agree(tmp_path / "one", tmp_path / "two", steps=[1, 2, 3, 4, 5, 6])
-    assert rows[1]["restart"] == {"z_dim": 4, "ngf": 16, "pack": 2}
+    # decided at step 2, the run rewinds to its start (the last checkpoint before the failure)
+    rows = logged_rows_agree(tmp_path / "one", tmp_path / "two", steps=[1, 2, 1, 2, 3, 4, 5, 6])
+    assert rows[1]["restart"] == {"z_dim": 4, "ngf": 16, "pack": 2} and rows[1]["rewound_to"] == 0
 
 
 class _CutAt(MixtureTask):
@@ -150,7 +151,7 @@ class _CutAt(MixtureTask):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-@pytest.mark.parametrize("cut", [2, 3])   # the restart decided at step 2, built at step 3
+@pytest.mark.parametrize("cut", [1, 3])   # before the restart (decided at step 2), after it
 def test_a_run_cut_by_sigterm_resumes_through_the_restart_to_the_uninterrupted_result(tmp_path, cut):
     cfg = options.config_from(MixtureTrainConfig, "mlpgan", overrides={**RESTART, "sync_bn": False})
     ref = Engine(cfg, tmp_path / "ref", progress=False).fit(MixtureTask(cfg, progress=False))
@@ -163,7 +164,7 @@ def test_a_run_cut_by_sigterm_resumes_through_the_restart_to_the_uninterrupted_r
     for n in ("G", "D"):
         for k, v in a["state"][n].items():
             assert torch.equal(v, b["state"][n][k]), (n, k)
-    assert (tmp_path / "ref" / "metrics.jsonl").read_text().count("\n") == 6
+    assert (tmp_path / "ref" / "metrics.jsonl").read_text().count("\n") == 8   # steps 1, 2, rewind, 1..6
     strip = lambda run: [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                          for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
     assert strip("ref") == strip("cut")

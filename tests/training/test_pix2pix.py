@@ -208,3 +208,22 @@ def test_two_gloo_ranks_draw_the_noise_and_the_masks_of_one_process(tmp_path):
     assert two[0]["knobs"] == two[1]["knobs"] == one["knobs"]
     # dropout drawn per rank moves the first step's L1 by about 1e-3; the shared draw agrees to 1e-6
     logged_rows_agree(tmp_path / "one", tmp_path / "two", steps=[1, 2])
+
+
+def test_pix2pix_trains_on_holed_shapes_with_the_context_encoders_holes(tmp_path):
+    from ganforge.training.pix2pix import Pairs, Pix2PixTask
+    from ganforge.training.engine import Engine
+
+    cfg = Pix2PixTrainConfig(data="shapes", holes="centre", steps=1, batch_size=2, tile=32, n_images=8, threads=1,
+                             doctor="off", network=Pix2PixConfig(**TINY))
+    task = Pix2PixTask(cfg, progress=False)
+    Engine(cfg, tmp_path / "run", progress=False).start(task)
+    pairs = task.dataset()
+    assert isinstance(pairs, Pairs) and len(pairs) == 8
+    item = pairs[(3, 0)][0]
+    hole = item[..., 3] > 0
+    rows, cols = np.nonzero(hole)
+    assert item.shape == (32, 32, 4) and 0.19 <= hole.mean() <= 0.41          # a centre hole of 20-40 %
+    assert abs(rows.min() + rows.max() - 31) <= 1 and abs(cols.min() + cols.max() - 31) <= 1    # centred
+    summary = train_pix2pix(cfg, tmp_path / "run2", progress=False)
+    assert summary["steps"] == 1 and load_checkpoint(tmp_path / "run2", ("pix2pix",))["train"]["holes"] == "centre"

@@ -12,8 +12,9 @@ import torch
 
 from ganforge.errors import CheckpointError
 from ganforge.training import datasets
+from ganforge.training.doctor import Doctor
 from ganforge.training.gan import load_checkpoint
-from ganforge.training.monitor import Diagnosis, Doctor, Monitor, Thresholds, stage_at
+from ganforge.training.monitor import Diagnosis, Monitor, Thresholds, stage_at
 from ganforge.training.progan import (Discriminator, Generator, ProGANConfig, ProGANTrainConfig,
                                       ProGANTrainer, stage_spans, train_progan)
 from tests.conftest import run_cli
@@ -171,13 +172,14 @@ def test_doctor_off_measures_nothing_and_writes_no_report(tmp_path):
 def test_auto_remedies_go_through_the_trainer_and_survive_a_checkpoint(tmp_path):
     trainer = ProGANTrainer(tiny_train(r1_gamma=0.0), tmp_path)
     task = trainer.task
-    assert set(task.knobs()) == {"label_smoothing", "instance_noise", "lr_g", "lr_d"}  # no dropout in D
     doctor = Doctor(Monitor(task.held_at_stage(), task.held_z), "auto")
     d = Diagnosis("d_dominates", 3, {"stage": 0}, "forced")
     done = doctor.remedy(d, task, {"z_dim": 8})
     assert [(i.knob, i.old, i.new) for i in done] == [
-        ("label_smoothing", 0.0, 0.2), ("instance_noise", 0.0, 0.1), ("lr_d", 1e-3, 5e-4)]
-    assert task.knobs() == {"label_smoothing": 0.2, "instance_noise": 0.1, "lr_g": 1e-3, "lr_d": 5e-4}
+        ("label_smoothing", 0.0, 0.2), ("label_flip", 0.0, 0.05), ("instance_noise", 0.0, 0.1),
+        ("d_dropout", 0.0, 0.2), ("lr_d", 1e-3, 5e-4), ("d_steps_every", 1, 2)]
+    assert task.knobs() == {"label_smoothing": 0.2, "label_flip": 0.05, "instance_noise": 0.1, "d_dropout": 0.2,
+                            "lr_g": 1e-3, "lr_d": 5e-4, "d_steps_every": 2}
     rec = trainer.train_step()                                 # trains with them
     assert np.isfinite(rec["loss_D"]) and np.isfinite(rec["loss_G"])
     assert trainer.opt_D.param_groups[0]["lr"] == 5e-4
@@ -193,19 +195,24 @@ def test_auto_remedies_go_through_the_trainer_and_survive_a_checkpoint(tmp_path)
 
 def test_auto_on_a_run_applies_a_remedy_per_stage_and_a_resumed_run_matches(tmp_path):
     """--doctor auto, forced "G dominates" (early everywhere, patience 2): the condition holds
-    at every observation, so only the stage change re-arms it; each stage's diagnosis halves G's
-    learning rate and doubles D's. A run cut at a stage's first step and resumed reports and trains exactly as
-    the uninterrupted one (the detector's streak is carried over the resume)."""
+    at every observation, so only the stage change and the restart re-arm it. The first
+    diagnosis strengthens D by a restart (D twice as wide, rewound to the start), and every
+    diagnosis halves G's learning rate and doubles D's. A run cut at a stage's first step and
+    resumed reports and trains exactly as the uninterrupted one (the detector's streak and the
+    restart are carried over the resume)."""
     forced = Thresholds(g_dom_s_G=0.0, g_dom_s_D=1.0, early_fraction=1.0, patience=2)
     kw = dict(doctor="auto", doctor_every=1, thresholds=forced)
     full = tmp_path / "full"
     train_progan(tiny_train(steps=10, **kw), full, progress=False)
     doc = json.loads((full / "doctor.json").read_text())
-    assert [(d["step"], d["evidence"]["stage"]) for d in doc["diagnoses"]] == [(2, 0), (8, 1)]
-    assert [(i["step"], i["knob"], i["old"], i["new"]) for i in doc["interventions"]] == [
-        (2, "lr_g", 1e-3, 5e-4), (2, "lr_d", 1e-3, 2e-3), (8, "lr_g", 5e-4, 2.5e-4), (8, "lr_d", 2e-3, 4e-3)]
-    assert load_checkpoint(full)["resume"]["optimizers"]["D"]["param_groups"][0]["lr"] == 4e-3
-    assert "- step 8: set lr_d 0.002 -> 0.004 (g_dominates:" in (full / "doctor.md").read_text()
+    assert [(d["step"], d["evidence"]["stage"]) for d in doc["diagnoses"]] == [(2, 0), (2, 0), (8, 1)]
+    assert [(r["step"], r["from_step"], r["changes"]) for r in doc["restarts"]] == [(2, 0, {"ndf": 16})]
+    assert [(i["step"], i["knob"], i["old"], i["new"]) for i in doc["interventions"] if i["action"] == "set"] == [
+        (2, "lr_g", 1e-3, 5e-4), (2, "lr_d", 1e-3, 2e-3), (2, "lr_g", 5e-4, 2.5e-4), (2, "lr_d", 2e-3, 4e-3),
+        (8, "lr_g", 2.5e-4, 1.25e-4), (8, "lr_d", 4e-3, 8e-3)]
+    assert load_checkpoint(full)["resume"]["optimizers"]["D"]["param_groups"][0]["lr"] == 8e-3
+    assert load_checkpoint(full)["config"]["d_fmap_min"] == 16
+    assert "step 2: restarted from the checkpoint of step 0 with ndf=16" in (full / "doctor.md").read_text()
 
     cut = tmp_path / "cut"
     train_progan(tiny_train(steps=7, **kw), cut, progress=False)      # stage 1 began at step 7
@@ -227,7 +234,10 @@ def test_cli_doctor_flags_reach_progan(tmp_path):
     r = run_cli(*common, "--doctor", "auto", "--doctor-every", "1",
                 "--thresholds", "g_dom_s_G=0,g_dom_s_D=1,early_fraction=1,patience=1")
     assert r.returncode == 0, r.stderr
-    assert "doctor (auto): diagnoses g_dominates (stage 0), g_dominates (stage 1);" in r.stdout
+    # stage 0's diagnosis restarts with a wider D, rewound to the start, and is made again
+    assert "doctor (auto): diagnoses g_dominates (stage 0), g_dominates (stage 0), g_dominates (stage 1);" in r.stdout
     doc = json.loads((out / "doctor.json").read_text())
-    assert doc["mode"] == "auto" and [i["knob"] for i in doc["interventions"]] == ["lr_g", "lr_d"] * 2
-    assert [r["step"] for r in lines(out) if "s_G" in r] == [1, 2, 3, 4]
+    assert doc["mode"] == "auto" and [i["knob"] for i in doc["interventions"] if i["action"] == "set"] == [
+        "lr_g", "lr_d"] * 3
+    assert [(r["from_step"], r["changes"]) for r in doc["restarts"]] == [(0, {"ndf": 32})]
+    assert [r["step"] for r in lines(out) if "s_G" in r] == [1, 1, 2, 3, 4]
