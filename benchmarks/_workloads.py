@@ -1,5 +1,6 @@
-"""Requests for each kind of served model, built from the model's own config: shared by the
-serving benchmark and the load test. numpy only (no torch)."""
+"""Requests for each kind of served model, built from the model's own config, and the timing
+helpers: shared by the serving benchmark, the load test and the quantization benchmark. numpy
+only (no torch)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ganforge.errors import UsageError
 from ganforge.serving.repository import read_config
 
 
@@ -50,6 +52,8 @@ def discover(repository) -> dict[str, Workload]:
 
     from google.protobuf.json_format import MessageToDict
 
+    if not Path(repository).is_dir():
+        raise UsageError(f"--repository: {repository} is not a folder")
     found: dict[str, Workload] = {}
     for d in sorted(Path(repository).iterdir()):
         if not (d / "config.pbtxt").is_file():
@@ -57,7 +61,9 @@ def discover(repository) -> dict[str, Workload]:
         cfg = MessageToDict(read_config(d / "config.pbtxt"), preserving_proto_field_name=True)
         inputs = {i["name"]: (DTYPES[i["data_type"]], [int(x) for x in i["dims"]]) for i in cfg.get("input", [])}
         names = set(inputs)
-        onnx = d / "1" / "model.onnx"
+        # the version Triton answers a request that names none with: the highest
+        versions = sorted((int(v.name) for v in d.iterdir() if v.name.isdigit()), reverse=True)
+        onnx = d / str(versions[0] if versions else 1) / "model.onnx"
         mb = int(cfg.get("max_batch_size", 0))
         outputs = [o["name"] for o in cfg.get("output", [])] or ["image"]
         if names == {"seed", "index"} and outputs == ["image"]:   # NAME_sampler answers latents
@@ -86,3 +92,13 @@ def timed(fn, *args) -> float:
     t0 = time.perf_counter()
     fn(*args)
     return time.perf_counter() - t0
+
+
+def run_for(seconds: float, fn, min_iters: int = 3) -> list[float]:
+    """The latencies of calls of `fn` for `seconds`, at least `min_iters` of them."""
+    lat, t0 = [], time.perf_counter()
+    while time.perf_counter() - t0 < seconds or len(lat) < min_iters:
+        t = time.perf_counter()
+        fn()
+        lat.append(time.perf_counter() - t)
+    return lat

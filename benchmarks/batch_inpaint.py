@@ -4,7 +4,7 @@ same ONNX model run in-process with ONNX Runtime, on the same items, side by sid
     ganforge bench batch-inpaint [--items N] [--model NAME] [--repository DIR]
                                  [--concurrency N] [--rounds R] [--json PATH] [--quick]
 
-Both sides run the whole job pipeline of serving/jobs.py (decode, check, crop, resize, paste
+Both sides run the whole job pipeline of serving/jobs/ (decode, check, crop, resize, paste
 back, PNG encode, atomic write, journal) on the same photos and masks; only who answers a batch
 differs: Triton over asynchronous gRPC, or an ONNX Runtime session in this process. After an
 untimed warm-up of both sides on 64 items, rounds are paired (in-process then served, then
@@ -14,9 +14,10 @@ job's own decoding and encoding, the served side pays for both; the in-process s
 model on the same cores without gRPC.
 
 The model: `--model` (default: the trained `inpainter_photos` when it is there) from
-`--repository` (default: the committed model_repository/) when it is there, otherwise the untrained fill inpainter (export/fill_inpainter.py) at tile 64, with
-`--convs N` random 3x3 convolutions for the compute of a small learned model. The outputs
-of the two sides are compared byte for byte too.
+`--repository` (default: the committed model_repository/) when it is there, otherwise the
+untrained fill inpainter (export/fill_inpainter.py) at tile 64, with `--convs N` random 3x3
+convolutions for the compute of a small learned model. The outputs of the two sides are
+compared byte for byte too.
 
 JSON keys: `items`, `served_items_per_s` / `inprocess_items_per_s` (per round),
 `round_ratios` (served / in-process per round), `ratio` (their median), `outputs_identical`,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from ganforge.benchmarks._quality import default_model, held_out_images, psnr, ssim, table
+from ganforge.errors import UsageError
 
 SIGMAS = (15, 25, 50)
 
@@ -76,8 +77,7 @@ def run(argv: list[str]) -> int:
     from ganforge.serving.tiles import run_tiled
 
     if not Path(a.model).is_file():
-        print(f"Error: --model: {a.model} does not exist (export a denoiser or run `make models`)")
-        return 2
+        raise UsageError(f"--model: {a.model} does not exist (export a denoiser or run `make models`)")
     t0 = time.perf_counter()
     photos, source = held_out_images(a.images, a.quick)
     if a.quick:

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from ganforge.benchmarks._workloads import discover, percentiles
+from ganforge.errors import UsageError
 
 
 def tree_rss_bytes(pid: int) -> int:
@@ -51,7 +52,7 @@ def run_load(url: str, repository: str, duration: float, concurrency: int,
 
     workloads = list(discover(repository).values())
     if not workloads:
-        raise SystemExit(f"Error: --repository: no servable models in {repository}")
+        raise UsageError(f"--repository: no servable models in {repository}")
     stop = threading.Event()
     lock = threading.Lock()
     stats = {"requests": 0, "images": 0, "errors": 0, "messages": [], "latencies": [],

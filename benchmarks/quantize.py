@@ -48,6 +48,21 @@ def workload(model_dir: Path, name: str):
     return Workload(kind, name, inputs, int(cfg.get("max_batch_size", 0)), cfg["output"][0]["name"])
 
 
+def fp32_copy(src: Path, dest: Path) -> Path:
+    """Copy model directory `src` to `dest` with its FP32 version only (a shipped directory
+    may also hold an INT8 version, which Triton would serve by default); the FP32 graph's path."""
+    from ganforge.export.quantize import (_set_version_policy, fp32_version, read_manifest,
+                                          record_version, version_records)
+
+    v = str(fp32_version(src))
+    shutil.copytree(src, dest, ignore=lambda d, names: [n for n in names if Path(d) == src
+                                                        and n.isdigit() and n != v])
+    info = read_manifest(dest)
+    _set_version_policy(dest)
+    record_version(dest, int(v), version_records(info).get(v, {"precision": "fp32"}), base=info)
+    return dest / v / "model.onnx"
+
+
 def images_per_s(sess, feed: dict, seconds: float) -> float:
     from ganforge.benchmarks.serve import run_for
 
@@ -177,8 +192,7 @@ def run(argv: list[str]) -> int:
         tmp_repo = Path(tmp) / "model_repository"
         paths: dict[str, dict[str, Path]] = {}
         for m in models:
-            shutil.copytree(repo / m, tmp_repo / m)
-            fp32 = tmp_repo / m / "1" / "model.onnx"
+            fp32 = fp32_copy(repo / m, tmp_repo / m)
             results[m] = {"fp32": {}}
             paths[m] = {"fp32": fp32}
             for p in precisions:

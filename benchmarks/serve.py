@@ -10,11 +10,13 @@ inpainting), on the same ONNX file and machine:
   * batch-1 requests at client concurrency 1/4/16/32/64 with dynamic batching on, and off (a
     copy of the model whose config has no dynamic_batching, served beside it);
   * any other server given with --url, for the models it serves.
-Load generators: tritonclient's asyncio gRPC client, and Triton's C++ perf_analyzer where
-installed (`make venv` puts it in the venv): the headline ratios are measured with both inside
-the same in-process brackets, and the top-level keys are perf_analyzer's when it ran.
-Throughput is images/s; latency p50/p95/p99 per request. Also the ceiling: the model's FLOPs per
-image (counted from the ONNX graph) and this machine's measured float32 matmul throughput.
+Load generators (_loadgen.py): tritonclient's asyncio gRPC client, and Triton's C++
+perf_analyzer where installed (`make venv` puts it in the venv): the headline ratios are
+measured with both inside the same in-process brackets, and the top-level keys are
+perf_analyzer's when it ran.
+Throughput is images/s; latency p50/p95/p99 per request. Also the ceiling (_ceiling.py): the
+model's FLOPs per image (counted from the ONNX graph) and this machine's measured float32 matmul
+throughput.
 
 JSON keys: `served_vs_inprocess_ratio` (served batch 16, best of concurrency 1-2, over
 in-process batch 16), `dynamic_batching_ratio` (batch-1 requests at concurrency 32, served,
@@ -24,13 +26,8 @@ over in-process batch 16), `p99_over_p50_at_c32`, per-kind tables, `ceiling`.
 from __future__ import annotations
 
 import argparse
-import asyncio
-import csv
 import json
-import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -38,85 +35,16 @@ from pathlib import Path
 
 import numpy as np
 
-from ganforge.benchmarks._workloads import Workload, discover, percentiles
+from ganforge.benchmarks._ceiling import matmul_flops, onnx_macs_per_image
+from ganforge.benchmarks._loadgen import perf_analyzer_path, served, served_perf_analyzer
+from ganforge.benchmarks._workloads import Workload, discover, percentiles, run_for
+from ganforge.errors import UsageError
 
 BATCHES = (1, 4, 16, 64)
 CONCURRENCY = (1, 4, 16, 32, 64)
 
 
-# -- the ceiling ------------------------------------------------------------------------------
-
-def onnx_macs_per_image(path: str) -> int:
-    """Multiply-accumulates of Conv / ConvTranspose / MatMul / Gemm for one image (batch 1)."""
-    import onnx
-    from onnx import shape_inference
-
-    model = onnx.load(path)
-    for inp in model.graph.input:
-        dims = inp.type.tensor_type.shape.dim
-        if dims and not dims[0].HasField("dim_value"):
-            dims[0].Clear()
-            dims[0].dim_value = 1
-    model = shape_inference.infer_shapes(model, data_prop=True)
-    shapes = {}
-    for vi in [*model.graph.input, *model.graph.value_info, *model.graph.output]:
-        shapes[vi.name] = [d.dim_value for d in vi.type.tensor_type.shape.dim]
-    for init in model.graph.initializer:
-        shapes[init.name] = list(init.dims)
-    macs = 0
-    for node in model.graph.node:
-        if node.op_type in ("Conv", "ConvTranspose") and len(node.input) > 1:
-            w = shapes.get(node.input[1])
-            ref = shapes.get(node.output[0] if node.op_type == "Conv" else node.input[0])
-            if not w or not ref or 0 in ref:
-                continue
-            groups = next((a.i for a in node.attribute if a.name == "group"), 1) or 1
-            k = int(np.prod(w[2:]))
-            if node.op_type == "Conv":   # out elems x (Cin/groups x k)
-                macs += int(np.prod(ref)) * (w[1] * k)
-            else:                        # in elems x (Cout/groups x k); weight (Cin, Cout/groups, k)
-                macs += int(np.prod(ref)) * (w[1] * k)
-            del groups
-        elif node.op_type in ("MatMul", "Gemm"):
-            a, b = shapes.get(node.input[0]), shapes.get(node.input[1])
-            if a and b and 0 not in a and 0 not in b:
-                macs += int(np.prod(a)) * b[-1]
-    return macs
-
-
-def matmul_flops(seconds: float = 2.0, n: int = 1024) -> float:
-    """This machine's float32 matmul throughput (FLOP/s) through ONNX Runtime's own GEMM (MLAS,
-    all cores): the kernels the models run on. numpy's BLAS is not the reference: on this
-    machine it reached half of what MLAS does."""
-    import onnxruntime as ort
-    from onnx import TensorProto, helper
-
-    graph = helper.make_graph(
-        [helper.make_node("MatMul", ["a", "b"], ["c"])], "matmul",
-        [helper.make_tensor_value_info(x, TensorProto.FLOAT, [n, n]) for x in ("a", "b")],
-        [helper.make_tensor_value_info("c", TensorProto.FLOAT, [n, n])])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
-    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
-    a = np.random.default_rng(0).standard_normal((n, n)).astype(np.float32)
-    feed = {"a": a, "b": a.copy()}
-    sess.run(None, feed)
-    reps, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        sess.run(None, feed)
-        reps += 1
-    return 2 * n ** 3 * reps / (time.perf_counter() - t0)
-
-
-# -- the peers --------------------------------------------------------------------------------
-
-def run_for(seconds: float, fn, min_iters: int = 3) -> list[float]:
-    lat, t0 = [], time.perf_counter()
-    while time.perf_counter() - t0 < seconds or len(lat) < min_iters:
-        t = time.perf_counter()
-        fn()
-        lat.append(time.perf_counter() - t)
-    return lat
-
+# -- the peers ----------------------------------------------------------------------------------
 
 class InProcess:
     """The peer: the same ONNX file in this process with ONNX Runtime (for generation by seed,
@@ -204,118 +132,7 @@ def interleaved_ratios(url: str, w: Workload, onnx_path: str, seconds: float, ro
     return {**top, "client": headline, "inprocess_batch16_rounds": ip_rounds, "by_client": by_client}
 
 
-def served(url: str, model: str, w: Workload, batch: int, concurrency: int, seconds: float) -> dict:
-    """`concurrency` requests kept in flight for `seconds` with tritonclient's asyncio gRPC
-    client on one event loop: the cheapest client for the shared CPU (measured here: 64 Python
-    threads with blocking clients cost the server about half its throughput at concurrency 32)."""
-
-    return asyncio.run(_served(url, model, w, batch, concurrency, seconds))
-
-
-async def _served(url, model, w, batch, concurrency, seconds) -> dict:
-    import tritonclient.grpc as grpcclient
-    import tritonclient.grpc.aio as aioclient
-    from tritonclient.utils import np_to_triton_dtype
-
-    from ganforge.serving.client import MAX_MESSAGE_BYTES
-
-    client = aioclient.InferenceServerClient(
-        url, channel_args=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                           ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
-    rng = np.random.default_rng(batch * 1000 + concurrency)
-
-    def make_inputs():
-        out = []
-        for name, array in w.request(batch, rng).items():
-            t = grpcclient.InferInput(name, list(array.shape), np_to_triton_dtype(array.dtype))
-            t.set_data_from_numpy(array)
-            out.append(t)
-        return out
-
-    lat: list[float] = []
-    errors: list[str] = []
-    try:
-        per_worker = [make_inputs() for _ in range(concurrency)]
-        await client.infer(model, per_worker[0])  # warm the channel
-        stop_at = time.perf_counter() + seconds
-
-        async def worker(inputs):
-            while time.perf_counter() < stop_at:
-                t = time.perf_counter()
-                try:
-                    result = await client.infer(model, inputs)
-                    if result.as_numpy(w.output) is None:
-                        raise RuntimeError(f"{model}: no output {w.output!r} in the response")
-                    lat.append(time.perf_counter() - t)
-                except Exception as exc:  # counted and reported, never hidden
-                    errors.append(str(exc)[:200])
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(worker(i) for i in per_worker))
-        elapsed = time.perf_counter() - t0
-    finally:
-        await client.close()
-    return {"images_per_s": round(batch * len(lat) / elapsed, 2), "requests": len(lat),
-            "errors": len(errors), **({"error_messages": errors[:3]} if errors else {}), **percentiles(lat)}
-
-
-# -- the C++ load generator --------------------------------------------------------------------
-
-def perf_analyzer_path() -> str | None:
-    """Triton's perf_analyzer: $GANFORGE_PERF_ANALYZER, else the copy `make venv` puts in the
-    venv (scripts/install_perf_analyzer.sh), else None."""
-    env = os.environ.get("GANFORGE_PERF_ANALYZER")
-    if env:
-        if not os.access(env, os.X_OK):
-            raise SystemExit(f"Error: GANFORGE_PERF_ANALYZER: {env} is not an executable file")
-        return env
-    found = Path(sys.prefix) / "perf_analyzer" / "bin" / "perf_analyzer"
-    return str(found) if os.access(found, os.X_OK) else None
-
-
-def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int, concurrency: int,
-                         seconds: float, expected_images_per_s: float | None = None) -> dict:
-    """`concurrency` requests of `batch` items kept in flight for about `seconds` by perf_analyzer
-    (C++, one thread per request in flight), on the same request as the Python client's: the
-    batch-1 inputs of `w.request` written as raw files, repeated over the batch. Three
-    measurement windows, reported together; its CSV gives the throughput and latency
-    percentiles. A window must hold enough whole requests to count (a batch of 16 denoiser tiles
-    can take half a second on a loaded host): given `expected_images_per_s` (the Python client's
-    figure at the same point, just before), each window holds at least 8 requests and about a
-    third of `seconds` of them (perf_analyzer's count windows); without it, windows of a third
-    of `seconds`, at least 1 s. A failed request makes perf_analyzer exit non-zero: the
-    measurement then counts one error and keeps the message."""
-    with tempfile.TemporaryDirectory(prefix="ganforge-pa-") as tmp:
-        data = Path(tmp) / "data"
-        data.mkdir()
-        for name, array in w.request(1, np.random.default_rng(batch * 1000 + concurrency)).items():
-            (data / name).write_bytes(np.ascontiguousarray(array).tobytes())
-        report = Path(tmp) / "report.csv"
-        if expected_images_per_s:
-            per_window = max(8, int(expected_images_per_s / batch * seconds / 3))
-            windows = ["--measurement-mode", "count_windows", "--measurement-request-count", str(per_window)]
-        else:
-            windows = ["--measurement-interval", str(max(1000, int(seconds * 1000 / 3)))]
-        cmd = [pa, "-m", model, "-u", url, "-i", "grpc", "-b", str(batch),
-               "--concurrency-range", f"{concurrency}:{concurrency}", "--input-data", str(data),
-               *windows, "--max-trials", "3", "--stability-percentage", "1000", "-f", str(report)]
-        failed = lambda message: {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
-                                  "error_messages": [message], **percentiles([])}
-        limit = 60 + 10 * seconds
-        try:
-            r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
-        except subprocess.TimeoutExpired:
-            return failed(f"perf_analyzer: no answer within {limit:.0f} s")
-        if r.returncode != 0 or not report.is_file():
-            tail = " | ".join((r.stdout + r.stderr).strip().splitlines()[-3:])
-            return failed(f"perf_analyzer exit {r.returncode}: {tail[:300]}")
-        row = next(csv.DictReader(report.open()))
-    count = re.search(r"Request count: (\d+)", r.stdout)
-    ms = lambda key: round(float(row[key]) / 1000, 3)   # perf_analyzer reports microseconds
-    return {"images_per_s": round(float(row["Inferences/Second"]), 2),
-            "requests": int(count.group(1)) if count else None, "errors": 0, "client": "perf_analyzer",
-            "p50_ms": ms("p50 latency"), "p95_ms": ms("p95 latency"), "p99_ms": ms("p99 latency")}
-
+# -- one repository, every measurement ---------------------------------------------------------
 
 def without_dynamic_batching(repository: Path, w: Workload, dest: Path) -> str:
     """Copy the model directory under `<model>_nobatch` with dynamic_batching removed."""
@@ -339,7 +156,7 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
     # the in-process peer needs the model's ONNX file (an ensemble or a plan has none here)
     workloads = {k: w for k, w in discover(repository).items() if w.onnx_path}
     if not workloads:
-        raise SystemExit(f"Error: --repository: no servable ONNX models in {repository}")
+        raise UsageError(f"--repository: no servable ONNX models in {repository}")
     tmp = Path(tempfile.mkdtemp(prefix="ganforge-bench-"))
     try:
         for d in repository.iterdir():
@@ -390,6 +207,8 @@ def bench_repository(repository: Path, seconds: float, quick: bool, urls: list[s
         shutil.rmtree(tmp, ignore_errors=True)
     return results
 
+
+# -- the report ---------------------------------------------------------------------------------
 
 def summarise(results: dict, flops: float) -> dict:
     summary = {}

@@ -127,12 +127,11 @@ def source_info(payload: dict) -> dict:
     }
 
 
-# Model instances per device by default. A generator's image costs a quarter of a millisecond,
-# so a request's fixed cost in the server (the hand-off to the backend and back) is a large
-# share of a batch's time; with two instances one runs while the other hands off, each with
-# half the CPUs (docs/performance.md: batch-1 requests at concurrency 32 served at 0.92-0.99
-# of in-process batch 16 against 0.64-0.79 with one instance). The image models' batches run
-# hundreds of milliseconds, and each instance would hold its own activations: one.
+# Model instances per device by default. A generator's image is cheap, so a request's fixed
+# cost in the server (the hand-off to the backend and back) is a large share of a batch's time;
+# with two instances one runs while the other hands off, each with half the CPUs (measured in
+# docs/performance.md, "Two instances for the generators"). The image models' batches are long,
+# so the hand-off is a small share, and each instance would hold its own activations: one.
 GENERATOR_INSTANCES = 2
 IMAGE_MODEL_INSTANCES = 1
 
@@ -327,7 +326,7 @@ def export_generator(run: str | Path, repository: str | Path, name: str | None =
     merged = compose.merge_models(graph, onnx.load(onnx_path), io_map=[("latent", "latent")])
     merged.graph.name = name
     seeded_path = seeded_dir / str(version) / "model.onnx"
-    _clear(seeded_dir, version)       # an older export's files (it was an ensemble before)
+    _clear(seeded_dir, version)       # a directory an earlier export made (an ensemble goes whole)
     seeded_path.parent.mkdir(parents=True)
     onnx.save(merged, seeded_path)
     count = min(5, max_batch_size)

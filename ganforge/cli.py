@@ -6,6 +6,7 @@
     ganforge models [--url HOST:PORT]
     ganforge generate --model NAME --seed 42 --count 16 --out DIR
     ganforge batch-inpaint INPUT -o OUTPUT_DIR [--resume] [--shard-index I --num-shards N]
+    ganforge tune MODEL --p99-ms MS [--json PATH] [--dry-run]
     ganforge demo
 
 Verbs that only talk to a server import no torch. Errors print one `Error: …` line; exit code
@@ -150,7 +151,8 @@ def parse_train_args(argv: list[str]) -> argparse.Namespace:
 
 
 def cmd_doctor(args) -> int:
-    from ganforge.training.monitor import Thresholds, report_for_run
+    from ganforge.training.monitor import Thresholds
+    from ganforge.training.reports import report_for_run
 
     th = Thresholds.parse(args.thresholds) if args.thresholds else None
     print(report_for_run(args.run, th), end="")
@@ -298,7 +300,7 @@ def cmd_generate(args) -> int:
 
     out = _writable_dir(args.out)
     with _client(args) as c:
-        images = c.generate(args.model, args.seed, args.count)
+        images = c.generate(args.model, args.seed, args.count, model_version=args.model_version)
     paths = [write_image(out / f"seed{args.seed}_{i:03d}.png", img) for i, img in enumerate(images)]
     grid = save_grid(images, out / f"seed{args.seed}_grid.png")
     print(f"wrote {len(paths)} images and a grid to {out} ({grid.name})")
@@ -338,15 +340,20 @@ def _output_path(path: str, flag: str = "-o") -> Path:
     return out
 
 
+def _named(args) -> str:
+    """The model a client verb used, with the version it named."""
+    return args.model + (f" version {args.model_version}" if args.model_version else "")
+
+
 def cmd_denoise(args) -> int:
     from ganforge.images import read_image, write_image
 
     image = read_image(args.input, max_pixels=args.max_pixels)
     out = _output_path(args.output)
     with _client(args) as c:
-        result = c.denoise(args.model, image)
+        result = c.denoise(args.model, image, model_version=args.model_version)
     write_image(out, result)
-    print(f"denoised {args.input} ({image.shape[1]}x{image.shape[0]}) with {args.model} -> {out}")
+    print(f"denoised {args.input} ({image.shape[1]}x{image.shape[0]}) with {_named(args)} -> {out}")
     return 0
 
 
@@ -368,10 +375,10 @@ def cmd_inpaint(args) -> int:
     if share == 1:
         raise UsageError(f"--mask: every pixel of {args.mask} is a hole; there is nothing to inpaint from")
     with _client(args) as c:
-        result = c.inpaint(args.model, image, mask)
+        result = c.inpaint(args.model, image, mask, model_version=args.model_version)
     write_image(out, result)
     print(f"inpainted {100 * share:.1f}% of {args.input} ({image.shape[1]}x{image.shape[0]}) "
-          f"with {args.model} -> {out}")
+          f"with {_named(args)} -> {out}")
     return 0
 
 
@@ -388,6 +395,13 @@ def cmd_bench(args) -> int:
         raise UsageError(f"bench: {args.name!r} is not a benchmark; choose from {', '.join(names) or 'none'}")
     module = importlib.import_module(f"ganforge.benchmarks.{args.name.replace('-', '_')}")
     return module.run(args.args)
+
+
+def cmd_tune(args) -> int:
+    """`ganforge tune MODEL --p99-ms MS`: serving/tune.py's search on the local server."""
+    from ganforge.serving import tune
+
+    return tune.run_cli(args)
 
 
 def cmd_demo(args) -> int:
@@ -487,6 +501,11 @@ def build_parser() -> Parser:
         q.add_argument("--timeout", type=float, default=60.0, help="seconds per request")
         security_args(q)
 
+    def version_arg(q):
+        q.add_argument("--model-version", type=_int_arg(1), default=None, metavar="N",
+                       help="the model version to ask for (default: the server's choice, the highest it "
+                       "serves; `ganforge models` lists them)")
+
     m = sub.add_parser("models", help="list the models a server serves")
     client_args(m)
     m.add_argument("--json", action="store_true")
@@ -498,6 +517,7 @@ def build_parser() -> Parser:
     g.add_argument("--seed", type=_int_arg(0), default=0)
     g.add_argument("--count", type=_int_arg(1), default=16)
     g.add_argument("--out", required=True, help="folder for the PNGs")
+    version_arg(g)
     g.set_defaults(fn=cmd_generate)
 
     bi = sub.add_parser("batch-inpaint", help="inpaint a folder or .jsonl manifest of images with "
@@ -535,6 +555,7 @@ def build_parser() -> Parser:
     dn.add_argument("-o", "--output", required=True, help="output image file")
     dn.add_argument("--model", default="denoiser_photos")
     dn.add_argument("--max-pixels", type=_int_arg(1), default=MAX_PIXELS)
+    version_arg(dn)
     dn.set_defaults(fn=cmd_denoise)
 
     ip = sub.add_parser("inpaint", help="inpaint an image of any size where a mask is white")
@@ -545,12 +566,36 @@ def build_parser() -> Parser:
     ip.add_argument("--model", default="inpainter_photos")
     ip.add_argument("--dilate", type=_int_arg(0), default=0, help="grow the hole by N pixels")
     ip.add_argument("--max-pixels", type=_int_arg(1), default=MAX_PIXELS)
+    version_arg(ip)
     ip.set_defaults(fn=cmd_inpaint)
 
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/ (ganforge bench NAME --help)")
     b.add_argument("name", help="benchmark name, e.g. serve, modes, denoise")
     b.add_argument("args", nargs=argparse.REMAINDER, help="the benchmark's own arguments")
     b.set_defaults(fn=cmd_bench)
+
+    tu = sub.add_parser("tune", help="search instance count x max batch size x queue delay for one "
+                        "model on the local Triton server; write the best within --p99-ms into its config.pbtxt",
+                        description="Measure the shipped configuration and every candidate on the real "
+                        "tritonserver (one server per configuration, on a temporary copy of the model's "
+                        "directory) under a concurrency sweep; write the highest-throughput configuration "
+                        "whose p99 is within --p99-ms into the model's config.pbtxt (docs/performance.md).")
+    tu.add_argument("model", help="a model directory of --repo, e.g. denoiser_photos")
+    tu.add_argument("--repo", default="model_repository", help="the model repository (default model_repository)")
+    tu.add_argument("--p99-ms", type=float, required=True, help="latency limit: p99 in milliseconds")
+    tu.add_argument("--instances", default="1,2", help="instance counts to try (default 1,2)")
+    tu.add_argument("--max-batch", default=None,
+                    help="max_batch_size values to try (default: the shipped one and its half)")
+    tu.add_argument("--queue-delay-us", default="0,500",
+                    help="dynamic batching max_queue_delay_microseconds values to try (default 0,500)")
+    tu.add_argument("--concurrency", default="1,4,16", help="requests in flight, one figure each (default 1,4,16)")
+    tu.add_argument("--seconds", type=float, default=2.0, help="seconds of load per figure (default 2)")
+    tu.add_argument("--batch", type=_int_arg(1), default=1, help="items per request (default 1)")
+    tu.add_argument("--rounds", type=_int_arg(1), default=1,
+                    help="measure every configuration N times, order reversed each round; medians (default 1)")
+    tu.add_argument("--json", default=None, metavar="PATH", help="write every row, the choice and the ratios here")
+    tu.add_argument("--dry-run", action="store_true", help="print the change; leave config.pbtxt unchanged")
+    tu.set_defaults(fn=cmd_tune)
 
     d = sub.add_parser("demo", help="train, export, serve and generate, end to end")
     d.add_argument("--out", default="demo-out")

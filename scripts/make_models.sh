@@ -10,6 +10,10 @@ $GF train dcgan --preset default --data shapes --steps 3000 --batch-size 64 --n-
     --ndf 32 --resolution 64 --lr-g 0.0002 --lr-d 0.0002 --label-smoothing 0.1 --instance-noise 0.1 \
     --d-dropout 0.0 --sample-every 100 --seed 0 --out runs/dcgan_shapes
 $GF export runs/dcgan_shapes --repository model_repository --name dcgan_shapes
+# INT8 as version 2 beside the FP32 version 1, the version served by default (docs/quantization.md);
+# the generator alone gets the same calibration, so both give the same images for the same latents
+$GF export model_repository/dcgan_shapes --precision int8 --version 2
+$GF export model_repository/dcgan_shapes_generator --precision int8 --version 2
 
 # the Progressive GAN: narrow blocks, phases of 6,400 images, 10,000 steps at 64 px
 # (training/presets/progan/shipped.toml, docs/progan.md)
@@ -27,6 +31,7 @@ $GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma
     --lr 0.0002 --width 48 --depth 10 --crop-scale 0.0 0.1 --pool 32768 \
     --init runs/denoiser_photos_ft --seed 2 --out runs/denoiser_photos_ft2
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
+$GF export model_repository/denoiser_photos --precision int8 --version 2
 
 # the inpainter: a learned blend of three classical fills, scored on a band of known pixels
 # around each hole, trained on pairs balanced by which fill wins, the step kept by validation

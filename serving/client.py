@@ -25,6 +25,9 @@ from ganforge.serving.sampler import SEED_MAX
 
 # Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
 MAX_MESSAGE_BYTES = 256 * 1024 * 1024
+# The gRPC channel arguments of every ganforge client (this one, batch jobs, the benchmarks).
+MESSAGE_SIZE_ARGS = [("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+                     ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)]
 
 # A request that outlives its timeout is abandoned, not cancelled: the caller stops waiting on
 # its own clock and the call runs out on the server, its answer dropped. Cancelling would gain
@@ -131,9 +134,10 @@ def tls_error(msg: str, url: str, tls: TLSFiles | None) -> TLSError | None:
 
 
 def map_error(exc: Exception, model: str | None = None, url: str = "",
-              tls: TLSFiles | None = None) -> GanforgeError:
+              tls: TLSFiles | None = None, version: str = "") -> GanforgeError:
     """Map a tritonclient InferenceServerException to ganforge's error tree by gRPC code.
-    `tls`: the client's TLS files (None: plaintext), to name the cause of a failed handshake."""
+    `tls`: the client's TLS files (None: plaintext), to name the cause of a failed handshake;
+    `version`: the model version the request named ("" for the server's choice)."""
     status = str(getattr(exc, "status", lambda: "")() or "")
     msg = str(getattr(exc, "message", lambda: str(exc))() or exc)
     low = msg.lower()
@@ -145,7 +149,8 @@ def map_error(exc: Exception, model: str | None = None, url: str = "",
     if "DEADLINE_EXCEEDED" in status or "deadline exceeded" in low:
         return Timeout(f"request to {model or 'the server'} at {url} timed out: {msg}")
     if "NOT_FOUND" in status or "unknown model" in low or "is not found" in low:
-        return ModelNotFound(f"model {model!r} is not served at {url}: {msg}")
+        what = f"model {model!r} version {version}" if version else f"model {model!r}"
+        return ModelNotFound(f"{what} is not served at {url}: {msg}")
     if "INVALID_ARGUMENT" in status:
         return InvalidArgument(msg)
     return ServerError(f"{status or 'error'}: {msg}")
@@ -157,6 +162,16 @@ def check_seed(seed) -> int:
     if not 0 <= int(seed) <= SEED_MAX:
         raise UsageError(f"seed: {seed} is not allowed; must be in [0, {SEED_MAX}]")
     return int(seed)
+
+
+def check_version(version) -> str:
+    """A model version as Triton's API takes it: "" (the server's choice) or a positive integer."""
+    if version is None or version == "":
+        return ""
+    if isinstance(version, bool) or not str(version).isdigit() or int(version) < 1:
+        raise UsageError(f"model_version: {version!r} is not allowed; must be an integer >= 1 "
+                         f"(or None: the server's choice, its highest version)")
+    return str(int(version))
 
 
 def check_count(count, max_count: int | None = None) -> int:
@@ -199,22 +214,21 @@ class Client:
                 raise UsageError(f"{flag}: {path} is not a file")
         self.tls = TLSFiles(root_certificates, certificate_chain, private_key) if ssl else None
         self._configs: dict[str, dict] = {}
+        self._versions: dict[str, list[str]] = {}
         self._abandoned: list[queue.SimpleQueue] = []  # timed-out requests still on the server
         self._client = grpcclient.InferenceServerClient(
             url, ssl=ssl, root_certificates=root_certificates, private_key=private_key,
-            certificate_chain=certificate_chain,
-            channel_args=[("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-                          ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
+            certificate_chain=certificate_chain, channel_args=MESSAGE_SIZE_ARGS)
 
     # -- plumbing ------------------------------------------------------------------------------
 
-    def _call(self, fn, *args, model: str | None = None, **kwargs):
+    def _call(self, fn, *args, model: str | None = None, version: str = "", **kwargs):
         from tritonclient.utils import InferenceServerException
 
         try:
             return fn(*args, **kwargs)
         except InferenceServerException as exc:
-            raise map_error(exc, model, self.url, self.tls) from None
+            raise map_error(exc, model, self.url, self.tls, version) from None
 
     def config(self, model: str) -> dict:
         """The model's config.pbtxt as a dict (cached per client)."""
@@ -224,9 +238,29 @@ class Client:
             self._configs[model] = resp["config"]
         return self._configs[model]
 
-    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str]) -> dict[str, np.ndarray]:
-        """One inference request with named numpy inputs; returns the named outputs."""
+    def versions(self, model: str) -> list[str]:
+        """The versions of `model` the server serves (its metadata), cached per client."""
+        if model not in self._versions:
+            meta = self._call(self._client.get_model_metadata, model, as_json=True,
+                              headers=self.headers, model=model)
+            self._versions[model] = sorted(meta.get("versions", []), key=int)
+        return self._versions[model]
+
+    def _check_served(self, model: str, version: str) -> None:
+        served = self.versions(model)
+        if version not in served:
+            raise ModelNotFound(f"model {model!r} version {version} is not served at {self.url}; "
+                                f"it serves version{'s' if len(served) > 1 else ''} {', '.join(served)}")
+
+    def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
+              model_version: int | str | None = None) -> dict[str, np.ndarray]:
+        """One inference request with named numpy inputs; returns the named outputs.
+        `model_version`: the version to ask for (None: the server's choice, its highest)."""
         from tritonclient.utils import np_to_triton_dtype
+
+        version = check_version(model_version)
+        if version:
+            self._check_served(model, version)
 
         reqs = []
         for name, array in inputs.items():
@@ -236,20 +270,21 @@ class Client:
             reqs.append(t)
         outs = [self._grpc.InferRequestedOutput(o) for o in outputs]
         if self.timeout is None:  # nothing to give up on: the plain blocking call
-            result = self._call(self._client.infer, model, reqs, outputs=outs,
-                                headers=self.headers, model=model)
+            result = self._call(self._client.infer, model, reqs, model_version=version, outputs=outs,
+                                headers=self.headers, model=model, version=version)
             return {o: result.as_numpy(o) for o in outputs}
         answer: queue.SimpleQueue = queue.SimpleQueue()
         self._call(self._client.async_infer, model, reqs,
-                   lambda result, error: answer.put((result, error)), outputs=outs,
-                   client_timeout=grpc_deadline(self.timeout), headers=self.headers, model=model)
+                   lambda result, error: answer.put((result, error)), model_version=version, outputs=outs,
+                   client_timeout=grpc_deadline(self.timeout), headers=self.headers, model=model,
+                   version=version)
         try:
             result, error = answer.get(timeout=self.timeout)
         except queue.Empty:  # abandoned (ABANDON_GRACE_S); close() lets it finish
             self._abandoned = [q for q in self._abandoned if q.empty()] + [answer]
             raise timed_out(model, self.url, self.timeout) from None
         if error is not None:
-            raise map_error(error, model, self.url, self.tls) from None
+            raise map_error(error, model, self.url, self.tls, version) from None
         return {o: result.as_numpy(o) for o in outputs}
 
     # -- API -----------------------------------------------------------------------------------
@@ -275,20 +310,26 @@ class Client:
                              f"call generate_from_latent on a '*_generator' model")
         return int(cfg.get("max_batch_size", 0))
 
-    def generate(self, model: str, seed: int, count: int = 1) -> np.ndarray:
+    def generate(self, model: str, seed: int, count: int = 1,
+                 model_version: int | str | None = None) -> np.ndarray:
         """`count` images for `seed` from a seeded generator: (count, H, W, 3) uint8.
 
         Sends one row per image: `seed` and `index` INT64 [count, 1], images 0 .. count - 1 of
-        `seed`. Same model version, same seed: byte-identical images. Raises UsageError for a
-        bad seed or count before sending, ServerError subclasses for what the server says.
+        `seed`. Same model version, same seed: byte-identical images. `model_version` names
+        the version (None: the server's choice, the highest it serves); each of the calls below
+        takes it too. Raises UsageError for a bad seed, count or version before sending,
+        ModelNotFound for a version the server does not serve, ServerError subclasses for what
+        the server says.
         """
         seed = check_seed(seed)
         count = check_count(count, self.max_count(model))
         out = self.infer(model, {"seed": np.full((count, 1), seed, np.int64),
-                                 "index": np.arange(count, dtype=np.int64).reshape(count, 1)}, ["image"])
+                                 "index": np.arange(count, dtype=np.int64).reshape(count, 1)}, ["image"],
+                         model_version)
         return out["image"]
 
-    def generate_from_latent(self, model: str, latent: np.ndarray) -> np.ndarray:
+    def generate_from_latent(self, model: str, latent: np.ndarray,
+                             model_version: int | str | None = None) -> np.ndarray:
         """Images for your own latents, (batch, z_dim) float32, from a '*_generator' model."""
         latent = np.asarray(latent)
         cfg = self.config(model)
@@ -304,7 +345,7 @@ class Client:
                              f"[batch, {z_dim}]")
         if not 1 <= latent.shape[0] <= max_batch:
             raise UsageError(f"latent: batch {latent.shape[0]} is not allowed; must be in [1, {max_batch}]")
-        return self.infer(model, {"latent": latent}, ["image"])["image"]
+        return self.infer(model, {"latent": latent}, ["image"], model_version)["image"]
 
     def _image_model(self, model: str, inputs: set[str]) -> tuple[int, int, str]:
         """(tile, max_batch_size, output name) of an image model taking exactly `inputs`."""
@@ -317,7 +358,7 @@ class Client:
         return int(image["dims"][0]), max(int(cfg.get("max_batch_size", 1)), 1), cfg["output"][0]["name"]
 
     def denoise(self, model: str, image: np.ndarray, overlap: int | None = None,
-                margin: int | None = None) -> np.ndarray:
+                margin: int | None = None, model_version: int | str | None = None) -> np.ndarray:
         """Denoise an (H, W, 3) uint8 image of any size: tiles of the model's size, overlapping
         and blended (serving/tiles.py), sent in batches of the model's max_batch_size.
         Defaults: overlap min(32, tile/2), margin min(10, overlap/2 - 1) pixels."""
@@ -326,10 +367,12 @@ class Client:
         tile, max_batch, out = self._image_model(model, {"image"})
         overlap = overlap if overlap is not None else min(32, tile // 2)
         margin = margin if margin is not None else min(10, overlap // 2 - 1)
-        return run_tiled(np.asarray(image), tile, lambda b: self.infer(model, {"image": b}, [out])[out],
+        version = check_version(model_version)   # refused before any tile is sent
+        return run_tiled(np.asarray(image), tile, lambda b: self.infer(model, {"image": b}, [out], version)[out],
                          max_batch, overlap=overlap, margin=margin)
 
-    def inpaint(self, model: str, image: np.ndarray, mask: np.ndarray, dilate: int = 0) -> np.ndarray:
+    def inpaint(self, model: str, image: np.ndarray, mask: np.ndarray, dilate: int = 0,
+                model_version: int | str | None = None) -> np.ndarray:
         """Inpaint an (H, W, 3) uint8 image of any size where `mask` ((H, W), 255 = hole) says.
 
         Windows around each hole are sent as tiles (serving/inpaint.py); pixels outside the
@@ -340,9 +383,10 @@ class Client:
         from ganforge.serving.inpaint import inpaint_image
 
         tile, max_batch, out = self._image_model(model, {"image", "mask"})
+        version = check_version(model_version)
         m = grow(to_binary(mask), dilate)
         return inpaint_image(np.asarray(image), m, tile,
-                             lambda im, mk: self.infer(model, {"image": im, "mask": mk}, [out])[out],
+                             lambda im, mk: self.infer(model, {"image": im, "mask": mk}, [out], version)[out],
                              max_batch)
 
     def close(self) -> None:

@@ -58,10 +58,10 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     """An ONNX model served by Triton's `onnxruntime` backend (or ganforge's stand-in for it).
 
     Batch is the first dimension (not listed in `dims`); the dynamic batcher merges requests up
-    to `max_batch_size`, waiting at most `max_queue_delay_us` for more to arrive: 100 µs, a few
-    percent of the generator's batch-16 run (measured in docs/performance.md: 2 ms cost a lone
-    client's batch-16 requests a quarter of their throughput). The instance kind is left to
-    Triton (GPU where there is one).
+    to `max_batch_size`, waiting at most `max_queue_delay_us` for more to arrive: 100 µs, short
+    against a batch's run, so a lone client's requests are not held back waiting for company
+    (docs/performance.md, "The dynamic batcher's delay"). The instance kind is left to Triton
+    (GPU where there is one).
 
     `allowed_values` maps an integer input to the only values it may hold (the inpainter's
     mask: 0 and 255); ganforge's backend refuses a request holding any other value

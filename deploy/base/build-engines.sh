@@ -7,6 +7,8 @@
 # build: NAME_sampler stays on ONNX Runtime, and a seeded generator NAME (sampler + generator in
 # one graph) becomes an ensemble NAME_sampler -> NAME_generator, so it runs the plan too.
 # PRECISION: fp16 (default) or fp32. A timing cache on the node speeds up later builds.
+# ONNX Runtime INT8 versions (QDQ graphs) are removed from the node's copy: TensorRT does not
+# build them, and its FP16 plan of the FP32 version is the GPU's fast path.
 set -eu
 repo="${MODEL_REPOSITORY:-/models}"
 trtexec="${TRTEXEC:-/usr/src/tensorrt/bin/trtexec}"
@@ -51,6 +53,14 @@ for cfg in "$repo"/*/config.pbtxt; do
     [ -f "$onnx" ] || continue
     plan="$(dirname "$onnx")/model.plan"
     [ -f "$plan" ] && continue
+    # an INT8 version from `ganforge export --precision int8` is ONNX Runtime's format (QDQ with
+    # uint8 activations and zero points); TensorRT builds symmetric int8 only. Left out here:
+    # the FP32 version's plan serves, also the requests that name no version.
+    if grep -qa QuantizeLinear "$onnx"; then
+      echo "build-engines: $name version $(basename "$(dirname "$onnx")") is an ONNX Runtime INT8 graph: left out"
+      rm -rf "$(dirname "$onnx")"
+      continue
+    fi
     # every input of the rendered config, batch first: name:BxD1xD2,...
     mbs=$(awk '/^max_batch_size:/{print $2}' "$cfg")
     opt=$(( (mbs + 1) / 2 ))

@@ -8,8 +8,8 @@ import shutil
 
 import pytest
 
+from ganforge.benchmarks._loadgen import perf_analyzer_path, served_perf_analyzer
 from ganforge.benchmarks._workloads import Workload
-from ganforge.benchmarks.serve import perf_analyzer_path, served_perf_analyzer
 from ganforge.serving.server import LocalServer, ServerOptions, free_port
 from tests.conftest import run_cli
 

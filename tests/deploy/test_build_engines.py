@@ -115,8 +115,32 @@ def test_build_engines_serves_a_seeded_generator_through_its_sampler_and_the_pla
                          metrics_port=free_port(), startup_timeout_s=180)
     import onnxruntime as ort
 
-    one_graph = ort.InferenceSession(str(ROOT / "model_repository/dcgan_shapes/1/model.onnx"))
+    # the ensemble calls the generator's newest version; the one-graph model of that version
+    newest = max(int(v.name) for v in (served / "dcgan_shapes_generator").iterdir() if v.name.isdigit())
+    one_graph = ort.InferenceSession(str(ROOT / f"model_repository/dcgan_shapes/{newest}/model.onnx"))
     want = one_graph.run(None, {"seed": np.full((5, 1), 42, np.int64),
                                 "index": np.arange(5, dtype=np.int64).reshape(5, 1)})[0]
     with LocalServer(opts) as server, Client(server.grpc_url) as client:
         assert np.array_equal(client.generate("dcgan_shapes", seed=42, count=5), want)
+
+
+def test_build_engines_leaves_out_onnx_runtime_int8_versions(tmp_path):
+    """TensorRT builds symmetric int8 only; an INT8 version from `ganforge export --precision
+    int8` (uint8 activations with zero points) is removed from the node's copy, not built."""
+    import json
+
+    models = tmp_path / "models"
+    shutil.copytree(ROOT / "model_repository", models)
+    int8 = {d.name: v for d in models.iterdir() if (d / "manifest.json").is_file()
+            for v, r in json.loads((d / "manifest.json").read_text()).get("versions", {}).items()
+            if r["precision"] == "int8"}
+    assert "denoiser_photos" in int8   # shipped with an INT8 version
+    out = run_script(models, tmp_path)
+    assert out.returncode == 0, out.stderr
+    calls = (tmp_path / "bin" / "calls").read_text()
+    for name, v in int8.items():
+        assert f"/{name}/{v}/model.onnx" not in calls
+        if name == "dcgan_shapes":   # the seeded graph became an ensemble: no graph of its own runs
+            continue
+        assert f"build-engines: {name} version {v} is an ONNX Runtime INT8 graph: left out" in out.stdout
+        assert not (models / name / v).exists() and (models / name / "1" / "model.plan").is_file()

@@ -4,25 +4,19 @@ model_repository/: same flags, and the manifest's probe paths answer 200 on its 
 from __future__ import annotations
 
 import shutil
-import subprocess
 import urllib.request
 from pathlib import Path
 
 import pytest
-import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.deploy._render import KUBECTL_MISSING, ROOT, checks, kustomize, triton_pod
 
 pytestmark = [pytest.mark.slow,
-              pytest.mark.skipif(shutil.which("kubectl") is None,
-                                 reason="kubectl is not installed (.ci/run installs it)")]
+              pytest.mark.skipif(shutil.which("kubectl") is None, reason=KUBECTL_MISSING)]
 
 
 def cpu_triton_container() -> dict:
-    text = subprocess.run(["kubectl", "kustomize", str(ROOT / "deploy" / "overlays" / "cpu")],
-                          capture_output=True, text=True, check=True, timeout=60).stdout
-    dep = next(d for d in yaml.safe_load_all(text) if d and d["kind"] == "Deployment")
-    return next(c for c in dep["spec"]["template"]["spec"]["containers"] if c["name"] == "triton")
+    return triton_pod(checks.load(kustomize("overlays/cpu")))[1]
 
 
 def flags(args: list[str]) -> dict[str, str]:

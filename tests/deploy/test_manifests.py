@@ -4,87 +4,49 @@ schemas, and passes the project's checks; each check fails on a manifest broken 
 from __future__ import annotations
 
 import copy
-import importlib.util
 import shutil
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
+from tests.deploy._render import (DEPLOY, KUBECTL_MISSING, checks, find, kustomize, needs_kubectl,
+                                  triton_pod, validate)
+
 OVERLAYS = ["gpu", "cpu", "gpu-cpu-hpa"]
 KUSTOMIZATIONS = [*(f"overlays/{o}" for o in OVERLAYS), "jobs/batch-inpaint"]
-
-_spec = importlib.util.spec_from_file_location("deploy_checks", DEPLOY / "checks.py")
-checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(checks)
-
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl is not installed (.ci/run installs it)")
-
-
-def kustomize(path: str) -> str:
-    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / path)], capture_output=True,
-                         text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
     if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed (.ci/run installs it)")
+        pytest.skip(KUBECTL_MISSING)
     return {k: kustomize(k) for k in KUSTOMIZATIONS}
-
-
-def docs_of(text: str) -> list[dict]:
-    return checks.load(text)
-
-
-def find(docs, kind, name=None) -> dict:
-    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert hits, f"no {kind} {name or ''}"
-    return hits[0]
-
-
-def triton(docs) -> dict:
-    pod = find(docs, "Deployment", "ganforge-triton")["spec"]["template"]["spec"]
-    return next(c for c in pod["containers"] if c["name"] == "triton")
 
 
 @needs_kubectl
 @pytest.mark.parametrize("path", KUSTOMIZATIONS)
 def test_every_kustomization_renders_validates_and_passes_the_checks(rendered, path, tmp_path):
     text = rendered[path]
-    f = tmp_path / "rendered.yaml"
-    f.write_text(text)
-    exe = Path(sys.executable).parent / "kubernetes-validate"
-    out = subprocess.run([str(exe), "--strict", "--quiet", str(f)], capture_output=True,
-                         text=True, timeout=120)
+    out = validate(text, tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert checks.run_checks(text) == []
 
 
 @needs_kubectl
 def test_kubernetes_validate_rejects_a_field_kubernetes_does_not_know(rendered, tmp_path):
-    docs = docs_of(rendered["overlays/cpu"])
+    docs = checks.load(rendered["overlays/cpu"])
     dep = find(docs, "Deployment")
     dep["spec"]["template"]["spec"]["containers"][0]["livenessProbes"] = {}
-    f = tmp_path / "bad.yaml"
-    f.write_text(yaml.safe_dump(dep))
-    exe = Path(sys.executable).parent / "kubernetes-validate"
-    out = subprocess.run([str(exe), "--strict", "--quiet", str(f)], capture_output=True, text=True)
-    assert out.returncode != 0
+    assert validate(yaml.safe_dump(dep), tmp_path).returncode != 0
 
 
 @needs_kubectl
 def test_gpu_overlay_asks_for_a_gpu_and_builds_engines_on_the_node(rendered):
-    docs = docs_of(rendered["overlays/gpu"])
+    docs = checks.load(rendered["overlays/gpu"])
     pod = find(docs, "Deployment")["spec"]["template"]["spec"]
-    c = triton(docs)
+    _, c = triton_pod(docs)
     assert c["resources"]["limits"]["nvidia.com/gpu"] == 1
     init = [i["name"] for i in pod["initContainers"]]
     assert init == ["sync-models", "build-engines"]
@@ -100,7 +62,7 @@ def test_gpu_overlay_asks_for_a_gpu_and_builds_engines_on_the_node(rendered):
 @needs_kubectl
 @pytest.mark.parametrize("overlay", ["cpu", "gpu-cpu-hpa"])
 def test_fallback_overlays_scale_on_cpu_only(rendered, overlay):
-    hpa = find(docs_of(rendered[f"overlays/{overlay}"]), "HorizontalPodAutoscaler")
+    hpa = find(checks.load(rendered[f"overlays/{overlay}"]), "HorizontalPodAutoscaler")
     assert [m["type"] for m in hpa["spec"]["metrics"]] == ["Resource"]
     assert hpa["spec"]["metrics"][0]["resource"]["name"] == "cpu"
 
@@ -113,10 +75,10 @@ def test_cpu_overlay_has_no_gpu(rendered):
 @needs_kubectl
 def test_rollout_never_drops_below_the_ready_count_and_drains_for_the_exit_timeout(rendered):
     for o in OVERLAYS:
-        docs = docs_of(rendered[f"overlays/{o}"])
+        docs = checks.load(rendered[f"overlays/{o}"])
         dep = find(docs, "Deployment")
         assert dep["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
-        c = triton(docs)
+        _, c = triton_pod(docs)
         assert c["livenessProbe"]["httpGet"]["path"] == "/v2/health/live"
         assert c["readinessProbe"]["httpGet"]["path"] == "/v2/health/ready"
         startup = c["startupProbe"]
@@ -127,7 +89,7 @@ def test_rollout_never_drops_below_the_ready_count_and_drains_for_the_exit_timeo
 
 @needs_kubectl
 def test_services_servicemonitor_and_network_policy(rendered):
-    docs = docs_of(rendered["overlays/gpu"])
+    docs = checks.load(rendered["overlays/gpu"])
     grpc = find(docs, "Service", "ganforge-triton")
     assert {p["name"]: p["port"] for p in grpc["spec"]["ports"]}["grpc"] == 8001
     metrics = find(docs, "Service", "ganforge-triton-metrics")
@@ -148,7 +110,7 @@ def test_services_servicemonitor_and_network_policy(rendered):
 
 @needs_kubectl
 def test_batch_inpaint_job_maps_the_completion_index_to_the_shard(rendered):
-    job = find(docs_of(rendered["jobs/batch-inpaint"]), "Job")
+    job = find(checks.load(rendered["jobs/batch-inpaint"]), "Job")
     assert job["spec"]["completionMode"] == "Indexed"
     c = job["spec"]["template"]["spec"]["containers"][0]
     cmd = " ".join(c["args"])
@@ -172,7 +134,7 @@ def test_prometheus_adapter_rule_serves_the_metric_the_hpa_reads():
 
 @pytest.fixture
 def good():
-    return docs_of((DEPLOY / "base" / "deployment.yaml").read_text().replace(
+    return checks.load((DEPLOY / "base" / "deployment.yaml").read_text().replace(
         "image: tritonserver", "image: nvcr.io/nvidia/tritonserver:25.06-py3").replace(
         "image: model-sync", "image: amazon/aws-cli:2.22.35"))
 

@@ -6,24 +6,17 @@ manifests broken on purpose."""
 from __future__ import annotations
 
 import copy
-import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
-sys.path.insert(0, str(DEPLOY))
-import checks  # noqa: E402  deploy/checks.py
+from tests.deploy._render import (DEPLOY, KUBECTL_MISSING, checks, find, kustomize, render,
+                                  triton_pod, validate)
 
-sys.path.remove(str(DEPLOY))
-
-pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                reason="kubectl is not installed (.ci/run installs it)")
+pytestmark = pytest.mark.skipif(shutil.which("kubectl") is None, reason=KUBECTL_MISSING)
 
 TLS = ["components/tls"]
 MTLS = ["components/tls", "components/tls-mutual"]
@@ -34,41 +27,15 @@ CASES["jobs/batch-inpaint+tls"] = ("jobs/batch-inpaint", ["jobs/batch-inpaint/tl
 CERT_DIR = "/etc/ganforge/tls"
 
 
-def render(tmp: Path, base: str, components: list[str]) -> str:
-    """`kubectl kustomize` of a kustomization that takes `base` and adds `components`."""
-    rel = os.path.relpath(DEPLOY, tmp)
-    (tmp / "kustomization.yaml").write_text(yaml.safe_dump({
-        "apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization",
-        "resources": [f"{rel}/{base}"], "components": [f"{rel}/{c}" for c in components]}))
-    out = subprocess.run(["kubectl", "kustomize", str(tmp)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
-
-
 @pytest.fixture(scope="module")
 def rendered(tmp_path_factory) -> dict[str, str]:
     return {name: render(tmp_path_factory.mktemp("kz"), base, comps)
             for name, (base, comps) in CASES.items()}
 
 
-def find(docs, kind, name=None) -> dict:
-    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert hits, f"no {kind} {name or ''}"
-    return hits[0]
-
-
-def triton_pod(docs) -> tuple[dict, dict]:
-    pod = find(docs, "Deployment", "ganforge-triton")["spec"]["template"]["spec"]
-    return pod, next(c for c in pod["containers"] if c["name"] == "triton")
-
-
 @pytest.mark.parametrize("case", list(CASES))
 def test_tls_renders_validates_strictly_and_passes_the_checks(rendered, case, tmp_path):
-    f = tmp_path / "rendered.yaml"
-    f.write_text(rendered[case])
-    exe = Path(sys.executable).parent / "kubernetes-validate"
-    out = subprocess.run([str(exe), "--strict", "--quiet", str(f)], capture_output=True, text=True,
-                         timeout=120)
+    out = validate(rendered[case], tmp_path)
     assert out.returncode == 0, out.stdout + out.stderr
     assert checks.run_checks(rendered[case]) == []
 
@@ -158,9 +125,7 @@ def test_the_batch_inpaint_job_passes_its_client_certificate(rendered):
 
 
 def test_without_the_component_the_job_passes_no_tls_flags():
-    out = subprocess.run(["kubectl", "kustomize", str(DEPLOY / "jobs" / "batch-inpaint")],
-                         capture_output=True, text=True, timeout=60, check=True).stdout
-    c = find(checks.load(out), "Job")["spec"]["template"]["spec"]["containers"][0]
+    c = find(checks.load(kustomize("jobs/batch-inpaint")), "Job")["spec"]["template"]["spec"]["containers"][0]
     assert {e["name"]: e["value"] for e in c["env"]}["TLS_ARGS"] == ""
 
 

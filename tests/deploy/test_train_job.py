@@ -6,7 +6,6 @@ train.sh, the pod's entry point, run here with a stand-in torchrun."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import os
 import shutil
 import signal
@@ -18,37 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-DEPLOY = ROOT / "deploy"
+from tests.deploy._render import (DEPLOY, KUBECTL_MISSING, checks, find, kustomize, needs_kubectl,
+                                  validate)
+
 TRAIN = DEPLOY / "jobs" / "train"
-
-_spec = importlib.util.spec_from_file_location("deploy_checks_train", DEPLOY / "checks.py")
-checks = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(checks)
-
-needs_kubectl = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl is not installed (.ci/run installs it)")
-
-
-def kustomize(path: Path) -> str:
-    out = subprocess.run(["kubectl", "kustomize", str(path)], capture_output=True, text=True, timeout=60)
-    assert out.returncode == 0, out.stderr
-    return out.stdout
 
 
 @pytest.fixture(scope="module")
 def rendered() -> dict[str, str]:
     if shutil.which("kubectl") is None:
-        pytest.skip("kubectl is not installed (.ci/run installs it)")
+        pytest.skip(KUBECTL_MISSING)
     return {"train": kustomize(TRAIN), "volumes": kustomize(TRAIN / "volumes"),
-            "gpu": kustomize(DEPLOY / "overlays" / "gpu"),
-            "batch-inpaint": kustomize(DEPLOY / "jobs" / "batch-inpaint")}
-
-
-def find(docs, kind, name=None) -> dict:
-    hits = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
-    assert hits, f"no {kind} {name or ''}"
-    return hits[0]
+            "gpu": kustomize("overlays/gpu"), "batch-inpaint": kustomize("jobs/batch-inpaint")}
 
 
 @pytest.fixture
@@ -76,14 +56,6 @@ def command(docs) -> list[str]:
     job, _, c = parts(docs)
     env = checks._env_of(docs, job, c)
     return [checks.expand(str(a), env) for a in [*c["command"], *c["args"]]]
-
-
-def validate(text: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    f = tmp_path / "rendered.yaml"
-    f.write_text(text)
-    exe = Path(sys.executable).parent / "kubernetes-validate"
-    return subprocess.run([str(exe), "--strict", "--quiet", str(f)], capture_output=True, text=True,
-                          timeout=120)
 
 
 # -- the rendered manifests ------------------------------------------------------------------

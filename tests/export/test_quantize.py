@@ -168,3 +168,46 @@ def test_bf16_without_a_cpu_kernel_stops_with_the_runtime_reason_and_leaves_noth
     last = out.stderr.strip().splitlines()[-1]
     assert last.startswith("Error: export: --precision bf16: ONNX Runtime's CPU provider cannot load") and "Conv" in last
     assert not (tmp_path / "dnbf").exists()   # a model directory without a version would stop a server
+
+
+@pytest.mark.parametrize("K,s,p,side", [(4, 2, 1, 5), (4, 2, 1, 1), (4, 1, 0, 1), (3, 1, 1, 6), (4, 2, 0, 3),
+                                        (6, 2, 2, 4), (8, 4, 2, 3), (6, 2, 1, 3), (3, 3, 0, 4)])
+def test_every_convtranspose_rewrite_gives_the_transposed_convs_sums(K, s, p, side):
+    """The Gemm (1x1 input), the per-phase Conv with its crop, and the one-window Conv (kernel
+    not divisible by the stride) against ONNX Runtime's own ConvTranspose."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(K * 100 + s * 10 + p)
+    W = rng.standard_normal((3, 5, K, K)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    node = helper.make_node("ConvTranspose", ["x", "net.weight", "net.bias"], ["y"], strides=[s, s],
+                            pads=[p] * 4, kernel_shape=[K, K])
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3, side, side])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "c", "h", "w"])],
+                              [numpy_helper.from_array(W, "net.weight"), numpy_helper.from_array(b, "net.bias")])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    x = rng.standard_normal((2, 3, side, side)).astype(np.float32)
+    run = lambda m: ort.InferenceSession(m.SerializeToString(),
+                                         providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    want = run(model)
+    rewritten = quantize.convtranspose_as_conv(model)
+    assert "ConvTranspose" not in {n.op_type for n in rewritten.graph.node}
+    np.testing.assert_allclose(run(rewritten), want, atol=1e-4)
+
+
+def test_the_shipped_dcgan_int8_version_runs_as_int8_kernels_only(tmp_path):
+    """What its speed rests on: after ONNX Runtime's optimizations, every learned layer is an int8
+    kernel and nothing moves float phases (no float DepthToSpace, Conv or ConvTranspose left)."""
+    import onnxruntime as ort
+
+    from tests.conftest import ROOT
+
+    opts = ort.SessionOptions()
+    opts.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(ROOT / "model_repository/dcgan_shapes/2/model.onnx"), opts,
+                         providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(tmp_path / "optimized.onnx").graph.node]
+    assert ops.count("QLinearConv") == 4 and ops.count("QGemm") == 1
+    assert not {"Conv", "ConvTranspose", "DepthToSpace", "Gemm"} & set(ops)
+    assert ops.count("QuantizeLinear") == 1 and ops.count("DequantizeLinear") == 1   # in once, out once
