@@ -8,7 +8,7 @@ import numpy as np
 import onnx
 import pytest
 
-from ganforge.export import quantize
+from ganforge.export import quantize, rewrites
 from ganforge.export.triton import export_run
 from ganforge.serving import repository as repo
 from ganforge.serving.server import LocalServer, ServerOptions, free_port
@@ -132,7 +132,7 @@ def test_converting_the_fp32_version_onto_itself_is_refused(denoiser):
 def test_convtranspose_rewritten_as_conv_gives_the_same_images(tiny_repo):
     r, _ = tiny_repo
     src = r / "tiny_generator" / "1" / "model.onnx"
-    model = quantize.convtranspose_as_conv(onnx.load(src))
+    model = rewrites.convtranspose_as_conv(onnx.load(src))
     assert "ConvTranspose" not in {n.op_type for n in model.graph.node}
     feeds, _ = quantize.sample_inputs(onnx.load(src), 16, 0)
     import onnxruntime as ort
@@ -191,7 +191,7 @@ def test_every_convtranspose_rewrite_gives_the_transposed_convs_sums(K, s, p, si
     run = lambda m: ort.InferenceSession(m.SerializeToString(),
                                          providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
     want = run(model)
-    rewritten = quantize.convtranspose_as_conv(model)
+    rewritten = rewrites.convtranspose_as_conv(model)
     assert "ConvTranspose" not in {n.op_type for n in rewritten.graph.node}
     np.testing.assert_allclose(run(rewritten), want, atol=1e-4)
 
