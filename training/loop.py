@@ -331,8 +331,9 @@ class GANTask(Task):
         return {"knobs": self.knobs(), "doctor": self.watch.state()}
 
     def load_extra_state(self, state: dict) -> None:
+        known = self.knobs()    # a checkpoint may hold knobs this task no longer turns
         for k, v in state.get("knobs", {}).items():
-            if k not in self.fixed_knobs:
+            if k in known:
                 self.set_knob(k, v)
         self.watch.load_state(state.get("doctor", {}))
 

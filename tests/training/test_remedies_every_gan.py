@@ -122,3 +122,10 @@ def test_progan_keeps_the_best_weights_of_its_final_resolution_only(tmp_path):
     kept = tr.keep_best()
     assert kept["kept"] and kept["final_fd"] > 1.1 * kept["fd"]
     assert all(torch.equal(v, best[k]) for k, v in task.G.state_dict().items())
+
+
+def test_a_checkpoint_holding_a_knob_the_task_no_longer_turns_still_resumes(tmp_path):
+    task = trainer("mlpgan", tmp_path).task
+    # the MLP GAN's checkpoints once carried its pending network as a knob
+    task.load_extra_state({"knobs": {"network": {"ngf": 16}, "label_flip": 0.1}, "doctor": {}})
+    assert task.knobs()["label_flip"] == 0.1 and task.network_sizes()["ngf"] == 8
