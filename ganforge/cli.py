@@ -314,7 +314,8 @@ def cmd_batch_inpaint(args) -> int:
     index, num_shards = jobs.shard_defaults(args.shard_index, args.num_shards)
     out = _writable_dir(args.output, "-o/--output")
     items, bad = jobs.discover(args.input, out, masks=args.masks)
-    opts = jobs.JobOptions(url=args.url, model=args.model, concurrency=args.concurrency,
+    opts = jobs.JobOptions(url=args.url, model=args.model, model_version=args.model_version,
+                           concurrency=args.concurrency,
                            batch_size=args.batch_size, workers=args.workers, retries=args.retries,
                            wait_for_server_s=args.wait_for_server, timeout_s=args.timeout,
                            dilate=args.dilate, resume=args.resume, shard_index=index,
@@ -529,6 +530,7 @@ def build_parser() -> Parser:
     bi.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
     bi.add_argument("--model", default=None,
                     help="served inpainting model (default: the one served model taking image and mask)")
+    version_arg(bi)
     bi.add_argument("--concurrency", type=_int_arg(1), default=4, help="requests in flight")
     bi.add_argument("--batch-size", type=_int_arg(1), default=None,
                     help="items per request (default: the model's max_batch_size)")

@@ -156,6 +156,13 @@ def map_error(exc: Exception, model: str | None = None, url: str = "",
     return ServerError(f"{status or 'error'}: {msg}")
 
 
+def check_served(model: str, version: str, served: list[str], url: str) -> None:
+    """ModelNotFound, naming the versions served, unless `version` is one of `served`."""
+    if version not in served:
+        raise ModelNotFound(f"model {model!r} version {version} is not served at {url}; "
+                            f"it serves version{'s' if len(served) > 1 else ''} {', '.join(served)}")
+
+
 def check_seed(seed) -> int:
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise UsageError(f"seed: {seed!r} is not allowed; must be an integer in [0, {SEED_MAX}]")
@@ -247,10 +254,7 @@ class Client:
         return self._versions[model]
 
     def _check_served(self, model: str, version: str) -> None:
-        served = self.versions(model)
-        if version not in served:
-            raise ModelNotFound(f"model {model!r} version {version} is not served at {self.url}; "
-                                f"it serves version{'s' if len(served) > 1 else ''} {', '.join(served)}")
+        check_served(model, version, self.versions(model), self.url)
 
     def infer(self, model: str, inputs: dict[str, np.ndarray], outputs: list[str],
               model_version: int | str | None = None) -> dict[str, np.ndarray]:

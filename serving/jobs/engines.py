@@ -27,8 +27,11 @@ class TritonEngine:
     """A served inpainting model over asynchronous gRPC (tritonclient.grpc.aio)."""
 
     def __init__(self, url: str, model: str, timeout_s: float | None = 60.0, tls=None,
-                 key: tuple[str, str] | None = None):
+                 key: tuple[str, str] | None = None, model_version: int | str | None = None):
+        from ganforge.serving.client import check_version
+
         self.url, self.model, self.timeout_s = url, model, timeout_s
+        self.version = check_version(model_version)  # "": the server's choice, its highest
         self.tls = tls  # serving.client.TLSFiles, None: plaintext
         # a server started with --restricted-key wants it for the repository index (no --model)
         self.headers = {f"triton-grpc-protocol-{key[0]}": key[1]} if key else {}
@@ -45,8 +48,14 @@ class TritonEngine:
             certificate_chain=t and t.cert, channel_args=_channel_args())
         if self.model is None:
             self.model = await self._find_inpainter()
-        cfg = (await self._call(self._client.get_model_config, self.model, as_json=True,
-                                     headers=self.headers))["config"]
+        if self.version:
+            from ganforge.serving.client import check_served
+
+            meta = await self._call(self._client.get_model_metadata, self.model, as_json=True,
+                                    headers=self.headers)
+            check_served(self.model, self.version, sorted(meta.get("versions", []), key=int), self.url)
+        cfg = (await self._call(self._client.get_model_config, self.model, self.version,
+                                as_json=True, headers=self.headers))["config"]
         image = next((i for i in cfg.get("input", []) if i["name"] == "image"), None)
         names = sorted(i["name"] for i in cfg.get("input", []))
         if image is None or names != ["image", "mask"]:
@@ -98,7 +107,7 @@ class TritonEngine:
             t.set_data_from_numpy(a)
             inputs.append(t)
         call = asyncio.ensure_future(self._call(
-            self._client.infer, self.model, inputs,
+            self._client.infer, self.model, inputs, model_version=self.version,
             outputs=[aio.InferRequestedOutput(self.output)],
             client_timeout=grpc_deadline(self.timeout_s), headers=self.headers))
         if not self.timeout_s:
@@ -123,7 +132,7 @@ class TritonEngine:
     async def ready(self) -> bool:
         try:
             return bool(await self._client.is_server_ready(client_timeout=2)
-                        and await self._client.is_model_ready(self.model, client_timeout=2))
+                        and await self._client.is_model_ready(self.model, self.version, client_timeout=2))
         except Exception:
             return False
 

@@ -43,6 +43,7 @@ class JobStopped(Exception):
 class JobOptions:
     url: str = "localhost:8001"
     model: str | None = DEFAULT_MODEL
+    model_version: int | None = None  # None: the server's choice, the highest version it serves
     concurrency: int = 4            # asynchronous requests in flight
     batch_size: int | None = None   # items per request (None: the model's max_batch_size)
     workers: int | None = None      # items in flight, one thread each (None: 2 x batch x concurrency)
@@ -72,6 +73,7 @@ class Summary:
     status: str = "complete"        # complete | interrupted | aborted
     reason: str = ""
     model: str = ""
+    model_version: str = ""         # "": the server's choice, the highest version it serves
     url: str = ""
     shard_index: int = 0
     num_shards: int = 1
@@ -125,7 +127,7 @@ class Job:
         self.items, self.opts = items, dataclasses.replace(opts)  # the job fills in opts.model
         self.output_dir = Path(output_dir)
         self.engine = engine or TritonEngine(opts.url, opts.model, opts.timeout_s, opts.tls,
-                                             opts.key)
+                                             opts.key, opts.model_version)
         self.pre_failures = failures or []
         self.stream = stream
         self.summary = Summary(model=opts.model, url=opts.url, shard_index=opts.shard_index,
@@ -291,6 +293,7 @@ class Job:
             except ServerUnavailable:  # not up yet: wait (bounded) as for a restart
                 await self._wait_for_server(time.monotonic())
         self.opts.model = self.summary.model = self.engine.model
+        self.summary.model_version = getattr(self.engine, "version", "")
         if not await self.engine.ready():
             await self._wait_for_server(time.monotonic())
         tile = self.engine.tile

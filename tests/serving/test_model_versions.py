@@ -1,7 +1,7 @@
 """A model shipped as two versions (model_repository/denoiser_photos: 1 FP32, 2 INT8) served by
 the real tritonserver: a request naming a version gets that version's graph, a request naming
 none gets the INT8 one, and a version that is not served is a clear error that leaves the
-server serving."""
+server serving. A batch-inpaint job sends every request to the version it names."""
 
 import json
 import shutil
@@ -13,17 +13,43 @@ from PIL import Image
 from ganforge.errors import ModelNotFound, UsageError
 from ganforge.export.quantize import session
 from ganforge.serving.client import Client, map_error
+from ganforge.serving.repository import write_manifest
 from ganforge.serving.server import LocalServer, ServerOptions, free_port
 from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow   # starts a server
 SHIPPED = ROOT / "model_repository" / "denoiser_photos"
+INPAINTER = ROOT / "model_repository" / "inpainter_photos"
+
+
+def passthrough_inpainter(path) -> None:
+    """An inpainting graph that answers with the image it was sent: a second version of the
+    inpainter that no request can mistake for the first."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    tile = [None, 64, 64]
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["image"], ["inpainted"])], "passthrough",
+        [helper.make_tensor_value_info("image", TensorProto.UINT8, [*tile, 3]),
+         helper.make_tensor_value_info("mask", TensorProto.UINT8, [*tile, 1])],
+        [helper.make_tensor_value_info("inpainted", TensorProto.UINT8, [*tile, 3])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    path.parent.mkdir(parents=True)
+    onnx.save(model, str(path))
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("versions") / "model_repository"
     shutil.copytree(SHIPPED, repo / "denoiser_photos")
+    shutil.copytree(INPAINTER, repo / "inpainter_photos")
+    passthrough_inpainter(repo / "inpainter_photos" / "2" / "model.onnx")
+    config = repo / "inpainter_photos" / "config.pbtxt"
+    config.write_text(config.read_text() + "version_policy { all { } }\n")
+    manifest = json.loads((repo / "inpainter_photos" / "manifest.json").read_text())
+    write_manifest(repo / "inpainter_photos", {k: v for k, v in manifest.items() if k != "files"})
     srv = LocalServer(ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
                                     metrics_port=free_port(), exit_timeout_s=5)).start()
     yield srv
@@ -101,3 +127,29 @@ def test_a_version_that_is_not_served_is_a_clear_error_and_the_server_goes_on(se
     assert str(err).startswith(f"model 'denoiser_photos' version 7 is not served at {server.grpc_url}: ")
     # and it goes on serving
     np.testing.assert_array_equal(raw.infer("denoiser_photos", [image]).as_numpy("denoised"), expected("2", tiles))
+
+
+def test_a_batch_job_sends_every_request_to_the_version_it_names(server, tmp_path):
+    from skimage import data
+
+    photo = data.coffee()[100:196, 200:296]
+    mask = np.zeros(photo.shape[:2], np.uint8)
+    mask[30:60, 30:60] = 255
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    Image.fromarray(photo).save(inputs / "a.png")
+    Image.fromarray(mask).save(inputs / "a_mask.png")
+    outs = {}
+    for v in ("1", "2"):
+        out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / f"v{v}"), "--model", "inpainter_photos",
+                      "--model-version", v, "--url", server.grpc_url, "-q")
+        assert out.returncode == 0, out.stderr
+        assert json.loads((tmp_path / f"v{v}" / "summary.json").read_text())["model_version"] == v
+        outs[v] = np.asarray(Image.open(tmp_path / f"v{v}" / "a.png"))
+    hole = mask > 0
+    assert np.array_equal(outs["1"][~hole], photo[~hole]) and np.array_equal(outs["2"][~hole], photo[~hole])
+    assert not np.array_equal(outs["1"][hole], outs["2"][hole])   # version 1 paints the hole
+    out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / "v7"), "--model", "inpainter_photos",
+                  "--model-version", "7", "--url", server.grpc_url, "-q", "--wait-for-server", "1")
+    assert out.returncode == 1
+    assert "version 7 is not served" in out.stdout + out.stderr, out.stdout + out.stderr
