@@ -1,6 +1,7 @@
 """`ganforge bench tensorrt RUN`: generator throughput on one GPU, side by side in one process:
-TensorRT FP32 and FP16 plans, ONNX Runtime's CUDA provider, and torch eager (CUDA), at batch
-1, 16 and 64 (images per second, and each peer's ratio to torch eager).
+TensorRT FP32, FP16 and INT8 plans (INT8 calibrated as the export calibrates it), ONNX Runtime's
+CUDA provider, and torch eager (CUDA), at batch 1, 16 and 64 (images per second, and each
+peer's ratio to torch eager).
 
     ganforge bench tensorrt runs/NAME --out bench-out/tensorrt.json [--quick]
 
@@ -86,9 +87,12 @@ def run(argv: list[str]) -> int:
     sess = ort.InferenceSession(str(onnx_path), providers=["CUDAExecutionProvider"])
     peers["onnxruntime cuda"] = lambda z: sess.run(None, {"latent": z})[0]
     build_s = {}
-    for precision, fp16 in (("fp32", False), ("fp16", True)):
+    int8_graph = Path(tempfile.mkdtemp()) / "model.int8.onnx"   # the export's calibration
+    trtx.quantized_for_tensorrt(onnx_path, int8_graph, calibration=256, seed=0)
+    for precision in trtx.PLAN_PRECISIONS:
         t0 = time.perf_counter()
-        plan = trtx.build_engine(onnx_path, max(batches), fp16=fp16, log=lambda m: None)
+        plan = trtx.build_engine(int8_graph if precision == "int8" else onnx_path, max(batches),
+                                 precision=precision, log=lambda m: None)
         build_s[precision] = round(time.perf_counter() - t0, 2)
         engine = trtx.Engine(plan)
         peers[f"tensorrt {precision}"] = lambda z, e=engine: e({"latent": z})["image"]

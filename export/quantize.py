@@ -85,8 +85,13 @@ class _Feeds:
         self.it = iter(self.feeds)
 
 
-def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> None:
-    """Static INT8 (QDQ, per-channel weights) of the float region of `src`, calibrated on `feeds`."""
+def quantize_int8(src: Path, dst: Path, feeds: list[dict], symmetric: bool = False) -> None:
+    """Static INT8 (QDQ, per-channel weights) of the float region of `src`, calibrated on `feeds`.
+
+    `symmetric`: activations as int8 with zero point 0 and biases left in float, the only Q/DQ
+    TensorRT builds (its explicit quantization; it quantizes biases itself); ONNX Runtime's CPU
+    kernels run the default, uint8 activations with a zero point, which fits post-ReLU ranges
+    better, and int32 biases."""
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 
@@ -118,11 +123,13 @@ def quantize_int8(src: Path, dst: Path, feeds: list[dict]) -> None:
         onnx.save(model, rewritten)
         try:
             quantize_static(str(rewritten), str(dst), reader, quant_format=QuantFormat.QDQ,
-                            per_channel=True, activation_type=QuantType.QUInt8,
+                            per_channel=True,
+                            activation_type=QuantType.QInt8 if symmetric else QuantType.QUInt8,
                             weight_type=QuantType.QInt8, nodes_to_quantize=nodes,
                             op_types_to_quantize=[*LEARNED_OPS, *INT8_ACTIVATIONS, "Transpose", "Reshape",
                                                   "Slice"],
-                            extra_options={"EnableSubgraph": False})
+                            extra_options={"EnableSubgraph": False, "ActivationSymmetric": symmetric,
+                                           "WeightSymmetric": True, "QuantizeBias": not symmetric})
         finally:
             root.setLevel(level)
 

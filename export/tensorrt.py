@@ -1,5 +1,11 @@
-"""`ganforge export RUN --format tensorrt [--fp16]`: TensorRT engines built from the exported
-ONNX generator, on the GPU that will run them, checked against ONNX Runtime.
+"""`ganforge export RUN --format tensorrt [--precision fp32|fp16|int8]`: TensorRT engines built
+from the exported ONNX generator, on the GPU that will run them, checked against ONNX Runtime.
+
+INT8 is TensorRT's explicit quantization: the plan is built from a Q/DQ graph calibrated as
+`--precision int8` calibrates the ONNX Runtime version (the same samples of the model's own
+inputs, `--calibration N`, `--calibration-seed S`), with symmetric activations because TensorRT
+takes only zero points of 0. Its quality cost (the generator's FD, as for the ONNX versions) is
+measured on the GPU and warned about past the limit; FP16 plans get the same figure.
 
 A plan runs only on the TensorRT version and the GPU model (compute capability) that built it,
 so ONNX stays the portable artifact and plans are built where they run: here on a GPU machine,
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -28,6 +35,7 @@ from ganforge.serving import repository as repo
 from ganforge.serving import sampler
 from ganforge.serving.repository import tensor
 
+PLAN_PRECISIONS = ("fp32", "fp16", "int8")
 FP32_MAX_ABS_DIFF = 1     # grey levels: the plan rounds as the ONNX graph does
 FP16_MAX_ABS_DIFF = 8     # grey levels: half precision moves values near a rounding edge
 FP16_MEAN_ABS_DIFF = 0.5  # grey levels over all pixels
@@ -69,7 +77,7 @@ def import_tensorrt():
     return trt
 
 
-def build_engine(onnx_path: Path, max_batch_size: int, fp16: bool = False,
+def build_engine(onnx_path: Path, max_batch_size: int, precision: str = "fp32",
                  timing_cache: Path | None = None, workspace_bytes: int = WORKSPACE_BYTES,
                  log=print) -> bytes:
     """Build a serialized TensorRT engine (a plan) from an ONNX model with a dynamic batch.
@@ -77,7 +85,9 @@ def build_engine(onnx_path: Path, max_batch_size: int, fp16: bool = False,
     Args:
         onnx_path: the ONNX model; its first dimension is the batch on every input.
         max_batch_size: the profile covers batch 1..max_batch_size, tuned for the middle.
-        fp16: allow half-precision kernels (the uint8 I/O stays uint8).
+        precision: 'fp16' allows half-precision kernels; 'int8' builds the Q/DQ nodes of
+            `onnx_path` as INT8 kernels (explicit quantization; the graph must hold them).
+            The uint8 I/O stays uint8.
         timing_cache: a file of layer timings reused across builds on the same GPU and
             TensorRT version; read when present, written back after the build.
         workspace_bytes: the builder's scratch memory limit.
@@ -99,8 +109,13 @@ def build_engine(onnx_path: Path, max_batch_size: int, fp16: bool = False,
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
-    if fp16:
+    if precision not in PLAN_PRECISIONS:
+        raise UsageError(f"--precision: {precision!r} is not allowed for a TensorRT plan; "
+                         f"allowed: {', '.join(PLAN_PRECISIONS)}")
+    if precision == "fp16":
         config.set_flag(trt.BuilderFlag.FP16)
+    elif precision == "int8":
+        config.set_flag(trt.BuilderFlag.INT8)
     profile = builder.create_optimization_profile()
     opt = max(1, (max_batch_size + 1) // 2)
     for i in range(network.num_inputs):
@@ -120,7 +135,7 @@ def build_engine(onnx_path: Path, max_batch_size: int, fp16: bool = False,
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise GanforgeError(f"{onnx_path}: TensorRT could not build an engine (see its log above)")
-    log(f"export: built a {'FP16' if fp16 else 'FP32'} engine in {time.perf_counter() - t0:.1f} s")
+    log(f"export: built a {precision.upper()} engine in {time.perf_counter() - t0:.1f} s")
     if timing_cache is not None:
         timing_cache.parent.mkdir(parents=True, exist_ok=True)
         timing_cache.write_bytes(bytes(config.get_timing_cache().serialize()))
@@ -181,10 +196,48 @@ def parity_vs_onnxruntime(plan: bytes, onnx_path: Path, feeds: dict[str, np.ndar
             "pixels_differing": float((diff > 0).mean())}
 
 
-def parity_ok(check: dict, fp16: bool) -> bool:
-    if fp16:
+def parity_ok(check: dict, precision: str) -> bool:
+    """Whether a plan matches ONNX Runtime on its own graph. INT8 has no bound here: TensorRT's
+    INT8 kernels and ONNX Runtime's Q/DQ emulation round differently, so what an INT8 plan
+    must meet is the quality limit, measured as for the ONNX versions."""
+    if precision == "fp16":
         return check["max_abs_diff"] <= FP16_MAX_ABS_DIFF and check["mean_abs_diff"] <= FP16_MEAN_ABS_DIFF
+    if precision == "int8":
+        return True
     return check["max_abs_diff"] <= FP32_MAX_ABS_DIFF
+
+
+class PlanSession:
+    """An Engine behind the slice of ONNX Runtime's session API that the quality figures use
+    (`get_inputs`, `run`), in batches the plan's profile takes."""
+
+    def __init__(self, plan: bytes, input_shape: list[int], max_batch_size: int):
+        from types import SimpleNamespace
+
+        self.engine, self.max_batch = Engine(plan), max_batch_size
+        self._inputs = [SimpleNamespace(name=self.engine.inputs[0], shape=[-1, *input_shape])]
+
+    def get_inputs(self):
+        return self._inputs
+
+    def run(self, _outputs, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        n = len(next(iter(feeds.values())))
+        parts = [self.engine({k: v[i:i + self.max_batch] for k, v in feeds.items()})
+                 for i in range(0, n, self.max_batch)]
+        return [np.concatenate([p[name] for p in parts]) for name in self.engine.outputs]
+
+
+def quantized_for_tensorrt(onnx_path: Path, dst: Path, calibration: int, seed: int) -> dict:
+    """The symmetric Q/DQ graph of `onnx_path` (calibrated on `calibration` samples of its own
+    inputs drawn with `seed`) that an INT8 plan is built from; what calibrated it."""
+    import onnx
+
+    from ganforge.export import quantize
+
+    feeds, described = quantize.sample_inputs(onnx.load(str(onnx_path)), calibration, seed)
+    quantize.quantize_int8(onnx_path, dst, feeds, symmetric=True)
+    return {"samples": calibration, "seed": seed, "data": described,
+            "activations": "int8, symmetric (zero point 0)", "weights": "int8, per channel"}
 
 
 def compute_capability() -> str:
@@ -194,12 +247,24 @@ def compute_capability() -> str:
     return f"{major}.{minor}"
 
 
-def write_plan_model(repository: Path, onnx_model: str, fp16: bool, version: int = 1,
-                     timing_cache: Path | None = None, log=print) -> dict:
+def write_plan_model(repository: Path, onnx_model: str, precision: str = "fp32", version: int = 1,
+                     timing_cache: Path | None = None, calibration: int = 256, calibration_seed: int = 0,
+                     max_loss: float | None = None, fd_samples: int = 1000, log=print, warn=print) -> dict:
     """Build a plan for the ONNX model `onnx_model` of `repository` and write it as the model
-    `<onnx_model>_trt` (tensorrt_plan), with the same tensors and batch limit."""
+    `<onnx_model>_trt` (tensorrt_plan), with the same tensors and batch limit. An INT8 plan is
+    built from the graph's symmetric Q/DQ version (`calibration` samples, `calibration_seed`);
+    FP16 and INT8 plans get their quality cost against the FP32 ONNX graph (the generator's FD
+    on `fd_samples` images), and a warning when it is past `max_loss` (default: the ONNX
+    versions' limit)."""
+    import tempfile
+
+    from ganforge.export import quantize
+
     trt = import_tensorrt()
     gpu = require_gpu("export --format tensorrt")
+    if precision not in PLAN_PRECISIONS:
+        raise UsageError(f"--precision: {precision!r} is not allowed for a TensorRT plan; "
+                         f"allowed: {', '.join(PLAN_PRECISIONS)}")
     src_dir = repository / onnx_model
     cfg = repo.read_config(src_dir / "config.pbtxt")
     onnx_path = src_dir / str(version) / "model.onnx"
@@ -207,21 +272,40 @@ def write_plan_model(repository: Path, onnx_model: str, fp16: bool, version: int
         raise UsageError(f"--version: {onnx_path} does not exist; export the ONNX model first")
     name = f"{onnx_model}_trt"
     out_dir = repository / name
-    t0 = time.perf_counter()
-    plan = build_engine(onnx_path, cfg.max_batch_size, fp16=fp16, timing_cache=timing_cache, log=log)
-    build_s = round(time.perf_counter() - t0, 2)
+    with tempfile.TemporaryDirectory() as tmp:
+        graph, calibrated = onnx_path, None
+        if precision == "int8":
+            graph = Path(tmp) / "model.int8.onnx"
+            calibrated = quantized_for_tensorrt(onnx_path, graph, calibration, calibration_seed)
+        t0 = time.perf_counter()
+        plan = build_engine(graph, cfg.max_batch_size, precision=precision, timing_cache=timing_cache, log=log)
+        build_s = round(time.perf_counter() - t0, 2)
 
-    specs = {io.name: io for io in cfg.input}
-    feeds = {}
-    for io_name, io in specs.items():  # the generator takes latents: the sampler's own draw
-        feeds[io_name] = sampler.sample_latents(0, cfg.max_batch_size, int(io.dims[0]))
-    check = parity_vs_onnxruntime(plan, onnx_path, feeds)
-    tol = (f"max {FP16_MAX_ABS_DIFF}, mean {FP16_MEAN_ABS_DIFF}" if fp16 else f"max {FP32_MAX_ABS_DIFF}")
-    log(f"export: parity TensorRT vs ONNX Runtime on {check['batch']} latents: max abs diff "
-        f"{check['max_abs_diff']}, mean {check['mean_abs_diff']} grey levels (allowed {tol})")
-    if not parity_ok(check, fp16):
+        specs = {io.name: io for io in cfg.input}
+        feeds = {}
+        for io_name, io in specs.items():  # the generator takes latents: the sampler's own draw
+            feeds[io_name] = sampler.sample_latents(0, cfg.max_batch_size, int(io.dims[0]))
+        check = parity_vs_onnxruntime(plan, graph, feeds)
+    tol = {"fp16": f"max {FP16_MAX_ABS_DIFF}, mean {FP16_MEAN_ABS_DIFF}", "fp32": f"max {FP32_MAX_ABS_DIFF}",
+           "int8": "no bound: the quality limit decides"}[precision]
+    log(f"export: parity TensorRT vs ONNX Runtime on {check['batch']} latents"
+        + (" (the same Q/DQ graph)" if precision == "int8" else "")
+        + f": max abs diff {check['max_abs_diff']}, mean {check['mean_abs_diff']} grey levels (allowed {tol})")
+    if not parity_ok(check, precision):
         raise GanforgeError(f"export: the TensorRT engine differs from ONNX Runtime by "
                             f"{check['max_abs_diff']} grey levels (allowed {tol})")
+    figure = None
+    if precision != "fp32":
+        task = "generator"
+        test = PlanSession(plan, [int(d) for d in cfg.input[0].dims], cfg.max_batch_size)
+        figure = quantize.quality(task, quantize.session(onnx_path), test, precision, fd_samples=fd_samples)
+        limit = figure["limit"] if max_loss is None else max_loss
+        figure.update(limit=limit, within_limit=bool(figure["loss"] <= limit))
+        log(f"export: {figure['metric']}: fp32 {figure['fp32']}, {precision} plan {figure[precision]} "
+            f"({figure['loss']:+} {figure['unit']}, limit {limit})")
+        if not figure["within_limit"]:
+            warn(f"warning: the {precision.upper()} plan's quality cost is {figure['loss']} {figure['unit']}, "
+                 f"{round(figure['loss'] - limit, 3)} past the limit of {limit}")
 
     plan_path = out_dir / str(version) / "model.plan"
     if plan_path.parent.exists():
@@ -235,7 +319,8 @@ def write_plan_model(repository: Path, onnx_model: str, fp16: bool, version: int
     info = {"model": name, "version": version, "format": "tensorrt_plan",
             "source_onnx": f"{onnx_model}/{version}/model.onnx",
             "source_onnx_sha256": repo.sha256(onnx_path),
-            "precision": "FP16" if fp16 else "FP32", "tensorrt_version": trt.__version__,
+            "precision": precision.upper(), "tensorrt_version": trt.__version__,
+            "calibration": calibrated, "quality": figure,
             "gpu": gpu, "compute_capability": compute_capability(),
             "profile_batch": [1, max(1, (cfg.max_batch_size + 1) // 2), cfg.max_batch_size],
             "build_s": build_s, "parity_vs_onnxruntime": check,
@@ -257,8 +342,10 @@ def export_tensorrt(args) -> int:
                                instances=GENERATOR_INSTANCES if args.instances is None else args.instances,
                                intra_op_threads=args.threads)
     cache = Path.home() / ".cache" / "ganforge" / f"trt-timing-{compute_capability()}.cache"
-    info = write_plan_model(repository, summary["generator"], fp16=args.fp16,
-                            version=args.version, timing_cache=cache)
+    info = write_plan_model(repository, summary["generator"], precision=args.precision,
+                            version=args.version, timing_cache=cache, calibration=args.calibration,
+                            calibration_seed=args.calibration_seed, max_loss=args.max_loss,
+                            warn=lambda line: print(line, file=sys.stderr, flush=True))
     name = f"{summary['model']}_trt"
     gen = repo.read_config(repository / info["model"] / "config.pbtxt")
     ens = repo.ensemble_config(

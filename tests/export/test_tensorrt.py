@@ -42,6 +42,47 @@ def test_tensorrt_benchmark_without_a_gpu_measures_nothing_and_says_why(tiny_run
     assert not (tmp_path / "t.json").exists()
 
 
+@cpu_only
+def test_tensorrt_int8_export_without_a_gpu_says_so_and_bf16_is_a_usage_error(tiny_run, tmp_path):
+    out = run_cli("export", str(tiny_run), "--format", "tensorrt", "--precision", "int8",
+                  "--repository", str(tmp_path / "repo"))
+    assert out.returncode == 1 and out.stderr == NO_GPU_LINE
+    out = run_cli("export", str(tiny_run), "--format", "tensorrt", "--precision", "bf16",
+                  "--repository", str(tmp_path / "repo"))
+    assert out.returncode == 2
+    assert out.stderr == ("Error: --precision: bf16 is not allowed with --format tensorrt; "
+                          "allowed: fp32, fp16, int8\n")
+    assert not (tmp_path / "repo").exists()
+
+
+def test_the_int8_plans_graph_is_symmetric_qdq_from_the_exports_calibration(tiny_repo, tmp_path):
+    """What TensorRT's explicit quantization builds: Q/DQ pairs with int8 zero points of 0 on
+    activations and weights; ONNX Runtime runs the same graph close to the FP32 one."""
+    import numpy as np
+    import onnx
+    from onnx import numpy_helper
+
+    from ganforge.export import quantize
+    from ganforge.export import tensorrt as trtx
+    from ganforge.serving import sampler
+
+    shared, summary = tiny_repo
+    fp32 = shared / summary["generator"] / "1" / "model.onnx"
+    calibrated = trtx.quantized_for_tensorrt(fp32, tmp_path / "int8.onnx", calibration=32, seed=3)
+    assert (calibrated["samples"], calibrated["seed"]) == (32, 3)
+    model = onnx.load(str(tmp_path / "int8.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    qdq = [n for n in model.graph.node if n.op_type in ("QuantizeLinear", "DequantizeLinear")]
+    assert len(qdq) >= 8
+    for n in qdq:
+        zero = inits[n.input[2]]
+        assert zero.dtype == np.int8 and not zero.any(), (n.name, zero)
+    z = sampler.sample_latents(0, 8, int(quantize._shape(model, "latent")[0]))
+    ref = quantize.session(fp32).run(None, {"latent": z})[0].astype(np.int16)
+    got = quantize.session(tmp_path / "int8.onnx").run(None, {"latent": z})[0].astype(np.int16)
+    assert got.shape == ref.shape and np.abs(got - ref).mean() < 6
+
+
 @pytest.mark.gpu
 @without_tensorrt
 def test_tensorrt_export_and_benchmark_on_a_gpu_without_tensorrt_say_how_to_install_it(tiny_run, tmp_path):
@@ -105,8 +146,8 @@ def test_export_refuses_an_unknown_ort_trt_precision(tiny_run, tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.tensorrt
-@pytest.mark.parametrize("fp16", [False, True], ids=["fp32", "fp16"])
-def test_plan_matches_onnxruntime_within_the_stated_tolerance(tiny_repo, fp16, tmp_path):
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "int8"])
+def test_plan_matches_onnxruntime_within_the_stated_tolerance(tiny_repo, precision, tmp_path):
     import shutil
 
     from ganforge.export import tensorrt as trtx
@@ -114,16 +155,19 @@ def test_plan_matches_onnxruntime_within_the_stated_tolerance(tiny_repo, fp16, t
     shared, summary = tiny_repo
     repository = tmp_path / "repo"          # the session's repository stays ONNX-only
     shutil.copytree(shared, repository)
-    info = trtx.write_plan_model(repository, summary["generator"], fp16=fp16, log=print)
+    info = trtx.write_plan_model(repository, summary["generator"], precision=precision,
+                                 calibration=32, fd_samples=200, log=print)
     check = info["parity_vs_onnxruntime"]
-    if fp16:
+    if precision == "fp16":
         assert check["max_abs_diff"] <= trtx.FP16_MAX_ABS_DIFF
         assert check["mean_abs_diff"] <= trtx.FP16_MEAN_ABS_DIFF
-    else:
+    elif precision == "fp32":
         assert check["max_abs_diff"] <= trtx.FP32_MAX_ABS_DIFF
     manifest = json.loads((repository / info["model"] / "manifest.json").read_text())
     assert manifest["tensorrt_version"] and manifest["compute_capability"].count(".") == 1
-    assert manifest["precision"] == ("FP16" if fp16 else "FP32")
+    assert manifest["precision"] == precision.upper()
+    assert (manifest["quality"] is None) == (precision == "fp32")
+    assert (manifest["calibration"] is not None) == (precision == "int8")
     repo.verify_manifest(repository / info["model"])
 
 
