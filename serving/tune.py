@@ -19,264 +19,40 @@ configuration is written into the model's config.pbtxt through the typed writer
 (`repository.write_config`, Triton's own schema), every other field kept; the manifest's sha256
 of config.pbtxt is updated and the choice recorded under `tuned`. `--dry-run` prints the change
 and leaves the file alone. The repository itself is never touched during the search.
+
+The pieces: the candidates, their flags and the writing of config.pbtxt are in tune_config.py;
+one configuration's server and load in tune_measure.py; the rows, the choice and the printed
+report in tune_report.py. This module runs the search (`tune`) and the command (`run_cli`), and
+every name of the three stays importable from here.
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import difflib
 import json
 import os
 import shutil
-import statistics
 import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from tritonclient.grpc import model_config_pb2 as mc
-
-from ganforge.errors import GanforgeError, RepositoryError, ServerStartError, UsageError
+from ganforge.errors import GanforgeError, UsageError
 from ganforge.serving import repository as repo
+from ganforge.serving.tune_config import (DEFAULT_CONCURRENCY, DEFAULT_INSTANCES, DEFAULT_QUEUE_DELAY_US,
+                                          DEFAULT_SECONDS, LIMITS, MAX_BATCH_SIZE, MAX_CONCURRENCY,
+                                          MAX_INSTANCES, MAX_QUEUE_DELAY_US, Candidate, _fields, _values,
+                                          apply, chosen_candidate, grid, model_dir_of, parse_list,
+                                          positive, served_versions, shipped_candidate, write_choice)
+from ganforge.serving.tune_measure import WARMUP_S, _prepare, measure
+from ganforge.serving.tune_report import choose, rows_of, table, verdict
 
-DEFAULT_INSTANCES = "1,2"
-DEFAULT_QUEUE_DELAY_US = "0,500"
-DEFAULT_CONCURRENCY = "1,4,16"
-DEFAULT_SECONDS = 2.0
-WARMUP_S = 0.5           # load at the highest concurrency before each configuration's figures
-MAX_BATCH_SIZE = 1024    # export's bound on max_batch_size
-MAX_INSTANCES = 64
-MAX_CONCURRENCY = 1024
-MAX_QUEUE_DELAY_US = 10_000_000
-
-
-@dataclass(frozen=True)
-class Candidate:
-    """One serving configuration of a model."""
-
-    instances: int                   # instance_group count (of every group)
-    max_batch_size: int              # the largest batch the dynamic batcher forms
-    max_queue_delay_us: int | None   # the batcher's wait for more requests; None: batcher off
-
-    @property
-    def label(self) -> str:
-        delay = "off" if self.max_queue_delay_us is None else f"{self.max_queue_delay_us}us"
-        return f"instances={self.instances} max_batch={self.max_batch_size} delay={delay}"
-
-    @property
-    def key(self) -> str:
-        delay = "off" if self.max_queue_delay_us is None else self.max_queue_delay_us
-        return f"i{self.instances}_b{self.max_batch_size}_d{delay}"
-
-
-# -- arguments --------------------------------------------------------------------------------
-
-# flag -> (smallest, largest, an example)
-LIMITS = {"--instances": (1, MAX_INSTANCES, "1,2"), "--max-batch": (1, MAX_BATCH_SIZE, "8,16"),
-          "--queue-delay-us": (0, MAX_QUEUE_DELAY_US, "0,100,500"),
-          "--concurrency": (1, MAX_CONCURRENCY, "1,4,16")}
-
-
-def parse_list(flag: str, text: str) -> list[int]:
-    """`flag`'s comma-separated integers, each within LIMITS[flag], in order, duplicates dropped.
-
-    Raises:
-        UsageError: naming `flag`, the bad value and what is allowed.
-    """
-    minimum, maximum, example = LIMITS[flag]
-    allowed = f"comma-separated integers in [{minimum}, {maximum}], e.g. {flag} {example}"
-    items = [t.strip() for t in str(text).split(",")]
-    if not any(items):
-        raise UsageError(f"{flag}: {text!r} is an empty list; give {allowed}")
-    values = []
-    for t in items:
-        try:
-            v = int(t)
-        except ValueError:
-            raise UsageError(f"{flag}: {t!r} is not allowed; give {allowed}") from None
-        if not minimum <= v <= maximum:
-            raise UsageError(f"{flag}: {v} is not allowed; give {allowed}")
-        values.append(v)
-    return list(dict.fromkeys(values))
-
-
-def positive(flag: str, value: float) -> float:
-    if not value > 0:
-        raise UsageError(f"{flag}: {value} is not allowed; must be a number > 0")
-    return value
-
-
-def model_dir_of(repository: str | Path, model: str) -> Path:
-    """The directory of `model` in `repository`; UsageError naming what there is otherwise."""
-    root = Path(repository)
-    if not root.is_dir():
-        raise UsageError(f"--repo: {root} is not a directory")
-    names = [d.name for d in sorted(root.iterdir()) if (d / "config.pbtxt").is_file()]
-    if model not in names:
-        raise UsageError(f"MODEL: {model!r} is not a model of {root}; choose from "
-                         f"{', '.join(names) or 'none (no config.pbtxt found)'}")
-    return root / model
-
-
-# -- configurations ---------------------------------------------------------------------------
-
-def shipped_candidate(cfg: mc.ModelConfig) -> Candidate:
-    """The configuration a config.pbtxt holds, as a Candidate."""
-    count = cfg.instance_group[0].count if cfg.instance_group else 1
-    delay = (cfg.dynamic_batching.max_queue_delay_microseconds
-             if cfg.HasField("dynamic_batching") else None)
-    return Candidate(count or 1, cfg.max_batch_size, delay)
-
-
-def apply(cfg: mc.ModelConfig, cand: Candidate) -> mc.ModelConfig:
-    """A copy of `cfg` with `cand`'s values; every other field kept.
-
-    What depends on max_batch_size follows it: a warm-up sample at the old largest batch (or
-    above the new one) is moved to the new largest batch, as export writes them (batch 1 and
-    the largest), and preferred batch sizes above it are dropped; Triton refuses either.
-    """
-    new = mc.ModelConfig()
-    new.CopyFrom(cfg)
-    old_max = cfg.max_batch_size
-    new.max_batch_size = cand.max_batch_size
-    if not new.instance_group:
-        new.instance_group.add()
-    for group in new.instance_group:
-        group.count = cand.instances
-    if cand.max_queue_delay_us is None:
-        new.ClearField("dynamic_batching")
-    else:
-        new.dynamic_batching.max_queue_delay_microseconds = cand.max_queue_delay_us
-        kept = [b for b in new.dynamic_batching.preferred_batch_size if b <= cand.max_batch_size]
-        del new.dynamic_batching.preferred_batch_size[:]
-        new.dynamic_batching.preferred_batch_size.extend(kept)
-    warmups, seen = [], set()
-    for w in new.model_warmup:
-        w = _copy(w)
-        if w.batch_size > cand.max_batch_size or (w.batch_size == old_max > 1):
-            if w.name == f"warmup_batch_{w.batch_size}":
-                w.name = f"warmup_batch_{cand.max_batch_size}"
-            w.batch_size = cand.max_batch_size
-        key = w.SerializeToString(deterministic=True)
-        if key not in seen:   # max batch 1: the two samples are now one
-            seen.add(key)
-            warmups.append(w)
-    del new.model_warmup[:]
-    new.model_warmup.extend(warmups)
-    return new
-
-
-def _copy(w: mc.ModelWarmup) -> mc.ModelWarmup:
-    out = mc.ModelWarmup()
-    out.CopyFrom(w)
-    return out
-
-
-def grid(instances: list[int], max_batch: list[int], delays: list[int]) -> list[Candidate]:
-    return [Candidate(i, b, d) for i in instances for b in max_batch for d in delays]
-
-
-# -- measuring --------------------------------------------------------------------------------
-
-def _prepare(model_dir: Path, cfg: mc.ModelConfig, cand: Candidate | None, dest: Path) -> Path:
-    """`dest`/MODEL: a copy of the model directory; with `cand`, its config.pbtxt rewritten and
-    the manifest dropped (the shipped copy keeps it, so the server still checks its files)."""
-    target = dest / model_dir.name
-    shutil.copytree(model_dir, target, ignore=shutil.ignore_patterns("__pycache__"))
-    if cand is not None:
-        repo.write_config(target, apply(cfg, cand))
-        (target / repo.MANIFEST).unlink(missing_ok=True)
-    return dest
-
-
-def measure(repository: Path, model: str, workload, concurrencies: list[int], batch: int,
-            seconds: float, log=print, prefix: str = "", settle=None):
-    """Start the local server on `repository` (one model) and put the load on it at each
-    concurrency. `settle` is called once the server is ready and before any load (the caller
-    waits there for the previous configuration's server to exit, so its shutdown overlaps this
-    start but never the figures).
-
-    Returns:
-        ({"start_s", "by_concurrency": {c: figures}}, the running server, for the caller to
-        stop), or ({"error": why}, None) when the server did not start or the load failed.
-    """
-    from ganforge.benchmarks.serve import served
-    from ganforge.serving.server import LocalServer, ServerOptions, free_port
-
-    opts = ServerOptions(model_repository=repository, grpc_port=free_port(), http_port=free_port(),
-                         metrics_port=free_port(), exit_timeout_s=10)
-    t0 = time.perf_counter()
-    try:
-        server = LocalServer(opts).start()
-    except ServerStartError as exc:
-        log(f"{prefix}server did not start: {exc}")
-        return {"error": f"server did not start: {exc}"}, None
-    out: dict = {"start_s": round(time.perf_counter() - t0, 2), "by_concurrency": {}}
-    try:
-        if settle is not None:
-            settle()
-        served(server.grpc_url, model, workload, batch, max(concurrencies), min(WARMUP_S, seconds))
-        for c in concurrencies:
-            m = served(server.grpc_url, model, workload, batch, c, seconds)
-            out["by_concurrency"][c] = m
-            errors = f", {m['errors']} FAILED ({m['error_messages'][0]})" if m["errors"] else ""
-            log(f"{prefix}concurrency {c:>3}: {m['images_per_s']:>9.1f} images/s  p50 {_ms(m['p50_ms'])}  "
-                f"p99 {_ms(m['p99_ms'])}  ({m['requests']} requests{errors})")
-    except Exception as exc:   # a configuration that serves no request is recorded, not fatal
-        server.stop()
-        log(f"{prefix}the load failed: {type(exc).__name__}: {exc}")
-        return {"error": f"the load failed: {type(exc).__name__}: {exc}"}, None
-    except BaseException:
-        server.stop()
-        raise
-    return out, server
-
-
-def _ms(v) -> str:
-    return f"{v:8.1f} ms" if v is not None else "       - ms"
-
-
-def _median(values: list):
-    vals = [v for v in values if v is not None]
-    return round(float(statistics.median(vals)), 3) if vals else None
-
-
-def rows_of(configs: list[dict], concurrencies: list[int], p99_ms: float) -> list[dict]:
-    """One row per configuration × concurrency: the median over rounds of each figure, the
-    errors summed; `meets_p99` and the ratio to the shipped configuration at that concurrency."""
-    rows = []
-    for conf in configs:
-        for c in concurrencies:
-            per = [r["by_concurrency"][c] for r in conf["rounds"] if c in r.get("by_concurrency", {})]
-            errors = sum(m["errors"] for m in per)
-            row = {"config": conf["key"], "shipped": conf["shipped"], **conf["values"], "concurrency": c,
-                   "images_per_s": _median([m["images_per_s"] for m in per]),
-                   "p50_ms": _median([m["p50_ms"] for m in per]),
-                   "p95_ms": _median([m["p95_ms"] for m in per]),
-                   "p99_ms": _median([m["p99_ms"] for m in per]),
-                   "requests": sum(m["requests"] for m in per), "errors": errors,
-                   "error_messages": [e for m in per for e in m.get("error_messages", [])][:3],
-                   "rounds_images_per_s": [m["images_per_s"] for m in per]}
-            if conf.get("error"):
-                row["error"] = conf["error"]
-            row["valid"] = bool(per) and errors == 0 and not conf.get("error") and row["p99_ms"] is not None
-            row["meets_p99"] = row["valid"] and row["p99_ms"] <= p99_ms
-            rows.append(row)
-    base = {r["concurrency"]: r for r in rows if r["shipped"] and r["valid"]}
-    for r in rows:
-        b = base.get(r["concurrency"])
-        r["vs_shipped"] = (round(r["images_per_s"] / b["images_per_s"], 3)
-                           if b and r["valid"] and b["images_per_s"] else None)
-    return rows
-
-
-def choose(rows: list[dict]) -> dict | None:
-    """The row with the highest throughput among those meeting the latency limit (None: none);
-    on a tie, the one listed first (the shipped configuration comes first)."""
-    ok = [r for r in rows if r["meets_p99"]]
-    return max(ok, key=lambda r: r["images_per_s"]) if ok else None
+__all__ = [
+    "DEFAULT_CONCURRENCY", "DEFAULT_INSTANCES", "DEFAULT_QUEUE_DELAY_US", "DEFAULT_SECONDS", "LIMITS",
+    "MAX_BATCH_SIZE", "MAX_CONCURRENCY", "MAX_INSTANCES", "MAX_QUEUE_DELAY_US", "WARMUP_S", "Candidate",
+    "apply", "choose", "chosen_candidate", "grid", "measure", "model_dir_of", "parse_list", "positive",
+    "rows_of", "run_cli", "served_versions", "shipped_candidate", "table", "tune", "verdict", "write_choice",
+]
 
 
 def tune(repository: str | Path, model: str, p99_ms: float, instances: list[int] | None = None,
@@ -426,139 +202,8 @@ def tune(repository: str | Path, model: str, p99_ms: float, instances: list[int]
     }
 
 
-def served_versions(model_dir: Path, cfg: mc.ModelConfig) -> dict:
-    """The version directories Triton loads for the model and the one a request without a
-    version reaches (the newest loaded), with its precision where the manifest records one."""
-    on_disk = sorted(int(p.name) for p in model_dir.iterdir() if p.is_dir() and p.name.isdigit())
-    policy = cfg.version_policy.WhichOneof("policy_choice") if cfg.HasField("version_policy") else "latest"
-    if policy == "all":
-        loaded = on_disk
-    elif policy == "specific":
-        loaded = [v for v in on_disk if v in set(cfg.version_policy.specific.versions)]
-    else:
-        loaded = on_disk[-max(1, cfg.version_policy.latest.num_versions):]
-    out: dict = {"versions": loaded, "measured": max(loaded) if loaded else None}
-    try:
-        records = json.loads((model_dir / repo.MANIFEST).read_text()).get("versions") or {}
-    except (OSError, ValueError):
-        records = {}
-    precision = (records.get(str(out["measured"])) or {}).get("precision")
-    if precision:
-        out["precision"] = precision
-    return out
-
-
 def _n(k: int, one: str, many: str | None = None) -> str:
     return f"{k} {one if k == 1 else (many or one + 's')}"
-
-
-def _values(c: Candidate) -> dict:
-    return asdict(c)
-
-
-def _fields(values: dict) -> dict:
-    return {k: values[k] for k in ("instances", "max_batch_size", "max_queue_delay_us")}
-
-
-# -- the choice -------------------------------------------------------------------------------
-
-def chosen_candidate(result: dict) -> Candidate | None:
-    return Candidate(**_fields(result["best"])) if result.get("best") else None
-
-
-def write_choice(model_dir: Path, cand: Candidate, result: dict, dry_run: bool,
-                 expected_sha256: str | None = None) -> str:
-    """Write `cand` into the model's config.pbtxt (or, with dry_run, only render it).
-
-    Returns the unified diff of config.pbtxt ("" when nothing changes).
-
-    Raises:
-        RepositoryError: config.pbtxt changed during the search (`expected_sha256`), or the
-            directory's files no longer match its manifest.
-    """
-    path = model_dir / "config.pbtxt"
-    before = path.read_text()
-    if expected_sha256 and repo.sha256(path) != expected_sha256:
-        raise RepositoryError(f"{path}: changed while tune was measuring; not written (run tune again)")
-    new = apply(repo.read_config(path), cand)
-    after = repo.render(new)
-    diff = "".join(difflib.unified_diff(before.splitlines(keepends=True), after.splitlines(keepends=True),
-                                        fromfile=f"{path}", tofile=f"{path} (tuned)"))
-    if dry_run or not diff:
-        return diff
-    repo.verify_manifest(model_dir)   # refuse to re-bless a directory whose files changed
-    repo.write_config(model_dir, new)
-    manifest = model_dir / repo.MANIFEST
-    if manifest.is_file():
-        info = json.loads(manifest.read_text())
-        info.setdefault("files", {})["config.pbtxt"] = repo.sha256(path)
-        best = result["best"]
-        info["tuned"] = {
-            **_fields(best), "p99_limit_ms": result["p99_limit_ms"], "concurrency": best["concurrency"],
-            "images_per_s": best["images_per_s"], "p99_ms": best["p99_ms"],
-            "best_vs_shipped": result["best_vs_shipped"], "before": result["shipped"],
-            "load": result["load"],
-            "at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
-        }
-        manifest.write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
-    return diff
-
-
-# -- report -----------------------------------------------------------------------------------
-
-def table(result: dict) -> str:
-    """Every row, one line each; the best marked `*`, rows over the limit `>`."""
-    head = ("  config          instances  max_batch  delay_us  concurrency   images/s    p50 ms    p99 ms  "
-            "vs shipped")
-    lines = [head, "  " + "-" * (len(head) - 2)]
-    best = result.get("best")
-    for r in result["rows"]:
-        is_best = best is not None and (r["config"], r["concurrency"]) == (best["config"], best["concurrency"])
-        mark = "*" if is_best else (" " if r["meets_p99"] else ">")
-        delay = "off" if r["max_queue_delay_us"] is None else r["max_queue_delay_us"]
-        fig = lambda v, f: f.format(v) if v is not None else "-"
-        note = (f"  {_reason(r['error'])}" if r.get("error")
-                else f"  {r['errors']} failed requests" if r["errors"] else "")
-        lines.append(f"{mark} {r['config']:<15} {r['instances']:>9}  {r['max_batch_size']:>9}  {delay!s:>8}  "
-                     f"{r['concurrency']:>11}  {fig(r['images_per_s'], '{:9.1f}'):>9}  "
-                     f"{fig(r['p50_ms'], '{:8.1f}'):>8}  {fig(r['p99_ms'], '{:8.1f}'):>8}  "
-                     f"{fig(r['vs_shipped'], '{:10.3f}'):>10}{note}")
-    lines.append(f"  (* best within p99 <= {result['p99_limit_ms']:g} ms; > over the limit or failed)")
-    return "\n".join(lines)
-
-
-def _reason(error: str, width: int = 90) -> str:
-    """One short line of why a configuration failed: Triton's own error where the log has one."""
-    lines = error.splitlines()
-    for ln in lines:
-        if "Failed to create instance" in ln or "failed to load" in ln:
-            return ln.split('] "', 1)[-1][:width]
-    return lines[0][:width] if lines else ""
-
-
-def verdict(result: dict) -> list[str]:
-    best, base = result["best"], result["shipped_best"]
-    limit = f"p99 <= {result['p99_limit_ms']:g} ms"
-    if best is None:
-        p99s = [r["p99_ms"] for r in result["rows"] if r["valid"]]
-        lowest = (f"; the lowest p99 measured was {min(p99s):.1f} ms" if p99s
-                  else "; no configuration was measured without errors")
-        return [f"no configuration meets {limit} at any concurrency measured{lowest}"]
-    per_round = best["requests"] // max(1, len(best["rounds_images_per_s"]))
-    few = (f" (over {per_round} requests a round: p99 is about the slowest; more --seconds for a "
-           f"steadier tail)" if per_round < 100 else "")
-    out = [f"best within {limit}: {Candidate(**_fields(best)).label} at concurrency {best['concurrency']}: "
-           f"{best['images_per_s']:.1f} images/s, p50 {best['p50_ms']:.1f} ms, p99 {best['p99_ms']:.1f} ms{few}"]
-    if base is None:
-        out.append(f"the shipped configuration meets {limit} at no concurrency measured")
-    else:
-        out.append(f"shipped within {limit}: {base['images_per_s']:.1f} images/s at concurrency "
-                   f"{base['concurrency']} (p99 {base['p99_ms']:.1f} ms): best / shipped = "
-                   f"{result['best_vs_shipped']:.3f}")
-    if result["best_vs_shipped_same_concurrency"] is not None and not best["shipped"]:
-        out.append(f"at concurrency {best['concurrency']}: best / shipped = "
-                   f"{result['best_vs_shipped_same_concurrency']:.3f}")
-    return out
 
 
 def run_cli(args) -> int:
