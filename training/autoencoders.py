@@ -23,9 +23,10 @@ from torch import nn
 from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.training import datasets
-from ganforge.training.engine import SCHEDULES, Engine, RunConfig, Task, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS, load_checkpoint
 from ganforge.training.models import ModelSpec
+from ganforge.training.task import SCHEDULES, RunConfig, Task, option
 
 # ---------------------------------------------------------------------------------------------
 # PCA, the linear baseline
@@ -119,6 +120,27 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, red
         per_image = torch.log(per_image + 1e-8)
     has = count > 0
     return (per_image * has).sum() / has.sum().clamp(min=1)
+
+
+def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """Known pixels from x, hole pixels from the prediction."""
+    return x * (1 - m) + pred * m
+
+
+def paint_update(task, eng: Engine, x: torch.Tensor, m: torch.Tensor, pred: torch.Tensor,
+                 fake: torch.Tensor, judged=lambda t: t) -> dict:
+    """F's step of an inpainter trained on λ_rec L_rec + λ_adv L_adv (the inpainter's and the
+    context encoder's): the task's masked L2 over the hole (`task._rec`) and the non-saturating
+    term for fooling D with the completed image `fake` (as `judged` hands it to D). Returns the
+    two losses and the hole PSNR of the batch."""
+    cfg = task.cfg
+    with eng.autocast():
+        d_gen = task.D_train(judged(fake)).float()
+        l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
+    l_rec = task._rec(pred, x, m, eng)
+    eng.update(cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv, task.opt_G)
+    hole_mse = masked_mse(pred.detach(), x, m).clamp_min(1e-12)
+    return {"l_rec": l_rec.detach(), "l_adv": l_adv.detach(), "hole_psnr": 10 * torch.log10(4.0 / hole_mse)}
 
 
 # ---------------------------------------------------------------------------------------------

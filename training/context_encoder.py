@@ -39,7 +39,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ganforge import masks as maskgen
@@ -47,14 +46,15 @@ from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.training import data as tdata
 from ganforge.training import datasets
-from ganforge.training.autoencoders import image_crops, masked_mse
+from ganforge.training.autoencoders import completed, image_crops, masked_mse, paint_update
 from ganforge.training.options import comma_ints, join_ints
-from ganforge.training.engine import SCHEDULES, Engine, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS
 from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.loop import _describe as describe_doctor
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
+from ganforge.training.task import SCHEDULES, option
 
 KIND = "context-encoder"
 HOLES = ("centre", "random", "mixed")
@@ -141,11 +141,6 @@ class Critic(nn.Module):
 
 
 CONFIGS[KIND] = UNetConfig
-
-
-def completed(x: torch.Tensor, pred: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
-    """Known pixels from x, hole pixels from F's prediction."""
-    return x * (1 - m) + pred * m
 
 
 # ---------------------------------------------------------------------------------------------
@@ -296,10 +291,7 @@ class ContextEncoderTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg, dev = self.cfg, eng.device
-        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
-        self.plan_rewind()
-        torch.manual_seed(cfg.seed)
-        self.build(eng, cfg.lr, cfg.lr_d)
+        self.start(eng, cfg.lr, cfg.lr_d)
         if cfg.init_from and not (eng.resume and eng.checkpoint_path().is_file()):   # before step 0
             self.G.load_state_dict(init_weights(cfg.init_from, cfg.network)["state"]["net"])
         images = training_images(cfg)
@@ -334,7 +326,6 @@ class ContextEncoderTask(GANTask):
         return loss * (count.clamp(min=1) / max(mean, 1e-12))
 
     def step(self, batch: torch.Tensor, eng: Engine) -> dict:
-        cfg = self.cfg
         x = to_tensor(batch[..., :3])                              # (B, 3, T, T)
         m = batch[..., 3:].permute(0, 3, 1, 2).float().div(255)    # (B, 1, T, T)
         with eng.autocast():
@@ -347,15 +338,9 @@ class ContextEncoderTask(GANTask):
             loss_D = self.d_loss(d_real, d_fake, eng)
         self.update_d(loss_D, eng, clip=0.0)
         # F: the masked L2 over the hole, and fooling D with the completed image
-        with eng.autocast():
-            d_gen = self.D_train(self._noisy(fake, eng)).float()
-            l_adv = F.binary_cross_entropy_with_logits(d_gen, torch.ones_like(d_gen))
-        l_rec = self._rec(pred, x, m, eng)
-        eng.update(cfg.lambda_rec * l_rec + cfg.lambda_adv * l_adv, self.opt_G)
+        row = paint_update(self, eng, x, m, pred, fake, judged=lambda t: self._noisy(t, eng))
         p_real, p_fake = torch.sigmoid(d_real.detach()).mean(), torch.sigmoid(d_fake.detach()).mean()
-        hole_mse = masked_mse(pred.detach(), x, m).clamp_min(1e-12)
-        return {"l_rec": l_rec.detach(), "l_adv": l_adv.detach(), "loss_D": loss_D.detach(),
-                "D_real": p_real, "D_fake": p_fake, "hole_psnr": 10 * torch.log10(4.0 / hole_mse)}
+        return {**row, "loss_D": loss_D.detach(), "D_real": p_real, "D_fake": p_fake}
 
     def status(self, row: dict) -> str:
         return f"l_rec {row['l_rec']:.4f} l_adv {row['l_adv']:.3f}" if "l_rec" in row else ""

@@ -78,11 +78,14 @@ AUTO_REMEDIES: dict[str, list[tuple[str, Callable[[float, dict], float], str]]] 
         ("lr_d", lambda v, k: v * 0.5, "Heusel et al. 2017"),
     ],
 }
+# A collapsed G's larger latent is at least this wide: doubling a 1- or 2-d latent leaves G
+# mapping a line or a plane onto the images, still too thin to spread over the data's modes.
+MIN_RESTART_Z = 16
 # Network changes: recorded as restart decisions (new config values, relative to the current).
 RESTART_REMEDIES: dict[str, list[tuple[str, Callable[[int], int], str]]] = {
     "d_dominates": [("ndf", lambda v: max(1, v // 2), "course"), ("ngf", lambda v: v * 2, "course")],
     "g_dominates": [("ndf", lambda v: v * 2, "course")],
-    "mode_collapse": [("z_dim", lambda v: v * 2, "course"), ("ngf", lambda v: v * 2, "course"),
+    "mode_collapse": [("z_dim", lambda v: max(v * 2, MIN_RESTART_Z), "course"), ("ngf", lambda v: v * 2, "course"),
                       ("mbstd", lambda v: True, "Karras et al. 2018, Progressive GAN"),
                       ("pack", lambda v: max(2, v * 2), "Lin et al. 2018, PacGAN")],
 }

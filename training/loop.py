@@ -31,12 +31,13 @@ from ganforge.errors import UsageError
 from ganforge.images import save_grid
 from ganforge.training import data as tdata
 from ganforge.training.doctor import DOCTOR_MODES, Doctor, Intervention, render_kept
-from ganforge.training.engine import Engine, RunConfig, Task, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import DCGANConfig, Discriminator, Generator, init_weights, load_checkpoint
 from ganforge.training.models import ModelSpec
 from ganforge.training.monitor import FAILURES, Monitor, Thresholds
 from ganforge.training.remedies import BestWeights, dropout_control, transplant
 from ganforge.training.reports import write_run_report
+from ganforge.training.task import RunConfig, Task, option
 
 
 def _thresholds_text(th: dict | Thresholds) -> str | None:
@@ -356,6 +357,14 @@ class GANTask(Task):
     def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
         raise NotImplementedError
 
+    def start(self, eng: Engine, lr_g: float, lr_d: float) -> None:
+        """The first part of every GAN's setup: the networks the run had (a restart's, on
+        resume), the checkpoints kept to rewind to, then the networks built from the run's seed."""
+        self.cfg.network = self.trained_network(eng)
+        self.plan_rewind()
+        torch.manual_seed(self.cfg.seed)
+        self.build(eng, lr_g, lr_d)
+
     def resized(self, changes: dict):
         """cfg.network with the doctor's `changes` (its names) applied."""
         return dataclasses.replace(self.cfg.network, **{self.sizes[k]: v for k, v in changes.items()})
@@ -398,10 +407,7 @@ class DCGANTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg, dev = self.cfg, eng.device
-        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
-        self.plan_rewind()
-        torch.manual_seed(cfg.seed)
-        self.build(eng, cfg.lr_g, cfg.lr_d)
+        self.start(eng, cfg.lr_g, cfg.lr_d)
         self.data = tdata.gan_images(cfg.data, cfg.n_images, cfg.network.resolution, cfg.seed)
         self.held_real = to_tensor(held_out_reals(cfg, self.data, cfg.network.resolution)).to(dev)
         self._latents(dev)

@@ -38,10 +38,11 @@ from ganforge.training import data as tdata
 from ganforge.training.autoencoders import masked_mse
 from ganforge.training.context_encoder import (BUNDLED, UNet, UNetConfig, completed, held_out_images,
                                                training_images)
-from ganforge.training.engine import SCHEDULES, Engine, RunConfig, Task, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS
 from ganforge.training.loop import to_tensor, to_uint8
 from ganforge.training.models import ModelSpec
+from ganforge.training.task import SCHEDULES, RunConfig, Task, option
 
 KIND = "mae"
 

@@ -25,12 +25,13 @@ import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from ganforge.errors import UsageError
-from ganforge.training.engine import Engine, lr_factor, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import (MLPDiscriminator, MLPGANConfig, MLPGenerator, dropout_masks,
                                   load_checkpoint)
 from ganforge.training.loop import GANDoctor, GANOptions, GANTask
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
+from ganforge.training.task import lr_factor, option
 
 MIXTURES = ("ring", "grid")
 DRS_QUANTILE = 0.95   # gamma: this quantile of F over the burn-in draws (Azadi et al. 2019, sec. 3.3)
@@ -156,11 +157,8 @@ class MixtureTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg = self.cfg
-        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
-        self.plan_rewind()
         self.device, self.local_batch = eng.device, eng.local_batch
-        torch.manual_seed(cfg.seed)
-        self.build(eng, cfg.lr_g, cfg.lr_d)
+        self.start(eng, cfg.lr_g, cfg.lr_d)
         self.held_real = torch.from_numpy(self.mix.sample(512, np.random.default_rng(cfg.seed + 7919))).to(eng.device)
         self.watch = GANDoctor(cfg, self.held_real, self._held_z(), log=self.progress and eng.main,
                                mode_of=self.mix.nearest_mode, n_modes=self.mix.n_modes)

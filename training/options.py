@@ -3,7 +3,7 @@ defaults and help, the checks, the presets and the command that reproduces a run
 
     ganforge train MODEL [--preset NAME] [--config FILE] [--FLAG VALUE ...] --out DIR
 
-Every field of the config (a `RunConfig` subclass, see engine.py) is a flag, `--field-name`;
+Every field of the config (a `RunConfig` subclass, see task.py) is a flag, `--field-name`;
 the fields of its nested `network` dataclass are flags too (`--ngf`). Values are taken, last
 wins, from: the dataclass defaults, the preset (`training/presets/MODEL/NAME.toml`), the file
 given with `--config` (TOML or JSON, the same keys), and the flags typed.

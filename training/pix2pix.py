@@ -39,11 +39,12 @@ from ganforge.training import datasets
 from ganforge.training.autoencoders import image_crops
 from ganforge.training.context_encoder import BUNDLED, HOLES, hole
 from ganforge.training.data import gan_images, item_rng
-from ganforge.training.engine import Engine, option
+from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS, SharedDropout, dropout_masks
 from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
+from ganforge.training.task import option
 
 TASKS = ("inpaint", "edges")
 
@@ -284,11 +285,8 @@ class Pix2PixTask(GANTask):
 
     def setup(self, eng: Engine) -> None:
         cfg, dev = self.cfg, eng.device
-        cfg.network = self.trained_network(eng)     # the networks the run had (a restart's)
+        self.start(eng, cfg.lr, cfg.lr)
         net = cfg.network
-        self.plan_rewind()
-        torch.manual_seed(cfg.seed)
-        self.build(eng, cfg.lr, cfg.lr)
         # the doctor's fixed held-out batch: real = held-out crops, its `z` = their conditions;
         # D judges (condition, image) pairs, so the D it sees is bound to the held-out conditions
         held, channel = held_pairs(net.task, 32, cfg.tile, cfg.seed + 7919, 9000, cfg.data, cfg.holes)

@@ -11,8 +11,8 @@ import torch
 from ganforge.serving.sampler import sample_latents
 from ganforge.training.gan import load_checkpoint
 from ganforge.training.loop import to_uint8
-from ganforge.training.progan import (ProGANConfig, ProGANTrainConfig, Upsampled, build_progan,
-                                      train_progan)
+from ganforge.training.progan import ProGANTrainConfig, train_progan
+from ganforge.training.progan_nets import ProGANConfig, Upsampled, build_progan
 
 NET = ProGANConfig(z_dim=8, resolution=16, fmap_base=64, fmap_max=16, fmap_min=8)
 

@@ -104,7 +104,7 @@ def test_the_denoiser_is_fully_convolutional_and_learns_the_residual():
 
 
 def test_pull_push_and_harmonic_fill_keep_known_pixels_and_fill_flat_and_linear_images():
-    from ganforge.training.inpainting import harmonic_fill, pull_push
+    from ganforge.training.classical_fills import harmonic_fill, pull_push
 
     known = torch.ones(2, 1, 32, 32)
     known[:, :, 8:20, 10:26] = 0
@@ -120,7 +120,8 @@ def test_pull_push_and_harmonic_fill_keep_known_pixels_and_fill_flat_and_linear_
 
 
 def test_prefill_context_encoder_starts_as_the_harmonic_fill_and_learns_a_residual():
-    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, harmonic_fill
+    from ganforge.training.classical_fills import harmonic_fill
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
 
     net = ContextEncoder(ContextEncoderConfig(width=8, dilations=(2,), prefill=True, diffuse=8))
     x = torch.rand(2, 3, 32, 32) * 2 - 1
@@ -135,7 +136,7 @@ def test_prefill_context_encoder_starts_as_the_harmonic_fill_and_learns_a_residu
 def test_cascade_fill_recovers_smooth_surfaces_and_keeps_known_pixels():
     """A ramp is harmonic and a quadratic bowl is biharmonic (its bilaplacian is 0): the cascade
     recovers each across a large hole; pull-push + harmonic steps alone misses the bowl."""
-    from ganforge.training.inpainting import cascade_fill, harmonic_fill
+    from ganforge.training.classical_fills import cascade_fill, harmonic_fill
 
     known = torch.ones(1, 1, 64, 64)
     known[:, :, 16:48, 16:48] = 0                       # a centre hole, 25 % of the tile
@@ -157,8 +158,8 @@ def test_thin_plate_fill_solves_the_biharmonic_equation_in_the_hole_and_keeps_kn
     hole (256 unknowns per channel) in 60 steps to float32 precision, where the cascade's 60
     explicit biharmonic steps per level are still off, and a tile without a hole comes back as it
     went in."""
-    from ganforge.training.inpainting import (_laplacian, _laplacian_adjoint, cascade_fill, pull_push,
-                                              thin_plate_fill)
+    from ganforge.training.classical_fills import (_laplacian, _laplacian_adjoint, cascade_fill, pull_push,
+                                                   thin_plate_fill)
 
     a, b = torch.randn(2, 3, 9, 11, dtype=torch.float64), torch.randn(2, 3, 9, 11, dtype=torch.float64)
     assert abs(float((_laplacian(a) * b).sum() - (a * _laplacian_adjoint(b)).sum())) < 1e-9
@@ -184,7 +185,8 @@ def test_cascade_context_encoder_exports_to_onnx_with_the_same_fill(tmp_path):
     import onnxruntime as ort
 
     from ganforge.export.onnx import export_onnx
-    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, cascade_fill, thin_plate_fill
+    from ganforge.training.classical_fills import cascade_fill, thin_plate_fill
+    from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig
 
     net = ContextEncoder(ContextEncoderConfig(width=8, dilations=(2,), prefill=True, fill="cascade",
                                               diffuse=4, bilaplace=6, thinplate=5)).eval()
@@ -253,7 +255,8 @@ def _holed(n=2, size=32, seed=0):
 
 
 def test_blend_head_answers_a_convex_combination_of_its_three_classical_fills():
-    from ganforge.training.inpainting import BLEND_PRIOR, cascade_fill, thin_plate_fill
+    from ganforge.training.classical_fills import cascade_fill, thin_plate_fill
+    from ganforge.training.inpaint_nets import BLEND_PRIOR
 
     net = _blend_net()
     x, m = _holed()
@@ -358,7 +361,7 @@ def test_fill_iterations_export_as_onnx_loops_not_unrolled_copies(tmp_path):
 
 
 def test_repeat_runs_the_step_n_times_eagerly():
-    from ganforge.training.inpainting import repeat
+    from ganforge.training.classical_fills import repeat
 
     state = repeat(5, lambda a, b: (a + 1, b * 2), (torch.zeros(()), torch.ones(2)))
     assert float(state[0]) == 5 and state[1].tolist() == [32.0, 32.0]
@@ -367,7 +370,7 @@ def test_repeat_runs_the_step_n_times_eagerly():
 
 
 def test_scored_blend_starts_from_the_fills_band_errors_on_this_tile():
-    from ganforge.training.inpainting import VALIDATE_TEMPERATURE
+    from ganforge.training.inpaint_nets import VALIDATE_TEMPERATURE
 
     net = _blend_net(blend_validate=2)
     x, m = _holed(seed=4)
@@ -467,7 +470,7 @@ def test_a_long_thin_plate_solve_stays_finite_in_onnx_runtime(tmp_path):
 
     from ganforge.export.onnx import export_onnx
     from ganforge.serving import inpaint as si
-    from ganforge.training.inpainting import cascade_fill, thin_plate_fill
+    from ganforge.training.classical_fills import cascade_fill, thin_plate_fill
 
     photo = data.chelsea()
     mask = np.zeros(photo.shape[:2], np.uint8)
@@ -574,8 +577,8 @@ def test_validation_keeps_the_best_weights_not_the_last(tmp_path, monkeypatch):
 def test_balanced_draw_gives_every_fill_an_equal_share_of_wins(tmp_path):
     from ganforge.errors import UsageError
     from ganforge.training.gan import load_checkpoint
-    from ganforge.training.inpainting import (ContextEncoderConfig, InpaintTrainConfig, balanced_draw, fill_winners,
-                                              train_inpainter)
+    from ganforge.training.inpaint_data import balanced_draw, fill_winners
+    from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
     from ganforge.training.loop import train_command
 
     # three candidate fills of two crops: the winner is the one closest to the crop inside the hole

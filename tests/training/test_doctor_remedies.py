@@ -204,3 +204,10 @@ def test_two_ranks_restart_at_the_same_step_and_stay_identical(tmp_path):
     assert ranks[1]["state"]["D"]["main.0.weight"].shape[0] == 32       # rebuilt on rank 1 too
     assert ranks[0]["knobs"] == ranks[1]["knobs"]
     assert max_diff(ranks[0]["state"], ranks[1]["state"]) == 0.0
+
+
+def test_a_collapsed_gs_larger_latent_is_at_least_sixteen_wide():
+    from ganforge.training.doctor import MIN_RESTART_Z, RESTART_REMEDIES
+
+    grow = dict((name, fn) for name, fn, _ in RESTART_REMEDIES["mode_collapse"])["z_dim"]
+    assert [grow(z) for z in (1, 2, 8, 16, 128)] == [MIN_RESTART_Z, MIN_RESTART_Z, 16, 32, 256]

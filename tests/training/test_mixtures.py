@@ -127,7 +127,7 @@ def test_two_gloo_ranks_follow_one_process_through_a_doctor_restart(tmp_path):
     one = run_ranks(1, "mlpgan", tmp_path / "one", RESTART)[0]
     two = run_ranks(2, "mlpgan", tmp_path / "two", RESTART)
     for s in (one["summary"], two[0]["summary"]):
-        assert s["restarted"] and s["restart"] == {"z_dim": 4, "ngf": 16, "pack": 2}
+        assert s["restarted"] and s["restart"] == {"z_dim": 16, "ngf": 16, "pack": 2}
         assert s["network"]["pack"] == 2 and s["world_size"] in (1, 2)
     assert two[0]["knobs"] == two[1]["knobs"] == one["knobs"]
     assert one["knobs"]["d_dropout"] > 0 and one["knobs"]["instance_noise"] > 0   # D's dropout was on
@@ -136,7 +136,7 @@ def test_two_gloo_ranks_follow_one_process_through_a_doctor_restart(tmp_path):
             assert torch.equal(v, two[1]["state"][n][k]), (n, k)
     # decided at step 2, the run rewinds to its start (the last checkpoint before the failure)
     rows = logged_rows_agree(tmp_path / "one", tmp_path / "two", steps=[1, 2, 1, 2, 3, 4, 5, 6])
-    assert rows[1]["restart"] == {"z_dim": 4, "ngf": 16, "pack": 2} and rows[1]["rewound_to"] == 0
+    assert rows[1]["restart"] == {"z_dim": 16, "ngf": 16, "pack": 2} and rows[1]["rewound_to"] == 0
 
 
 class _CutAt(MixtureTask):

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from ganforge.training.gan import load_checkpoint
-from ganforge.training.progan import (Discriminator, EqualizedConv2d, EqualizedLinear, Generator,
-                                      MinibatchStd, PixelNorm, ProGANConfig, ProGANTrainConfig,
-                                      ProGANTrainer, build_progan, schedule, stage_birth, train_progan)
+from ganforge.training.progan import ProGANTrainConfig, ProGANTrainer, schedule, stage_birth, train_progan
+from ganforge.training.progan_nets import (Discriminator, EqualizedConv2d, EqualizedLinear, Generator,
+                                           MinibatchStd, PixelNorm, ProGANConfig, build_progan)
 from tests.conftest import run_cli
 
 TINY = ProGANConfig(z_dim=8, resolution=16, fmap_base=64, fmap_max=16, fmap_min=8)
