@@ -60,7 +60,7 @@ def _dcgan_generator(payload: dict) -> torch.nn.Module:
 
 
 def _progan_generator(payload: dict) -> torch.nn.Module:
-    from ganforge.training.progan import Upsampled, build_progan
+    from ganforge.training.progan_nets import Upsampled, build_progan
 
     return Upsampled(build_progan(payload)[0]).eval()  # its recorded stage, at full resolution
 
