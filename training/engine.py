@@ -459,4 +459,8 @@ class Engine:
             if bad:
                 (self.out / "bad_files.json").write_text(json.dumps(bad, indent=2) + "\n")
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        # every rank is past its last collective: the process group goes now, not at interpreter
+        # exit, where gloo's threads can be torn down unjoined and abort the rank (SIGABRT)
+        rt.barrier()
+        rt.close()
         return summary
