@@ -115,7 +115,8 @@ def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_fea
 
     from ganforge.training import metrics, options
     from ganforge.training.gan import build_dcgan, load_checkpoint
-    from ganforge.training.loop import TrainConfig, to_uint8, train_dcgan
+    from ganforge.training.loop import TrainConfig, train_dcgan
+    from ganforge.training.gan_task import to_uint8
     from ganforge.training.monitor import Thresholds, check
 
     cfg = options.config_from(TrainConfig, "dcgan", preset, overrides={
@@ -169,7 +170,7 @@ def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_fea
 
 
 def _pooled(images: np.ndarray) -> np.ndarray:
-    from ganforge.training.loop import to_tensor
+    from ganforge.training.gan_task import to_tensor
     from ganforge.training.monitor import features
 
     return features(to_tensor(images))

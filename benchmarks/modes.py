@@ -206,7 +206,8 @@ def _stacked(settings: dict, variants: list[str], classifier, out: Path, sample_
     from ganforge.training import metrics
     from ganforge.training import options
     from ganforge.training.gan import build_dcgan, load_checkpoint
-    from ganforge.training.loop import TrainConfig, to_uint8, train_dcgan
+    from ganforge.training.loop import TrainConfig, train_dcgan
+    from ganforge.training.gan_task import to_uint8
 
     run_dir = out.parent / f"{out.stem}_runs"
     rows = {}

@@ -24,7 +24,7 @@ from ganforge.export.onnx import UInt8Images, export_onnx, parity
 from ganforge.serving import repository as repo
 from ganforge.serving import sampler
 from ganforge.training.gan import build_dcgan, load_checkpoint
-from ganforge.training.loop import train_command
+from ganforge.training.options import train_command
 from ganforge.serving.repository import sha256, tensor
 
 MAX_PARITY_DIFF = 1  # grey levels; the exported graph rounds exactly as torch does

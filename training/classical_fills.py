@@ -100,10 +100,8 @@ def cascade_fill(x: torch.Tensor, known: torch.Tensor, harmonic: int, bilaplace:
     then from the coarsest level up, the level below is upsampled into this level's holes and
     smoothed there (`_smooth`), a pixel counting as known when its whole area is. The smooth
     membrane (harmonic) and thin-plate (biharmonic) fills of classical inpainting, converged on
-    large holes in a few hundred fixed steps because each level starts from the coarser one:
-    on 64x64 tiles of the held-out photos (harmonic 20, bilaplace 100) scores 20.28 / 24.78 dB
-    hole PSNR (centre 25 % / free-form) against 19.38 / 23.78 for pull-push + 32 harmonic steps
-    and 20.03 / 25.24 for scikit-image's inpaint_biharmonic."""
+    large holes in a few hundred fixed steps because each level starts from the coarser one
+    (its scores against the other fills: docs/inpainting.md)."""
     levels, fill = _pull(x, known)
     for v, w in reversed(levels):
         up = F.interpolate(fill, size=v.shape[-2:], mode="bilinear", align_corners=False)
@@ -143,8 +141,8 @@ def thin_plate_fill(x: torch.Tensor, known: torch.Tensor, u: torch.Tensor, itera
     the biharmonic inpainting that scikit-image's `inpaint_biharmonic` solves with a sparse
     factorisation, here as fixed convolutions and per-image sums an ONNX graph can hold. Each
     image and channel is its own system (its own step sizes); an image without a hole is left
-    as it is. CG needs a good start: from the cascade, 50 steps come within 0.02 dB of the
-    solver's hole PSNR on the strokes of `ganforge bench inpaint` (docs/inpainting.md)."""
+    as it is. CG needs a good start, hence the cascade before it (how close a few dozen steps
+    come to the solver: docs/inpainting.md)."""
     hole, k = 1 - known, _laplacian_kernel(u)              # the kernel built once, not per step
     u = known * x + hole * u
     r = -hole * _laplacian_adjoint(_laplacian(u, k), k)    # minus the energy's gradient, in the hole

@@ -50,8 +50,8 @@ from ganforge.training.autoencoders import completed, image_crops, masked_mse, p
 from ganforge.training.options import comma_ints, join_ints
 from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS
-from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
-from ganforge.training.loop import _describe as describe_doctor
+from ganforge.training.gan_task import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
+from ganforge.training.gan_task import describe_doctor
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import SCHEDULES, option

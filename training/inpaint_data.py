@@ -16,7 +16,7 @@ from ganforge import masks as maskgen
 from ganforge.progress import Progress
 from ganforge.training import data as tdata
 from ganforge.training.inpaint_nets import ContextEncoder
-from ganforge.training.loop import to_tensor
+from ganforge.training.gan_task import to_tensor
 
 
 def pair_fills(G: ContextEncoder, crops: np.ndarray, masks: np.ndarray, progress: bool,

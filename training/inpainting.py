@@ -41,8 +41,8 @@ from ganforge.training.engine import Engine, atomic_save
 from ganforge.training.inpaint_data import (HoledCrops, PairDraw, balanced_draw, crop_pool, fill_winners, orient,
                                             pair_fills)
 from ganforge.training.inpaint_nets import ContextEncoder, ContextEncoderConfig, Critic, check_network
-from ganforge.training.loop import GANDoctor, GANOptions, to_tensor, to_uint8
-from ganforge.training.loop import _describe as describe_doctor
+from ganforge.training.gan_task import GANDoctor, GANOptions, to_tensor, to_uint8
+from ganforge.training.gan_task import describe_doctor
 from ganforge.training.models import ModelSpec
 from ganforge.training.task import SCHEDULES, Task, option
 

@@ -40,7 +40,7 @@ from ganforge.training.context_encoder import (BUNDLED, UNet, UNetConfig, comple
                                                training_images)
 from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS
-from ganforge.training.loop import to_tensor, to_uint8
+from ganforge.training.gan_task import to_tensor, to_uint8
 from ganforge.training.models import ModelSpec
 from ganforge.training.task import SCHEDULES, RunConfig, Task, option
 

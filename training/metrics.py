@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ganforge.training import datasets
-from ganforge.training.loop import to_tensor
+from ganforge.training.gan_task import to_tensor
 
 
 @dataclass(frozen=True)

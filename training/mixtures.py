@@ -28,7 +28,7 @@ from ganforge.errors import UsageError
 from ganforge.training.engine import Engine
 from ganforge.training.gan import (MLPDiscriminator, MLPGANConfig, MLPGenerator, dropout_masks,
                                   load_checkpoint)
-from ganforge.training.loop import GANDoctor, GANOptions, GANTask
+from ganforge.training.gan_task import GANDoctor, GANOptions, GANTask
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import lr_factor, option

@@ -265,3 +265,13 @@ def command_line(model: str, cls, train: dict, out: str | Path) -> str:
         else:
             parts += [name, str(value)]
     return " ".join(parts + ["--out", str(out)])
+
+
+def train_command(kind: str, train: dict, out: str | Path) -> str:
+    """The full `ganforge train` command line that reproduces a run from its recorded settings:
+    every flag explicit, so later changes of defaults do not change what it means."""
+    from ganforge.training import models, options
+
+    if kind in models.REGISTRY:
+        return options.command_line(kind, models.get(kind).config, train, out)
+    raise ValueError(f"no train command for kind {kind!r}")

@@ -41,7 +41,7 @@ from ganforge.training.context_encoder import BUNDLED, HOLES, hole
 from ganforge.training.data import gan_images, item_rng
 from ganforge.training.engine import Engine
 from ganforge.training.gan import CONFIGS, SharedDropout, dropout_masks
-from ganforge.training.loop import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
+from ganforge.training.gan_task import GANTask, GANDoctor, GANOptions, to_tensor, to_uint8
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import option

@@ -78,3 +78,22 @@ def test_load_models_runs_a_pix2pix_and_a_masked_autoencoder_run_and_refuses_an_
     with pytest.raises(UsageError, match="^--model: .* holds a pix2pix 'edges' model; only a pix2pix trained "
                                          "with --task inpaint inpaints$"):
         bench.load_models([f"e={tmp_path / 'edges'}"])
+
+
+def test_a_shape_is_wholly_hidden_only_when_none_of_its_pixels_is_outside_the_hole():
+    from ganforge import masks as maskgen
+    from ganforge.benchmarks.inpaint_shapes import wholly_hidden
+    from ganforge.training import datasets
+
+    test = datasets.shapes(32, 64, seed=20240)
+    everything = np.full((32, 64, 64), 255, np.uint8)
+    nothing = np.zeros((32, 64, 64), np.uint8)
+    assert wholly_hidden(test.images, test.colour, everything).all()
+    assert not wholly_hidden(test.images, test.colour, nothing).any()
+    centre = np.stack([maskgen.centre(64, 64, 0.4)] * 32)
+    hidden = wholly_hidden(test.images, test.colour, centre)
+    palette = np.array(list(datasets.COLOURS.values()), np.uint8)
+    for i in range(32):   # hidden: every pixel of the shape's colour lies in the hole
+        own = (test.images[i] == palette[test.colour[i]]).all(-1)
+        assert own.any() and hidden[i] == (not (own & (centre[i] == 0)).any())
+    assert 0 < hidden.sum() < 32

@@ -9,7 +9,7 @@ from ganforge.errors import RepositoryError
 from ganforge.serving import repository as repo
 from ganforge.serving.sampler import sample_latents
 from ganforge.training.gan import build_dcgan, load_checkpoint
-from ganforge.training.loop import to_uint8
+from ganforge.training.gan_task import to_uint8
 from tests.conftest import TINY, run_cli
 
 

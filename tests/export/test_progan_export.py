@@ -10,7 +10,7 @@ import torch
 
 from ganforge.serving.sampler import sample_latents
 from ganforge.training.gan import load_checkpoint
-from ganforge.training.loop import to_uint8
+from ganforge.training.gan_task import to_uint8
 from ganforge.training.progan import ProGANTrainConfig, train_progan
 from ganforge.training.progan_nets import ProGANConfig, Upsampled, build_progan
 

@@ -422,7 +422,7 @@ def test_scored_blend_usage_errors():
 def test_scored_blend_training_computes_the_band_errors_once_per_pair(tmp_path, monkeypatch):
     from ganforge.training.gan import load_checkpoint
     from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, InpaintTrainConfig, train_inpainter
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     calls = []
     errors = ContextEncoder.band_errors
@@ -445,7 +445,7 @@ def test_inpainter_trains_on_the_per_image_log_loss_and_records_it(tmp_path):
     from ganforge.errors import UsageError
     from ganforge.training.gan import load_checkpoint
     from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     net = ContextEncoderConfig(width=8, prefill=True, fill="cascade", diffuse=2, bilaplace=2, thinplate=3,
                                head="blend", blend_thinplate=3, blend_validate=2)
@@ -509,7 +509,7 @@ def test_validation_scores_the_photos_no_split_trains_or_tests_on_and_logs_them(
     from ganforge.training import datasets
     from ganforge.training.gan import load_checkpoint
     from ganforge.training.inpainting import ContextEncoder, ContextEncoderConfig, InpaintTrainConfig, Validation, train_inpainter
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     photos = datasets.validation_photos()
     assert len(photos) == len(datasets.VALIDATION_PHOTOS) == 4
@@ -579,7 +579,7 @@ def test_balanced_draw_gives_every_fill_an_equal_share_of_wins(tmp_path):
     from ganforge.training.gan import load_checkpoint
     from ganforge.training.inpaint_data import balanced_draw, fill_winners
     from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig, train_inpainter
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     # three candidate fills of two crops: the winner is the one closest to the crop inside the hole
     crops = np.full((2, 8, 8, 3), 128, np.uint8)

@@ -67,7 +67,7 @@ def test_the_loss_over_the_hole_falls_over_a_short_run(tmp_path, lambda_adv):
     from ganforge.training import datasets
     from ganforge.training.autoencoders import masked_mse
     from ganforge.training.gan import load_checkpoint
-    from ganforge.training.loop import to_tensor
+    from ganforge.training.gan_task import to_tensor
 
     cfg = tiny(steps=40, lr=3e-3, lambda_adv=lambda_adv, log_every=10, holes="centre")
     summary = train_context_encoder(cfg, tmp_path / "run", progress=False)
@@ -102,7 +102,7 @@ def test_holes_are_drawn_per_item_and_cover_the_shares_asked_for():
 
 def test_ganforge_train_context_encoder_as_typed_writes_a_run_directory(tmp_path):
     from ganforge.training.gan import load_checkpoint
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     out = tmp_path / "run"
     r = _ganforge("train", "context-encoder", "--steps", "2", "--batch-size", "4", "--tile", "32", "--n-images", "16",

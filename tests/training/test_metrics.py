@@ -9,7 +9,7 @@ import torch
 
 from ganforge.training import datasets, metrics
 from ganforge.training.gan import DCGANConfig, Generator
-from ganforge.training.loop import to_tensor
+from ganforge.training.gan_task import to_tensor
 
 
 def test_frechet_distance_of_gaussian_features_matches_the_closed_form():

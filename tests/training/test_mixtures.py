@@ -15,7 +15,7 @@ from ganforge.cli import parse_train_args
 from ganforge.training import options
 from ganforge.training.engine import Engine
 from ganforge.training.gan import load_checkpoint
-from ganforge.training.loop import train_command
+from ganforge.training.options import train_command
 from ganforge.training.mixtures import MixturePoints, MixtureTask, MixtureTrainConfig, mixture
 from tests.conftest import run_cli
 from tests.training.test_engine import run_ranks

@@ -184,7 +184,7 @@ def test_an_older_runs_recorded_settings_give_a_command_that_parses():
 
     from ganforge.cli import parse_train_args
     from ganforge.training import options
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     old = {"data": "photos", "steps": 12000, "batch_size": 8, "tile": 64, "lambda_l1": 100.0, "lr": 0.0002,
            "n_images": 4096, "seed": 0, "threads": 0, "log_every": 25, "doctor_every": 100,

@@ -243,7 +243,7 @@ def test_reproduction_commands_carry_the_weight_average_and_the_widths():
     parsed back by the CLI it gives the run's ProGAN half-life and widths."""
     import dataclasses
 
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     progan = ProGANTrainConfig(ema_images=2500, stable_images=6400, network=ProGANConfig(
         resolution=8, fmap_base=256, fmap_max=32, fmap_min=8, d_fmap_min=16))
@@ -261,7 +261,7 @@ def test_reproduction_commands_carry_the_thin_plate_steps():
     import dataclasses
 
     from ganforge.training.inpainting import ContextEncoderConfig, InpaintTrainConfig
-    from ganforge.training.loop import train_command
+    from ganforge.training.options import train_command
 
     inpainter = InpaintTrainConfig(network=ContextEncoderConfig(prefill=True, fill="cascade", thinplate=50))
     command = train_command("inpainter", dataclasses.asdict(inpainter), "runs/i")
