@@ -228,13 +228,19 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
     except GanforgeError as exc:
         print(f"Error: {exc}", file=sys.stderr)
-        return exc.exit_code
+        code = exc.exit_code
     except KeyboardInterrupt:
         print("Error: interrupted", file=sys.stderr)
-        return 130
+        code = 130
+    # a rank of a torchrun job ends here, before the interpreter's finalization (see
+    # exit_after_group); looked up, not imported, so the serving verbs import no torch
+    distributed = sys.modules.get("ganforge.training.distributed")
+    if distributed is not None:
+        distributed.exit_after_group(code)
+    return code
 
 
 if __name__ == "__main__":

@@ -11,7 +11,9 @@ these.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import sys
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -26,6 +28,26 @@ if TYPE_CHECKING:
 
 DEVICES = "auto, cpu, cuda or cuda:N"
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+_JOINED = [False]  # whether this process has been a rank of a process group
+
+
+def exit_after_group(code: int) -> None:
+    """End this process with `code` without Python's finalization when it has been a rank of a
+    process group; return otherwise.
+
+    DDP keeps the gloo process group, and with it gloo's worker threads, alive until the
+    process ends. A worker thread that releases a finished collective's tensors takes the GIL,
+    and one that asks for it while the interpreter finalizes aborts the process ("terminate
+    called without an active exception"): exit -6 after a run that saved everything. So a rank
+    flushes what finalization would flush and leaves at once."""
+    if not _JOINED[0]:
+        return
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def _env_int(name: str, default: int) -> int:
@@ -51,6 +73,7 @@ class Runtime:
         if self.world > 1 and not dist.is_initialized():
             dist.init_process_group("nccl" if self.device.type == "cuda" else "gloo",
                                     device_id=self.device if self.device.type == "cuda" else None)
+            _JOINED[0] = True
         self.distributed = self.world > 1
 
     @property

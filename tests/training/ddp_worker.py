@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 
 from ganforge.training import models, options
+from ganforge.training.distributed import exit_after_group
 from ganforge.training.engine import Engine
 
 
@@ -31,6 +32,7 @@ def main() -> None:
     results.mkdir(parents=True, exist_ok=True)
     torch.save({"state": {n: net.state_dict() for n, net in task.nets.items()}, "knobs": task.knobs(),
                 "summary": json.loads(json.dumps(summary, default=str))}, results / f"rank{rank}.pt")
+    exit_after_group(0)
 
 
 if __name__ == "__main__":
