@@ -101,15 +101,29 @@ def digit_cache(tmp_path_factory) -> Path:
     return cache
 
 
+@pytest.fixture(scope="session", autouse=True)
+def session_cache(tmp_path_factory) -> Path:
+    """The classifiers' default cache for this session (GANFORGE_CACHE, inherited by the CLI
+    runs): no test writes into the user's ~/.cache, and a classifier a run needs (the ProGAN
+    doctor's judge) is trained at most once per session."""
+    cache = tmp_path_factory.mktemp("ganforge_cache")
+    before = os.environ.get("GANFORGE_CACHE")
+    os.environ["GANFORGE_CACHE"] = str(cache)
+    yield cache
+    if before is None:
+        os.environ.pop("GANFORGE_CACHE", None)
+    else:
+        os.environ["GANFORGE_CACHE"] = before
+
+
 @pytest.fixture(scope="session")
-def shapes_cache(tmp_path_factory) -> Path:
-    """A cache directory holding the shapes classifier of the Fréchet distance, trained once
+def shapes_cache(session_cache) -> Path:
+    """The session's cache holding the shapes classifier of the Fréchet distance, trained once
     from its seed (under a minute on 2 cores) and shared by the tests that need it."""
     from ganforge.training.metrics import load_classifier
 
-    cache = tmp_path_factory.mktemp("shapes_cache")
-    load_classifier(cache)
-    return cache
+    load_classifier(session_cache)
+    return session_cache
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:

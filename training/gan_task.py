@@ -97,6 +97,52 @@ def held_out_reals(cfg: GANOptions, data_set, resolution: int, n: int = 64) -> n
     return tdata.gan_images(cfg.data, n, resolution, cfg.seed + 7919).images
 
 
+class ShippedFD:
+    """The FD of the generator that ships (ProGAN's weight average G_ema, at the final
+    resolution) on `len(z)` fixed latents against as many held-out reals: what the doctor keeps
+    the best weights by when that generator is not the G it watches.
+
+    The features: on the bundled shapes, the shapes classifier's (training/metrics.py, cached
+    after its first use), which see a shape's outline; elsewhere the monitor's pooled pixels.
+    On the shapes, a ProGAN's outlines can drain into circles while the watched G's pooled FD
+    keeps improving (docs/doctor.md)."""
+
+    def __init__(self, generate, reals: np.ndarray, z: torch.Tensor, data: str):
+        self.generate, self.z, self.data = generate, z, data
+        self.reals = reals
+        self.classifier = None
+        self.real_features: np.ndarray | None = None
+        space = "shapes-classifier" if data == "shapes" else "pooled-pixel"
+        self.name = f"FD of the shipped G, {space} features, {len(z)} samples"
+
+    def _features(self, x: torch.Tensor | np.ndarray) -> np.ndarray:
+        from ganforge.training import metrics, monitor
+
+        if self.data != "shapes":
+            return monitor.features(to_tensor(x) if isinstance(x, np.ndarray) else x)
+        return metrics.features(self.classifier, x)
+
+    def _load(self) -> None:
+        """The classifier, trained on its first use (about a minute) with its own seed: the
+        run's random streams and its no-grad measurement are left as they were."""
+        from ganforge.training import metrics
+
+        if self.data != "shapes" or self.classifier is not None:
+            return
+        with torch.random.fork_rng(), torch.enable_grad():
+            self.classifier = metrics.load_classifier()[0]
+
+    def __call__(self) -> float:
+        from ganforge.training.metrics import frechet_distance
+
+        self._load()
+        with torch.no_grad():
+            if self.real_features is None:
+                self.real_features = self._features(self.reals)
+            fake = torch.cat([self.generate(self.z[i:i + 128]).float().cpu() for i in range(0, len(self.z), 128)])
+            return float(frechet_distance(self._features(fake.clamp(-1, 1)), self.real_features))
+
+
 class GANDoctor:
     """The doctor's side of a GAN task: a Monitor on a fixed held-out batch, the Doctor, its
     state for checkpoints, and the report at the end. Used by every adversarial task."""
@@ -108,6 +154,11 @@ class GANDoctor:
         self.log = (lambda m: print("\n" + m, file=sys.stderr)) if log else (lambda m: None)
         self.doctor = Doctor(self.monitor, cfg.doctor, log=self.log)
         self.best = BestWeights()
+        # what the best weights are judged by when the network that ships is not the one the
+        # monitor watches (set by the task: ProGAN's G_ema); None: the monitor's FD
+        self.judge: ShippedFD | None = None
+        # called with the kept weights' `aside` when they are put back (set by the task)
+        self.on_keep = None
         # every observation and every rewind, in order: a resumed run replays them to the same
         # diagnoses, including those of steps a restart abandoned
         self.timeline: list[dict] = []
@@ -116,10 +167,11 @@ class GANDoctor:
         return self.cfg.doctor != "off" and self.monitor.due(step)
 
     def observe(self, step: int, D, G_sample, trainer, network: dict, extra: dict | None = None,
-                nets: dict | None = None) -> dict:
+                nets: dict | None = None, aside: dict | None = None) -> dict:
         """Measure, diagnose, remedy (auto). With `nets` (auto mode): keep the weights of the
-        lowest `fd`, and at the run's last step put them back when the last weights are
-        measurably worse (remedies.KEEP_MARGIN)."""
+        lowest `quality()` (with `aside`, the task's state that goes with them), and at the
+        run's last step put them back when the last weights are measurably worse
+        (remedies.KEEP_MARGIN)."""
         found = self.doctor.observe(step, D, G_sample, trainer, network, extra)
         self.timeline.append(self.monitor.last)
         row = {k: v for k, v in self.monitor.last.items() if k != "step"}
@@ -129,25 +181,36 @@ class GANDoctor:
             if done:
                 row["interventions"] = {i.knob: i.new for i in done if i.action == "set"}
         if self.cfg.doctor == "auto" and nets is not None:
-            self.best.offer(step, self.monitor.last.get("fd"), nets)
+            fd = self.quality()
+            if self.judge is not None:
+                row["shipped_fd"] = round(fd, 5)
+            self.best.offer(step, fd, nets, aside)
             if step >= self.cfg.steps:
-                kept = self.keep_best(step, nets)
+                kept = self.keep_best(step, nets, fd)
                 if kept:
                     row["kept_step"] = kept["step"] if kept["kept"] else int(step)
         return row
 
-    def keep_best(self, step: int, nets: dict) -> dict | None:
+    def quality(self) -> float | None:
+        """The figure the best weights are kept by (lower is better): the judge's when the task
+        set one (`ShippedFD`), else the FD of the latest observation."""
+        return self.judge() if self.judge is not None else self.monitor.last.get("fd")
+
+    def keep_best(self, step: int, nets: dict, fd: float | None = None) -> dict | None:
         """At the end of a run: the best weights put back into `nets` when the last ones,
-        measured at the latest observation, are measurably worse (remedies.KEEP_MARGIN); the
-        decision, or None when there is nothing to decide (not auto mode, nothing kept)."""
+        measured `fd` (default: `quality()` now), are measurably worse (remedies.KEEP_MARGIN);
+        the decision, or None when there is nothing to decide (not auto mode, nothing kept)."""
         if self.cfg.doctor != "auto" or self.best.step is None:
             return None
-        fd = self.monitor.last.get("fd")
+        fd = self.quality() if fd is None else fd
         kept = self.best.better_than(fd)
         if kept:
             self.best.restore(nets)
+            if self.on_keep is not None:
+                self.on_keep(self.best.aside)
         self.doctor.kept = {"step": self.best.step, "fd": round(self.best.fd, 5),
-                            "final_step": int(step), "final_fd": fd, "kept": kept}
+                            "final_step": int(step), "final_fd": fd, "kept": kept,
+                            **({"measure": self.judge.name} if self.judge is not None else {})}
         self.log(render_kept(self.doctor.kept))
         return self.doctor.kept
 

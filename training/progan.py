@@ -37,13 +37,15 @@ from ganforge.training.ema import averaged_copy, ema_beta, update_average
 from ganforge.training.engine import Engine
 from ganforge.training.gan import load_checkpoint
 from ganforge.training.loop import GANTrainer
-from ganforge.training.gan_task import (GANDoctor, GANOptions, GANTask, check_flags, fixed_latents, held_out_reals,
-                                        to_tensor, to_uint8)
+from ganforge.training.gan_task import (GANDoctor, GANOptions, GANTask, ShippedFD, check_flags, fixed_latents,
+                                        held_out_reals, to_tensor, to_uint8)
 from ganforge.training.models import ModelSpec
 from ganforge.training.monitor import follow_stages
 from ganforge.training.progan_nets import DBlock, Discriminator, Generator, ProGANConfig, Upsampled, lerp
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import option
+
+JUDGED = 256   # latents and held-out reals behind the FD the doctor keeps the best weights by
 
 
 @dataclass
@@ -176,6 +178,12 @@ class ProGANTask(GANTask):
         self.step_index = 0
         self.set_stage()
         self.watch = GANDoctor(cfg, self.held_at_stage(), self.held_z, log=self.progress and eng.main)
+        if cfg.doctor == "auto" and self.G_ema is not None:
+            # the best weights are those whose G_ema, what samples and export use, is best
+            self.watch.judge = ShippedFD(self.generate, held_out_reals(cfg, self.data, net.resolution, n=JUDGED),
+                                         fixed_latents(net.z_dim, cfg.seed + 3, n=JUDGED).to(dev),
+                                         cfg.data if not tdata.is_streamed(cfg.data) else "folder")
+        self.watch.on_keep = self._kept
 
     def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
         cfg, net = self.cfg, self.cfg.network
@@ -218,6 +226,8 @@ class ProGANTask(GANTask):
         self._latents(eng.device)
         self.watch.monitor.z = self.held_z
         self.watch.monitor.set_real(self.held_at_stage())
+        if self.watch.judge is not None:
+            self.watch.judge.z = fixed_latents(self.cfg.network.z_dim, self.cfg.seed + 3, n=JUDGED).to(eng.device)
 
     def dataset(self):
         return self.data
@@ -318,11 +328,20 @@ class ProGANTask(GANTask):
         follow_stages(self.watch.monitor, self.spans, step)
         self.watch.monitor.set_real(self.held_at_stage())
         extra = {"stage": self.stage, "side": self.cfg.network.side(self.stage), "alpha": round(self.alpha, 4)}
-        # the best weights are those of the final resolution, faded in: earlier stages' FD is
-        # measured at other sides and does not compare
-        final = self.stage == self.cfg.network.n_stages - 1 and self.alpha >= 1.0
+        # the best weights are those of the final stage, its fade-in included, kept with the
+        # images shown (hence the alpha that G_ema blends at): the judge measures G_ema at the
+        # final resolution at any alpha. Without a judge the monitor's FD is measured at the
+        # stage's side and blend, so only the faded-in final stage compares.
+        final = self.stage == self.cfg.network.n_stages - 1 and (self.watch.judge is not None or self.alpha >= 1.0)
         return self.watch.observe(step, self.D, self.G, self, self.network_sizes(), extra,
-                                  nets=self.nets if final else None)
+                                  nets=self.nets if final else None, aside={"shown": self.shown})
+
+    def _kept(self, aside: dict) -> None:
+        """The best weights put back: back to the images shown with them, so that G_ema (and
+        the exported G) blends at their alpha."""
+        if "shown" in aside:
+            self.shown = int(aside["shown"])
+            self.set_stage()
 
     # -- checkpoints --
 

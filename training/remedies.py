@@ -59,12 +59,14 @@ class BestWeights:
         self.step: int | None = None
         self.fd = float("inf")
         self.state: dict[str, dict[str, torch.Tensor]] = {}
+        self.aside: dict = {}
 
-    def offer(self, step: int, fd: float | None, nets: dict[str, nn.Module]) -> bool:
-        """Keep `nets` when `fd` is the lowest so far; True if kept."""
+    def offer(self, step: int, fd: float | None, nets: dict[str, nn.Module], aside: dict | None = None) -> bool:
+        """Keep `nets` when `fd` is the lowest so far, with `aside` (the task's own state that
+        goes with the weights, e.g. ProGAN's fade-in); True if kept."""
         if fd is None or not fd < self.fd:
             return False
-        self.step, self.fd = int(step), float(fd)
+        self.step, self.fd, self.aside = int(step), float(fd), dict(aside or {})
         self.state = {name: {k: v.detach().to("cpu", copy=True) for k, v in net.state_dict().items()}
                       for name, net in nets.items()}
         return True
@@ -83,11 +85,13 @@ class BestWeights:
             net.load_state_dict(self.state[name])
 
     def to_state(self) -> dict:
-        return {"step": self.step, "fd": self.fd, "state": self.state} if self.step is not None else {}
+        return ({"step": self.step, "fd": self.fd, "state": self.state, "aside": self.aside}
+                if self.step is not None else {})
 
     def load(self, saved: dict) -> None:
         if saved:
             self.step, self.fd, self.state = saved["step"], saved["fd"], saved["state"]
+            self.aside = saved.get("aside", {})
 
 
 class InsertedDropout:

@@ -101,7 +101,15 @@ def test_a_restart_rewinds_to_the_checkpoint_before_the_failure_with_a_wider_d(n
     assert payload["config"][task.sizes["ndf"]] == 2 * ndf      # export rebuilds the wider D
 
 
-def test_progan_keeps_the_best_weights_of_its_final_resolution_only(tmp_path):
+def _ruin(G) -> None:
+    """Every image of G white."""
+    with torch.no_grad():
+        for rgb in G.to_rgb:
+            rgb.weight.zero_()
+            rgb.bias.fill_(1.0)
+
+
+def test_progan_keeps_the_best_weights_of_its_final_resolution_only_judged_on_g_ema(tmp_path):
     torch.set_num_threads(1)
     cfg = TRAINERS["progan"][1]()
     cfg.stable_images = cfg.fade_images = 8            # a stage or fade-in per step: 16 px at step 4
@@ -111,17 +119,23 @@ def test_progan_keeps_the_best_weights_of_its_final_resolution_only(tmp_path):
     assert task.watch.best.step is None
     while not (task.stage == cfg.network.n_stages - 1 and task.alpha >= 1.0):
         tr.train_step()
-    task.doctor_observe(tr.step)
-    best = {k: v.clone() for k, v in task.G.state_dict().items()}
+    row = task.doctor_observe(tr.step)
+    assert "shipped_fd" in row and round(task.watch.best.fd, 5) == row["shipped_fd"]
+    best = {k: v.clone() for k, v in task.G_ema.state_dict().items()}
+    shown = task.shown
     assert task.watch.best.step == tr.step
-    with torch.no_grad():                              # G ruined: every image white
-        for rgb in task.G.to_rgb:
-            rgb.weight.zero_()
-            rgb.bias.fill_(1.0)
+    # G ruined, G_ema (what samples and export use) not: the final weights are as good
+    _ruin(task.G)
+    task.doctor_observe(tr.step)
+    kept = tr.keep_best()
+    assert not kept["kept"] and kept["measure"] == "FD of the shipped G, shapes-classifier features, 256 samples"
+    tr.train_step()                                    # the images shown move on
+    _ruin(task.G_ema)
     task.doctor_observe(tr.step)
     kept = tr.keep_best()
     assert kept["kept"] and kept["final_fd"] > 1.1 * kept["fd"]
-    assert all(torch.equal(v, best[k]) for k, v in task.G.state_dict().items())
+    assert all(torch.equal(v, best[k]) for k, v in task.G_ema.state_dict().items())
+    assert task.shown == shown                         # with the images shown they were kept at
 
 
 def test_a_checkpoint_holding_a_knob_the_task_no_longer_turns_still_resumes(tmp_path):
