@@ -25,13 +25,30 @@ class UInt8Images(nn.Module):
 
 
 def export_onnx(module: nn.Module, example: tuple[torch.Tensor, ...], input_names: list[str],
-                output_names: list[str], path: str | Path, max_batch_size: int) -> Path:
-    """Export `module` (eval mode) with a dynamic first (batch) dimension on every input."""
+                output_names: list[str], path: str | Path, max_batch_size: int,
+                stride: int | None = None) -> Path:
+    """Export `module` (eval mode) with a dynamic first (batch) dimension on every input.
+
+    Args:
+        stride: None for fixed image sizes; else axes 1 and 2 (height, width of NHWC images)
+            of every input are dynamic too, one height and one width shared by all inputs,
+            each a multiple of `stride` (the network's total downsampling).
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     batch = torch.export.Dim("batch", min=1, max=max(max_batch_size, 2))
-    dynamic_shapes = tuple({0: batch} for _ in input_names)  # positional, matches `example`
+    axes = {0: batch}
+    if stride is not None:
+        # a multiple of the stride, declared as stride x blocks so the exporter can prove the
+        # U-Net's skips line up; at stride 1 a side of at least 2 (torch specializes 0 and 1)
+        if stride > 1:
+            height = stride * torch.export.Dim("height_blocks", min=1)
+            width = stride * torch.export.Dim("width_blocks", min=1)
+        else:
+            height, width = torch.export.Dim("height", min=2), torch.export.Dim("width", min=2)
+        axes.update({1: height, 2: width})
+    dynamic_shapes = tuple(dict(axes) for _ in input_names)  # positional, matches `example`
     with torch.no_grad():
         program = torch.onnx.export(module, example, input_names=input_names,
                                     output_names=output_names, dynamic_shapes=dynamic_shapes,

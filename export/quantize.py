@@ -463,6 +463,9 @@ def export_from_directory(model_dir: str | Path, repository: str | Path | None, 
         raise UsageError(f"--precision: fp32 from a model directory ({src_dir}) would copy it; "
                          f"choose int8, fp16 or bf16")
     src_version = fp32_version(src_dir)
+    if read_manifest(src_dir).get("any_size"):   # calibration and the quality figures take one tile
+        raise UsageError(f"--precision: {precision} is not allowed for {src_dir}, exported with --any-size; "
+                         f"export the run again with --tile N for a reduced-precision version")
     target = Path(repository) / (name or src_dir.name) if repository else src_dir / ".." / (name or src_dir.name)
     target = target.resolve()
     if version is None:

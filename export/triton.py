@@ -140,10 +140,11 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
                max_batch_size: int | None = None, version: int = 1, instances: int | None = None,
                intra_op_threads: int = 0, tile: int = 128, ort_trt: str | None = None,
                precision: str = "fp32", calibration: int = 256, calibration_seed: int = 0,
-               max_loss: float | None = None, log=print, warn=None) -> dict:
+               max_loss: float | None = None, any_size: bool = False, log=print, warn=None) -> dict:
     """Export whatever a run holds, by its checkpoint's kind: a generator (seeded graph + sampler + generator) or
     an image-to-image model (denoiser, inpainter); at `precision` (export/quantize.py: the FP32
-    graph is exported and checked against torch first, then converted and checked against it)."""
+    graph is exported and checked against torch first, then converted and checked against it).
+    `any_size`: an image model takes any height and width on its stride (export/image.py)."""
     from ganforge.export import quantize
 
     _quiet_exporter()
@@ -156,14 +157,21 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
     if precision != "fp32" and ort_trt:
         raise UsageError(f"--precision: {precision} is not allowed with --ort-trt (TensorRT picks its "
                          f"own precision); leave --precision fp32")
+    if any_size and precision != "fp32":
+        raise UsageError(f"--precision: {precision} is not allowed with --any-size (calibration takes "
+                         f"one tile size); leave --precision fp32")
     payload = load_checkpoint(run)
     kind = payload.get("kind")
+    if any_size:
+        from ganforge.export.image import check_any_size
+
+        check_any_size(payload)
     name = name or default_name(payload)
     repository = Path(repository)
     dirs = ([name, f"{name}_generator", f"{name}_sampler"] if kind in GENERATORS else [name])
     before = {d: quantize.version_records(quantize.read_manifest(repository / d)) for d in dirs}
     summary = _export_fp32(run, repository, name, max_batch_size, version, instances, intra_op_threads,
-                           tile, ort_trt, payload, kind, log)
+                           tile, ort_trt, payload, kind, log, any_size)
     converted = [name, f"{name}_generator"] if kind in GENERATORS else [name]
     for d in dirs:
         model_dir = repository / d
@@ -181,7 +189,7 @@ def export_run(run: str | Path, repository: str | Path, name: str | None = None,
 
 
 def _export_fp32(run, repository, name, max_batch_size, version, instances, intra_op_threads, tile,
-                 ort_trt, payload, kind, log) -> dict:
+                 ort_trt, payload, kind, log, any_size=False) -> dict:
     if kind in GENERATORS:
         return export_generator(run, repository, name=name, max_batch_size=max_batch_size or 64,
                                 version=version,
@@ -194,7 +202,7 @@ def _export_fp32(run, repository, name, max_batch_size, version, instances, intr
         raise UsageError(f"export: {payload['path']} holds a pix2pix model for task "
                          f"{payload['config'].get('task')!r}; only task 'inpaint' has a served contract")
     if kind in ("denoiser", "inpainter", "pix2pix", "context-encoder"):
-        from ganforge.export.image import export_image_model
+        from ganforge.export.image import any_size_shape, export_image_model
         from ganforge.training.gan import CONFIGS
 
         if kind == "denoiser":
@@ -209,12 +217,15 @@ def _export_fp32(run, repository, name, max_batch_size, version, instances, intr
             raise UsageError(f"--version: {version} is not allowed; must be >= 1")
         net = Net(CONFIGS[kind](**payload["config"]))
         net.load_state_dict(payload["state"]["net"])
+        stride = None
+        if any_size:   # the least side served is the training tile, not --tile
+            stride, tile = any_size_shape(payload, net)
         return export_image_model(payload, net.eval(), "denoise" if kind == "denoiser" else "inpaint",
                                   repository, name or default_name(payload), tile,
                                   max_batch_size or 16, version,
                                   IMAGE_MODEL_INSTANCES if instances is None else instances,
                                   intra_op_threads,
-                                  source_info(payload), log=log)
+                                  source_info(payload), log=log, stride=stride)
     raise UsageError(f"export: {payload['path']} holds a {kind!r} model, which has no export")
 
 

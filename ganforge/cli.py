@@ -26,8 +26,8 @@ from pathlib import Path
 
 from ganforge.cli_args import Parser, _int_arg
 from ganforge.cli_args import _key_value  # noqa: F401  (imported from ganforge.cli by tests)
-from ganforge.cli_serve import (MAX_PIXELS, cmd_batch_inpaint, cmd_bench, cmd_demo, cmd_denoise,
-                                cmd_generate, cmd_inpaint, cmd_models, cmd_serve, cmd_tune)
+from ganforge.cli_serve import (MAX_PIXELS, MAX_SIDE, cmd_batch_inpaint, cmd_bench, cmd_demo,
+                                cmd_denoise, cmd_generate, cmd_inpaint, cmd_models, cmd_serve, cmd_tune)
 from ganforge.cli_train import cmd_doctor, cmd_export, cmd_train, train_parser
 from ganforge.errors import GanforgeError
 
@@ -61,6 +61,9 @@ def build_parser() -> Parser:
     e.add_argument("--max-batch-size", type=int, default=None,
                    help="largest batch Triton forms (default 64 for generators, 16 for image models)")
     e.add_argument("--tile", type=int, default=128, help="image models: the tile side the model takes")
+    e.add_argument("--any-size", action="store_true",
+                   help="context encoder, denoiser: take any height and width on the network's stride "
+                   "(at least the training tile) instead of --tile")
     e.add_argument("--version", type=int, default=None,
                    help="version directory to write (default 1; for a model directory, the next free one)")
     e.add_argument("--precision", choices=["fp32", "int8", "fp16", "bf16"], default="fp32",
@@ -175,6 +178,9 @@ def build_parser() -> Parser:
     ip.add_argument("-o", "--output", required=True, help="output image file")
     ip.add_argument("--model", default="inpainter_photos")
     ip.add_argument("--dilate", type=_int_arg(0), default=0, help="grow the hole by N pixels")
+    ip.add_argument("--max-side", type=int, default=MAX_SIDE,
+                    help=f"--any-size models: a hole's window longer than this is resized down to it "
+                    f"(default {MAX_SIDE})")
     ip.add_argument("--max-pixels", type=_int_arg(1), default=MAX_PIXELS)
     version_arg(ip)
     ip.set_defaults(fn=cmd_inpaint)

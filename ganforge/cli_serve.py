@@ -145,6 +145,8 @@ def cmd_batch_inpaint(args) -> int:
 
 
 MAX_PIXELS = 50_000_000  # per image read by denoise / inpaint (a 8000x6000 photo is 48 M)
+# inpaint --max-side's default: serving.inpaint.MAX_SIDE, written out so the CLI loads without numpy
+MAX_SIDE = 1024
 
 
 def _output_path(path: str, flag: str = "-o") -> Path:
@@ -188,7 +190,11 @@ def cmd_inpaint(args) -> int:
     if share == 1:
         raise UsageError(f"--mask: every pixel of {args.mask} is a hole; there is nothing to inpaint from")
     with _client(args) as c:
-        result = c.inpaint(args.model, image, mask, model_version=args.model_version)
+        from ganforge.serving.inpaint import any_size_spec
+
+        any_size_spec(c.config(args.model), args.model, args.max_side, flag="--max-side")
+        result = c.inpaint(args.model, image, mask, model_version=args.model_version,
+                           max_side=args.max_side)
     write_image(out, result)
     print(f"inpainted {100 * share:.1f}% of {args.input} ({image.shape[1]}x{image.shape[0]}) "
           f"with {_named(args)} -> {out}")

@@ -126,6 +126,12 @@ def cmd_doctor(args) -> int:
 def cmd_export(args) -> int:
     args.repository_given = args.repository is not None
     args.repository = args.repository or "model_repository"
+    if args.any_size and args.format != "onnx":
+        raise UsageError(f"--any-size: not allowed with --format {args.format}; it exports to ONNX "
+                         f"(--format onnx)")
+    if args.any_size and (Path(args.run) / "config.pbtxt").is_file():
+        raise UsageError(f"--any-size: not allowed for a model directory ({args.run}); give the "
+                         f"training run it was exported from")
     if args.format != "onnx":
         if args.fp16 and args.precision not in ("fp32", "fp16"):
             raise UsageError(f"--fp16: not allowed with --precision {args.precision}")
@@ -153,7 +159,8 @@ def cmd_export(args) -> int:
                          max_batch_size=args.max_batch_size, version=args.version or 1,
                          instances=args.instances, intra_op_threads=args.threads, tile=args.tile,
                          ort_trt=args.ort_trt, precision=args.precision, calibration=args.calibration,
-                         calibration_seed=args.calibration_seed, max_loss=args.max_loss, warn=warn)
+                         calibration_seed=args.calibration_seed, max_loss=args.max_loss,
+                         any_size=args.any_size, warn=warn)
     print(f"exported {summary['model']} to {summary['repository']} "
           f"(parity max abs diff {summary['parity']['max_abs_diff']} grey levels)")
     return 0

@@ -21,6 +21,7 @@ import numpy as np
 from ganforge.errors import (GanforgeError, InvalidArgument, ModelNotFound, PermissionDenied,
                              ServerError, ServerUnavailable, Timeout, TLSError,
                              UsageError)
+from ganforge.serving.inpaint import MAX_SIDE
 from ganforge.serving.sampler import SEED_MAX
 
 # Image batches exceed gRPC's 4 MiB default; 64 images of 256x256x3 are 12 MiB.
@@ -352,7 +353,8 @@ class Client:
         return self.infer(model, {"latent": latent}, ["image"], model_version)["image"]
 
     def _image_model(self, model: str, inputs: set[str]) -> tuple[int, int, str]:
-        """(tile, max_batch_size, output name) of an image model taking exactly `inputs`."""
+        """(tile, max_batch_size, output name) of an image model taking exactly `inputs`; the
+        tile is -1 for a model exported with --any-size."""
         cfg = self.config(model)
         names = {i["name"] for i in cfg.get("input", [])}
         if names != inputs:
@@ -362,34 +364,51 @@ class Client:
         return int(image["dims"][0]), max(int(cfg.get("max_batch_size", 1)), 1), cfg["output"][0]["name"]
 
     def denoise(self, model: str, image: np.ndarray, overlap: int | None = None,
-                margin: int | None = None, model_version: int | str | None = None) -> np.ndarray:
+                margin: int | None = None, model_version: int | str | None = None,
+                max_side: int = MAX_SIDE) -> np.ndarray:
         """Denoise an (H, W, 3) uint8 image of any size: tiles of the model's size, overlapping
         and blended (serving/tiles.py), sent in batches of the model's max_batch_size.
-        Defaults: overlap min(32, tile/2), margin min(10, overlap/2 - 1) pixels."""
+        Defaults: overlap min(32, tile/2), margin min(10, overlap/2 - 1) pixels. A model
+        exported with --any-size gets the whole image in one request (reflect-padded to its
+        stride) when neither side passes `max_side`, else tiles of that side."""
+        from ganforge.serving.inpaint import any_size_spec
         from ganforge.serving.tiles import run_tiled
 
         tile, max_batch, out = self._image_model(model, {"image"})
+        spec = any_size_spec(self.config(model), model, max_side)
+        version = check_version(model_version)   # refused before any tile is sent
+        image = np.asarray(image)
+        if spec is not None:
+            tile = max(spec.max_side // spec.stride * spec.stride, spec.min_side)
+            if image.ndim == 3 and image.shape[2] == 3 and image.dtype == np.uint8 \
+                    and max(image.shape[:2]) <= tile:
+                h, w = image.shape[:2]
+                pad = [(0, max(spec.min_side, -(-s // spec.stride) * spec.stride) - s) for s in (h, w)]
+                x = np.pad(image, [*pad, (0, 0)], mode="reflect")[None]      # (1, H', W', 3)
+                return self.infer(model, {"image": x}, [out], version)[out][0, :h, :w]
         overlap = overlap if overlap is not None else min(32, tile // 2)
         margin = margin if margin is not None else min(10, overlap // 2 - 1)
-        version = check_version(model_version)   # refused before any tile is sent
-        return run_tiled(np.asarray(image), tile, lambda b: self.infer(model, {"image": b}, [out], version)[out],
+        return run_tiled(image, tile, lambda b: self.infer(model, {"image": b}, [out], version)[out],
                          max_batch, overlap=overlap, margin=margin)
 
     def inpaint(self, model: str, image: np.ndarray, mask: np.ndarray, dilate: int = 0,
-                model_version: int | str | None = None) -> np.ndarray:
+                model_version: int | str | None = None, max_side: int = MAX_SIDE) -> np.ndarray:
         """Inpaint an (H, W, 3) uint8 image of any size where `mask` ((H, W), 255 = hole) says.
 
-        Windows around each hole are sent as tiles (serving/inpaint.py); pixels outside the
+        A window around each hole is sent (serving/inpaint.py): to a fixed-size model resized
+        to its tile; to a model exported with --any-size at native size, padded to its stride,
+        unless its longer side passes `max_side` (then resized down to it). Pixels outside the
         hole come back byte-identical. A mask without a hole returns the image unchanged.
         """
         from ganforge.masks import dilate as grow
         from ganforge.masks import to_binary
-        from ganforge.serving.inpaint import inpaint_image
+        from ganforge.serving.inpaint import any_size_spec, inpaint_image
 
         tile, max_batch, out = self._image_model(model, {"image", "mask"})
+        spec = any_size_spec(self.config(model), model, max_side)
         version = check_version(model_version)
         m = grow(to_binary(mask), dilate)
-        return inpaint_image(np.asarray(image), m, tile,
+        return inpaint_image(np.asarray(image), m, spec or tile,
                              lambda im, mk: self.infer(model, {"image": im, "mask": mk}, [out], version)[out],
                              max_batch)
 

@@ -37,16 +37,18 @@ def _io(cls, spec: dict):
     return cls(name=spec["name"], data_type=DTYPES[spec["dtype"]], dims=spec["dims"])
 
 
-def _warmup(max_batch_size: int, inputs: list[dict]) -> list[mc.ModelWarmup]:
+def _warmup(max_batch_size: int, inputs: list[dict], side: int | None = None) -> list[mc.ModelWarmup]:
     """Warm up at batch 1 and at the largest batch, so neither the first request nor the first
-    full batch pays for ONNX Runtime's lazy initialisation."""
+    full batch pays for ONNX Runtime's lazy initialisation. A warm-up sample needs every
+    dimension: a variable one (-1) is given as `side`."""
     sizes = sorted({1, max_batch_size})
     out = []
     for bs in sizes:
         w = mc.ModelWarmup(name=f"warmup_batch_{bs}", batch_size=bs, count=1)
         for spec in inputs:
+            dims = [side if d == -1 and side else d for d in spec["dims"]]
             w.inputs[spec["name"]].CopyFrom(mc.ModelWarmup.Input(data_type=DTYPES[spec["dtype"]],
-                                                          dims=spec["dims"], zero_data=True))
+                                                          dims=dims, zero_data=True))
         out.append(w)
     return out
 
@@ -54,7 +56,9 @@ def _warmup(max_batch_size: int, inputs: list[dict]) -> list[mc.ModelWarmup]:
 def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_batch_size: int,
                       max_queue_delay_us: int = 100, instances: int = 1,
                       intra_op_threads: int = 0,
-                      allowed_values: dict[str, tuple[int, ...]] | None = None) -> mc.ModelConfig:
+                      allowed_values: dict[str, tuple[int, ...]] | None = None,
+                      parameters: dict[str, str] | None = None,
+                      warmup_side: int | None = None) -> mc.ModelConfig:
     """An ONNX model served by Triton's `onnxruntime` backend (or ganforge's stand-in for it).
 
     Batch is the first dimension (not listed in `dims`); the dynamic batcher merges requests up
@@ -66,6 +70,9 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     `allowed_values` maps an integer input to the only values it may hold (the inpainter's
     mask: 0 and 255); ganforge's backend refuses a request holding any other value
     (`parameters` key `allowed_values`, written as `mask=0,255`, inputs separated by `;`).
+
+    `parameters` are written as string parameters (an any-size image model's `stride` and
+    `min_side`, which clients read); `warmup_side` stands for the -1 dims in the warm-up samples.
     """
     cfg = mc.ModelConfig(name=name, platform="onnxruntime_onnx", backend="onnxruntime",
                          max_batch_size=max_batch_size, default_model_filename="model.onnx")
@@ -73,7 +80,9 @@ def onnx_model_config(name: str, inputs: list[dict], outputs: list[dict], max_ba
     cfg.output.extend(_io(mc.ModelOutput, s) for s in outputs)
     cfg.instance_group.add(count=instances)
     cfg.dynamic_batching.max_queue_delay_microseconds = max_queue_delay_us
-    cfg.model_warmup.extend(_warmup(max_batch_size, inputs))
+    cfg.model_warmup.extend(_warmup(max_batch_size, inputs, warmup_side))
+    for key, value in (parameters or {}).items():
+        cfg.parameters[key].string_value = value
     if intra_op_threads:
         cfg.parameters["intra_op_thread_count"].string_value = str(intra_op_threads)
     if allowed_values:

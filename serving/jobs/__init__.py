@@ -10,12 +10,12 @@ The pipeline: each item in flight has a thread (at most 2 x batch x concurrency 
 
     reads image + mask, sha256 both, validates, dilates,
     runs serving.inpaint.inpaint_image (the path of Client.inpaint: windows around the holes,
-    resized to the model's tile, pasted back into the holes only) with a `run` that hands the
-    tiles to the event loop and waits,                                                    ─┐
+    resized to the model's tile or, for an --any-size model, at native size; pasted back
+    into the holes only) with a `run` that hands the tiles to the event loop and waits,   ─┐
     encodes PNG, writes it to a temporary name and renames it into place.                  │
-    event loop: packs the tiles of many items into batches, keeps up to `concurrency`  ◄───┘
-    asynchronous gRPC requests in flight, retries, waits for a restarted server, records
-    each written output in the journal.
+    event loop: packs the tiles of many items into batches of one shape, keeps up to  ◄───┘
+    `concurrency` asynchronous gRPC requests in flight, retries, waits for a restarted
+    server, records each written output in the journal.
 
 Files in OUTPUT_DIR (with `.shard-I-of-N` before the suffix when the job is sharded):
 `journal.jsonl` (one line per written output: sha256 of image, mask and output, model, tile,

@@ -1,7 +1,7 @@
 """Who answers a batch of tiles: a served inpainting model over asynchronous gRPC, or the same
 ONNX model in this process (the peer `ganforge bench batch-inpaint` compares a served job with).
-An engine has `tile`, `max_batch`, `model`, `url` and the coroutines `open`, `infer`, `ready`,
-`close`."""
+An engine has `tile` (an int, or serving.inpaint.AnySize for a model exported with --any-size),
+`max_batch`, `model`, `url` and the coroutines `open`, `infer`, `ready`, `close`."""
 
 from __future__ import annotations
 
@@ -61,11 +61,14 @@ class TritonEngine:
         if image is None or names != ["image", "mask"]:
             raise UsageError(f"--model: {self.model!r} takes inputs {names}; an inpainting model "
                              f"takes ['image', 'mask']")
+        from ganforge.serving.inpaint import any_size_spec
+
         dims = [int(d) for d in image["dims"]]
-        if len(dims) != 3 or dims[0] != dims[1] or dims[0] <= 0:
+        spec = any_size_spec(cfg, self.model)   # windows at native size, the default cap
+        if spec is None and (len(dims) != 3 or dims[0] != dims[1] or dims[0] <= 0):
             raise UsageError(f"--model: {self.model!r} takes images of shape {dims}; a fixed "
-                             f"square tile [T, T, 3] is needed")
-        self.tile, self.max_batch = dims[0], max(int(cfg.get("max_batch_size", 0)), 1)
+                             f"square tile [T, T, 3] or an --any-size export is needed")
+        self.tile, self.max_batch = spec or dims[0], max(int(cfg.get("max_batch_size", 0)), 1)
         self.output = cfg["output"][0]["name"]  # `inpainted` for ganforge's inpainters
 
     async def _find_inpainter(self) -> str:
@@ -157,6 +160,9 @@ class OnnxEngine:
         self.session = ort.InferenceSession(str(onnx_path), sess_options=opts,
                                             providers=["CPUExecutionProvider"])
         shape = self.session.get_inputs()[0].shape
+        if not isinstance(shape[1], int):   # the benchmark's in-process peer cuts one tile size
+            raise UsageError(f"{onnx_path}: takes images of any size (exported with --any-size); the "
+                             f"in-process engine takes a fixed-tile model (export with --tile N)")
         self.tile, self.max_batch = int(shape[1]), max_batch
         self.output = self.session.get_outputs()[0].name
         self.url, self.model = "in-process", Path(onnx_path).parent.parent.name

@@ -41,11 +41,12 @@ class Failed:
     reason: str
 
 
-def _settings(opts: JobOptions, tile: int) -> dict:
-    return {"model": opts.model, "tile": tile, "dilate": opts.dilate}
+def _settings(opts: JobOptions, tile) -> dict:
+    # an any-size model's tile (serving.inpaint.AnySize) is journaled as its text
+    return {"model": opts.model, "tile": tile if isinstance(tile, int) else str(tile), "dilate": opts.dilate}
 
 
-def prepare(item: Item, tile: int, opts: JobOptions, previous: dict | None):
+def prepare(item: Item, tile, opts: JobOptions, previous: dict | None):
     """Read and check one item; Skipped when `previous` (its journal line) still holds."""
     from ganforge.masks import dilate, read_mask
 

@@ -347,7 +347,8 @@ class Job:
                     if nxt is None:
                         await self._ready.put(None)  # keep the stop signal for another sender
                         break
-                    if tiles + len(nxt[0]) > batch_size:
+                    # a request holds one shape: an any-size model's windows differ in shape
+                    if tiles + len(nxt[0]) > batch_size or nxt[0].shape[1:] != batch[0][0].shape[1:]:
                         await self._send(batch)
                         batch, tiles = [], 0
                     batch.append(nxt)

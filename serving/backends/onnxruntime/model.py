@@ -111,6 +111,8 @@ class TritonPythonModel:
                        for i in config["input"]]
         self.outputs = [o["name"] for o in config["output"]]
         self.allowed = parse_allowed_values(params.get("allowed_values", ""))
+        # a model exported with --any-size takes sides that are multiples of its stride
+        self.stride = int(params.get("stride") or 1)
         for name in self.allowed:
             dtype = next((d for n, d, _ in self.inputs if n == name), None)
             if dtype is None or dtype != np.uint8:
@@ -133,6 +135,10 @@ class TritonPythonModel:
                 expected = ", ".join(map(str, dims))
                 raise ValueError(f"input '{name}': shape {list(a.shape)} is not allowed; expected "
                                  + (f"[batch, {expected}]" if self.max_batch_size > 0 else f"[{expected}]"))
+            sides = [s for d, s in zip(dims, shape) if d == -1][:2]
+            if self.stride > 1 and any(s % self.stride for s in sides):
+                raise ValueError(f"input '{name}': shape {list(a.shape)} is not allowed; height and width "
+                                 f"must be multiples of {self.stride} (the model's stride)")
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 raise ValueError(f"input '{name}': contains NaN or infinite values; send finite numbers")
             if name in self.allowed:
