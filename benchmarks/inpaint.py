@@ -11,13 +11,17 @@ tile, so each crop is one model tile). Two settings, one hole per crop:
 Methods: OpenCV Telea and Navier-Stokes (radius 3), scikit-image `inpaint_biharmonic`, and each
 learned model given as `--model LABEL=PATH`, PATH a run directory / checkpoint (torch) or a
 Triton model directory holding `1/model.onnx` (ONNX Runtime). Default models: the shipped
-`model_repository/inpainter_photos` (context encoder) and the run `runs/pix2pix_inpaint`
+`model_repository/inpainter_photos` (the learned blend of classical fills) and the run `runs/pix2pix_inpaint`
 (pix2pix) where present. Every method's output keeps the known
 pixels (learned models go through serving/inpaint.py, as the client does).
 
 PSNR over the hole: 10 log10(255² / MSE over the hole's pixels and channels), averaged over
 crops. SSIM over the hole: scikit-image's SSIM map (7x7 window, per channel) averaged over the
-hole's pixels, then over crops. Writes the JSON `{method: {setting: {psnr, ssim}}}`, a table
+hole's pixels, then over crops. Texture: the high-frequency energy in the hole (squared
+Laplacian of the luminance) over the original's, averaged over crops: 1 as detailed as the
+photo, near 0 for a smooth fill. A model that takes any size (a context encoder's run, an
+`--any-size` export) inpaints each hole's window at the crop's own resolution; a fixed-tile one
+at its tile. Writes the JSON `{method: {setting: {psnr, ssim, texture}}}`, a table
 (stdout and `<json>.md`) and `<json>.png`: examples side by side.
 """
 
@@ -57,6 +61,18 @@ def hole_psnr(out: np.ndarray, ref: np.ndarray, hole: np.ndarray) -> float:
     return 99.0 if mse == 0 else float(10 * np.log10(255.0 ** 2 / mse))
 
 
+def hole_texture(out: np.ndarray, ref: np.ndarray, hole: np.ndarray) -> float:
+    """High-frequency energy inside the hole over the original's there: the squared Laplacian
+    of the luminance summed over the hole's pixels. 1 is as detailed as the photo, a smooth
+    fill is near 0, speckle above 1. NaN where the original hole is flat."""
+    from scipy.ndimage import laplace
+
+    weights = np.array([0.299, 0.587, 0.114])
+    e_out = (laplace(out.astype(np.float64) @ weights)[hole] ** 2).sum()
+    e_ref = (laplace(ref.astype(np.float64) @ weights)[hole] ** 2).sum()
+    return float(e_out / e_ref) if e_ref > 0 else float("nan")
+
+
 def hole_ssim(out: np.ndarray, ref: np.ndarray, hole: np.ndarray) -> float:
     from skimage.metrics import structural_similarity
 
@@ -90,7 +106,7 @@ def learned(path: str) -> tuple[Callable, str]:
 
     Runs of every network fed (masked image, mask): the inpainter, the context encoder, its
     masked autoencoder (`mae`, the same U-Net) and an `inpaint` pix2pix."""
-    from ganforge.serving.inpaint import inpaint_image
+    from ganforge.serving.inpaint import AnySize, inpaint_image
 
     p = Path(path)
     if (p / "1" / "model.onnx").is_file() or p.suffix == ".onnx":
@@ -98,7 +114,8 @@ def learned(path: str) -> tuple[Callable, str]:
 
         onnx = p if p.suffix == ".onnx" else p / "1" / "model.onnx"
         sess = ort.InferenceSession(str(onnx), providers=["CPUExecutionProvider"])
-        tile = int(sess.get_inputs()[0].shape[1])
+        side = sess.get_inputs()[0].shape[1]
+        tile = int(side) if isinstance(side, int) else _any_size(onnx.parent.parent / "manifest.json", path)
         out_name = sess.get_outputs()[0].name
         kind = "onnx"
 
@@ -125,12 +142,26 @@ def learned(path: str) -> tuple[Callable, str]:
         net.load_state_dict(payload["state"]["net"])
         module = UInt8Inpaint(net.eval()).eval()
         tile = int(payload.get("train", {}).get("tile", 64))
+        if payload["kind"] in ("context-encoder", "mae"):   # fully convolutional: the photo's own size
+            tile = AnySize(2 ** net.cfg.depth, tile)
         kind = payload["kind"]
 
         def run(tiles, tmasks):
             with torch.no_grad():
                 return module(torch.from_numpy(tiles), torch.from_numpy(tmasks)).numpy()
-    return (lambda image, mask: inpaint_image(image, mask, tile, run, max_batch=16)), f"{kind}, tile {tile}"
+    how = f"{kind}, {tile}" if isinstance(tile, AnySize) else f"{kind}, tile {tile}"
+    return (lambda image, mask: inpaint_image(image, mask, tile, run, max_batch=16)), how
+
+
+def _any_size(manifest: Path, path: str):
+    """The AnySize of a model directory exported with --any-size, from its manifest."""
+    from ganforge.serving.inpaint import AnySize
+
+    info = json.loads(manifest.read_text()) if manifest.is_file() else {}
+    if not info.get("any_size"):
+        raise UsageError(f"--model: {path} takes images of any size but has no manifest.json saying its "
+                         f"stride; export it with ganforge export --any-size")
+    return AnySize(int(info["stride"]), int(info["min_side"]))
 
 
 def load_models(specs: list[str], log=print) -> dict[str, Callable]:
@@ -151,7 +182,7 @@ def default_models() -> list[str]:
     """The shipped inpainter (what `ganforge inpaint` serves) and the pix2pix run where present."""
     found = []
     if Path("model_repository/inpainter_photos/1/model.onnx").is_file():
-        found.append("context-encoder=model_repository/inpainter_photos")
+        found.append("inpainter_photos=model_repository/inpainter_photos")
     if Path("runs/pix2pix_inpaint/checkpoint.pt").is_file():
         found.append("pix2pix=runs/pix2pix_inpaint")
     return found
@@ -164,7 +195,7 @@ def evaluate(methods: dict[str, Callable], images: np.ndarray, masks: dict[str, 
     for name, fn in methods.items():
         results[name] = {}
         for setting, ms in masks.items():
-            psnrs, ssims, outs = [], [], []
+            psnrs, ssims, textures, outs = [], [], [], []
             t0 = time.perf_counter()
             for img, m in zip(images, ms):
                 out = fn(img, m)
@@ -173,19 +204,23 @@ def evaluate(methods: dict[str, Callable], images: np.ndarray, masks: dict[str, 
                     raise AssertionError(f"{name} changed known pixels")
                 psnrs.append(hole_psnr(out, img, hole))
                 ssims.append(hole_ssim(out, img, hole))
+                textures.append(hole_texture(out, img, hole))
                 outs.append(out)
-            results[name][setting] = {"psnr": round(float(np.mean(psnrs)), 3), "ssim": round(float(np.mean(ssims)), 4)}
+            results[name][setting] = {"psnr": round(float(np.mean(psnrs)), 3), "ssim": round(float(np.mean(ssims)), 4),
+                                      "texture": round(float(np.nanmean(textures)), 4)}
             examples.setdefault(setting, {})[name] = np.stack(outs)
             log(f"  {name:<16} {setting:<9} PSNR {results[name][setting]['psnr']:6.2f} dB  "
-                f"SSIM {results[name][setting]['ssim']:.4f}  ({time.perf_counter() - t0:.1f} s)")
+                f"SSIM {results[name][setting]['ssim']:.4f}  texture {results[name][setting]['texture']:.3f}  "
+                f"({time.perf_counter() - t0:.1f} s)")
     return results, examples
 
 
 def table(results: dict) -> str:
-    lines = ["| method | " + " | ".join(f"{s} PSNR (dB) | {s} SSIM" for s in SETTINGS) + " |",
-             "|---|" + "---|---|" * len(SETTINGS)]
+    lines = ["| method | " + " | ".join(f"{s} PSNR (dB) | {s} SSIM | {s} texture" for s in SETTINGS) + " |",
+             "|---|" + "---|---|---|" * len(SETTINGS)]
     for name, row in results.items():
-        lines.append(f"| {name} | " + " | ".join(f"{row[s]['psnr']:.2f} | {row[s]['ssim']:.4f}" for s in SETTINGS) + " |")
+        lines.append(f"| {name} | " + " | ".join(f"{row[s]['psnr']:.2f} | {row[s]['ssim']:.4f} | {row[s]['texture']:.3f}"
+                                                 for s in SETTINGS) + " |")
     return "\n".join(lines)
 
 

@@ -22,6 +22,18 @@ def test_hole_metrics_ignore_the_known_region():
     assert 20 < bench.hole_psnr(out, ref, hole) < 25
 
 
+def test_the_texture_figure_is_one_for_the_original_near_zero_for_a_flat_fill():
+    rng = np.random.default_rng(1)
+    ref = rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    hole = np.zeros((32, 32), bool)
+    hole[8:24, 8:24] = True
+    assert bench.hole_texture(ref, ref, hole) == pytest.approx(1.0)
+    flat = ref.copy()
+    flat[hole] = ref[hole].mean(axis=0).astype(np.uint8)
+    assert bench.hole_texture(flat, ref, hole) < 0.2
+    assert np.isnan(bench.hole_texture(ref, np.zeros_like(ref), hole))
+
+
 def test_masks_of_each_setting_are_seeded_and_sized():
     a, b = bench.make_masks("freeform", 3, 64), bench.make_masks("freeform", 3, 64)
     assert np.array_equal(a, b) and not np.array_equal(a[0], a[1])
@@ -39,7 +51,7 @@ def test_the_benchmark_writes_the_json_table_and_examples(tmp_path):
     assert set(results) == {"telea", "navier-stokes", "biharmonic", "pix2pix"}
     for row in results.values():
         assert set(row) == {"centre25", "freeform"}
-        assert all(set(v) == {"psnr", "ssim"} for v in row.values())
+        assert all(set(v) == {"psnr", "ssim", "texture"} for v in row.values())
     assert out.with_suffix(".png").stat().st_size > 0
     assert "| biharmonic |" in out.with_suffix(".md").read_text()
 
@@ -67,7 +79,8 @@ def test_load_models_runs_a_pix2pix_and_a_masked_autoencoder_run_and_refuses_an_
     assert json.loads((tmp_path / "b.json").read_text())["m"]["centre25"]["psnr"] > 0
     logged = []
     methods = bench.load_models([f"p={tmp_path / 'p2p'}", f"m={tmp_path / 'mae'}"], log=logged.append)
-    assert list(methods) == ["p", "m"] and "pix2pix, tile 32" in logged[0] and "mae, tile 32" in logged[1]
+    assert list(methods) == ["p", "m"] and "pix2pix, tile 32" in logged[0]
+    assert "mae, any size (stride 8, min 32, max 1024)" in logged[1]     # the U-Net: the crop's own size
     image, mask = datasets.shapes(1, 32, seed=5).images[0], maskgen.centre(32, 32, 0.25)
     for fn in methods.values():
         out = fn(image, mask)
