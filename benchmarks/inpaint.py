@@ -65,7 +65,7 @@ def hole_texture(out: np.ndarray, ref: np.ndarray, hole: np.ndarray) -> float:
     """High-frequency energy inside the hole over the original's there: the squared Laplacian
     of the luminance summed over the hole's pixels. 1 is as detailed as the photo, a smooth
     fill is near 0, speckle above 1. NaN where the original hole is flat."""
-    from scipy.ndimage import laplace
+    from skimage.filters import laplace
 
     weights = np.array([0.299, 0.587, 0.114])
     e_out = (laplace(out.astype(np.float64) @ weights)[hole] ** 2).sum()
