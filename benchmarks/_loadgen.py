@@ -116,7 +116,9 @@ def served_perf_analyzer(pa: str, url: str, model: str, w: Workload, batch: int,
                *windows, "--max-trials", "3", "--stability-percentage", "1000", "-f", str(report)]
         failed = lambda message: {"images_per_s": 0.0, "requests": 0, "errors": 1, "client": "perf_analyzer",
                                   "error_messages": [message], **percentiles([])}
-        limit = 60 + 10 * seconds
+        # room for perf_analyzer's three windows at twice the time the Python client's figure
+        # gives them: a slow model's count windows take longer than `seconds`
+        limit = 60 + 10 * seconds + (6 * per_window * batch / expected_images_per_s if expected_images_per_s else 0)
         try:
             r = subprocess.run(cmd, capture_output=True, text=True, timeout=limit)
         except subprocess.TimeoutExpired:

@@ -60,6 +60,8 @@ def discover(repository) -> dict[str, Workload]:
             continue
         cfg = MessageToDict(read_config(d / "config.pbtxt"), preserving_proto_field_name=True)
         inputs = {i["name"]: (DTYPES[i["data_type"]], [int(x) for x in i["dims"]]) for i in cfg.get("input", [])}
+        if any(x < 0 for _, dims in inputs.values() for x in dims):
+            continue   # an --any-size model: no one request shape stands for its load
         names = set(inputs)
         # the version Triton answers a request that names none with: the highest
         versions = sorted((int(v.name) for v in d.iterdir() if v.name.isdigit()), reverse=True)

@@ -13,7 +13,7 @@ reported is the median of the rounds' ratios. Where the server shares the CPU co
 job's own decoding and encoding, the served side pays for both; the in-process side runs the
 model on the same cores without gRPC.
 
-The model: `--model` (default: the trained `inpainter_photos` when it is there) from
+The model: `--model` (default: the trained `fill_thinplate` when it is there) from
 `--repository` (default: the committed model_repository/) when it is there, otherwise the
 untrained fill inpainter (export/fill_inpainter.py) at tile 64, with `--convs N` random 3x3
 convolutions for the compute of a small learned model. The outputs of the two sides are
@@ -86,7 +86,7 @@ def run(argv: list[str]) -> int:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, default=None, help="photos per round (default 400, quick 120)")
     p.add_argument("--model", default=None,
-                   help="default: inpainter_photos when --repository has it, else fill_inpainter")
+                   help="default: fill_thinplate when --repository has it, else fill_inpainter")
     p.add_argument("--repository", type=Path, default=ROOT / "model_repository")
     p.add_argument("--concurrency", type=int, default=4)
     p.add_argument("--rounds", type=int, default=None, help="rounds per side (default 5, quick 2)")
@@ -98,7 +98,7 @@ def run(argv: list[str]) -> int:
     a = p.parse_args(argv)
     n = a.items or (120 if a.quick else 400)
     if a.model is None:
-        a.model = ("inpainter_photos" if (a.repository / "inpainter_photos" / "1" / "model.onnx").is_file()
+        a.model = ("fill_thinplate" if (a.repository / "fill_thinplate" / "1" / "model.onnx").is_file()
                    else "fill_inpainter")
     rounds = a.rounds or (2 if a.quick else 5)
 

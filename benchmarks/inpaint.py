@@ -11,7 +11,8 @@ tile, so each crop is one model tile). Two settings, one hole per crop:
 Methods: OpenCV Telea and Navier-Stokes (radius 3), scikit-image `inpaint_biharmonic`, and each
 learned model given as `--model LABEL=PATH`, PATH a run directory / checkpoint (torch) or a
 Triton model directory holding `1/model.onnx` (ONNX Runtime). Default models: the shipped
-`model_repository/inpainter_photos` (the learned blend of classical fills) and the run `runs/pix2pix_inpaint`
+`model_repository/fill_thinplate` (the learned blend of classical fills),
+`model_repository/inpainter_photos` (the context encoder) and the run `runs/pix2pix_inpaint`
 (pix2pix) where present. Every method's output keeps the known
 pixels (learned models go through serving/inpaint.py, as the client does).
 
@@ -179,10 +180,11 @@ def load_models(specs: list[str], log=print) -> dict[str, Callable]:
 
 
 def default_models() -> list[str]:
-    """The shipped inpainter (what `ganforge inpaint` serves) and the pix2pix run where present."""
+    """The shipped photo inpainters (what `ganforge inpaint` serves) and the pix2pix run where present."""
     found = []
-    if Path("model_repository/inpainter_photos/1/model.onnx").is_file():
-        found.append("inpainter_photos=model_repository/inpainter_photos")
+    for name in ("fill_thinplate", "inpainter_photos"):
+        if Path(f"model_repository/{name}/1/model.onnx").is_file():
+            found.append(f"{name}=model_repository/{name}")
     if Path("runs/pix2pix_inpaint/checkpoint.pt").is_file():
         found.append("pix2pix=runs/pix2pix_inpaint")
     return found

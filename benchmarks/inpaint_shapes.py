@@ -12,8 +12,9 @@ learned model given as `--model LABEL=PATH` (a run directory / checkpoint run in
 encoder, masked autoencoder, inpaint pix2pix; or a Triton model directory holding
 `1/model.onnx` run in ONNX Runtime, as `ganforge bench inpaint` runs them). Default models: the
 runs `runs/context_encoder_shapes` (`ganforge train context-encoder --preset shapes`) and
-`runs/pix2pix_shapes` (`ganforge train pix2pix --preset shapes`) and the shipped classical
-inpainter `model_repository/inpainter_photos`, where present. Known pixels are kept by every
+`runs/pix2pix_shapes` (`ganforge train pix2pix --preset shapes`), the shipped context encoder
+`model_repository/inpainter_shapes` and classical blend `model_repository/fill_thinplate`, where
+present. Known pixels are kept by every
 method.
 
 Scores per method and setting: PSNR and SSIM over the hole (as `ganforge bench inpaint`), and
@@ -52,8 +53,9 @@ def default_models() -> list[str]:
         found.append("context-encoder=runs/context_encoder_shapes")
     if Path("runs/pix2pix_shapes/checkpoint.pt").is_file():
         found.append("pix2pix=runs/pix2pix_shapes")
-    if Path("model_repository/inpainter_photos/1/model.onnx").is_file():
-        found.append("shipped-inpainter=model_repository/inpainter_photos")
+    for name in ("inpainter_shapes", "fill_thinplate"):
+        if Path(f"model_repository/{name}/1/model.onnx").is_file():
+            found.append(f"{name}=model_repository/{name}")
     return found
 
 

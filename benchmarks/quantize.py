@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-MODELS = ("denoiser_photos", "dcgan_shapes", "progan_shapes", "inpainter_photos")
+MODELS = ("denoiser_photos", "dcgan_shapes", "progan_shapes", "fill_thinplate")
 GOAL_SPEEDUP, GOAL_SERVED = 1.8, 0.85
 
 

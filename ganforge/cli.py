@@ -26,7 +26,7 @@ from pathlib import Path
 
 from ganforge.cli_args import Parser, _int_arg
 from ganforge.cli_args import _key_value  # noqa: F401  (imported from ganforge.cli by tests)
-from ganforge.cli_serve import (MAX_PIXELS, MAX_SIDE, cmd_batch_inpaint, cmd_bench, cmd_demo,
+from ganforge.cli_serve import (DEFAULT_INPAINTER, MAX_PIXELS, MAX_SIDE, cmd_batch_inpaint, cmd_bench, cmd_demo,
                                 cmd_denoise, cmd_generate, cmd_inpaint, cmd_models, cmd_serve, cmd_tune)
 from ganforge.cli_train import cmd_doctor, cmd_export, cmd_train, train_parser
 from ganforge.errors import GanforgeError
@@ -140,7 +140,8 @@ def build_parser() -> Parser:
     bi.add_argument("--masks", default=None, help="folder of masks at the images' relative paths")
     bi.add_argument("--url", default="localhost:8001", help="Triton gRPC host:port")
     bi.add_argument("--model", default=None,
-                    help="served inpainting model (default: the one served model taking image and mask)")
+                    help="served inpainting model (default: the one served model taking image and "
+                    f"mask, or {DEFAULT_INPAINTER} among several)")
     version_arg(bi)
     bi.add_argument("--concurrency", type=_int_arg(1), default=4, help="requests in flight")
     bi.add_argument("--batch-size", type=_int_arg(1), default=None,
@@ -176,7 +177,10 @@ def build_parser() -> Parser:
     ip.add_argument("input", help="image file")
     ip.add_argument("--mask", required=True, help="mask image, same size: white (>= 50%%) = hole")
     ip.add_argument("-o", "--output", required=True, help="output image file")
-    ip.add_argument("--model", default="inpainter_photos")
+    ip.add_argument("--model", default=DEFAULT_INPAINTER,
+                    help=f"served inpainting model (default {DEFAULT_INPAINTER}, the best photo fill "
+                    "measured; inpainter_photos and inpainter_shapes are context encoders: "
+                    "docs/inpainting.md says when to pick which)")
     ip.add_argument("--dilate", type=_int_arg(0), default=0, help="grow the hole by N pixels")
     ip.add_argument("--max-side", type=int, default=MAX_SIDE,
                     help=f"--any-size models: a hole's window longer than this is resized down to it "

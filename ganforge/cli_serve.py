@@ -147,6 +147,8 @@ def cmd_batch_inpaint(args) -> int:
 MAX_PIXELS = 50_000_000  # per image read by denoise / inpaint (a 8000x6000 photo is 48 M)
 # inpaint --max-side's default: serving.inpaint.MAX_SIDE, written out so the CLI loads without numpy
 MAX_SIDE = 1024
+# inpaint's and batch-inpaint's default model: serving.inpaint.DEFAULT_MODEL, written out likewise
+DEFAULT_INPAINTER = "fill_thinplate"
 
 
 def _output_path(path: str, flag: str = "-o") -> Path:

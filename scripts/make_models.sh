@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Rebuild every model shipped in model_repository/ from scratch: the exact commands, data and
 # seeds recorded in each manifest. CPU, 2 cores: about 10 minutes for the DCGAN, 25 for the
-# ProGAN, 130 for the denoiser, 30 for the inpainter.
+# ProGAN, 130 for the denoiser, 30 for fill_thinplate,
+# 15 for inpainter_photos, 100 for inpainter_shapes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 GF=.venv/bin/ganforge
@@ -33,8 +34,16 @@ $GF train denoiser --data photos --steps 3000 --batch-size 32 --patch 48 --sigma
 $GF export runs/denoiser_photos_ft2 --repository model_repository --name denoiser_photos --tile 128
 $GF export model_repository/denoiser_photos --precision int8 --version 2
 
-# the inpainter: a learned blend of three classical fills, scored on a band of known pixels
+# fill_thinplate: a learned blend of three classical fills, scored on a band of known pixels
 # around each hole, trained on pairs balanced by which fill wins, the step kept by validation
 # (docs/inpainting.md; the settings are training/presets/inpainter/photos.toml)
 $GF train inpainter --preset photos --out runs/inpainter_balanced
-$GF export runs/inpainter_balanced --repository model_repository --name inpainter_photos --tile 64
+$GF export runs/inpainter_balanced --repository model_repository --name fill_thinplate --tile 64
+
+# the context encoders, whose network paints the hole, served at any height and width:
+# on 64 px crops of the training photos (the doctor in auto mode), and on procedural shapes
+$GF train context-encoder --preset photos --steps 6000 --batch-size 16 --threads 2 \
+    --checkpoint-every 250 --doctor auto --out runs/ce_photos_auto
+$GF export runs/ce_photos_auto --repository model_repository --name inpainter_photos --any-size
+$GF train context-encoder --preset shapes --steps 9000 --threads 1 --out runs/ce_shapes_9000
+$GF export runs/ce_shapes_9000 --repository model_repository --name inpainter_shapes --any-size

@@ -22,6 +22,9 @@ import numpy as np
 from ganforge.errors import DataError, UsageError
 
 GRID = 8  # coarse grid cell for finding hole regions, pixels
+# the photo inpainter `ganforge inpaint` and `batch-inpaint` use when none is named: the best photo
+# fill measured (docs/inpainting.md)
+DEFAULT_MODEL = "fill_thinplate"
 MAX_SIDE = 1024            # default cap on an any-size window's longer side, pixels
 MAX_SIDE_LIMIT = 4096      # a 4096² window is 64 MiB of image and mask: a quarter of a gRPC message
 REQUEST_BYTES = 64 << 20   # image + mask bytes per request: under the client's 256 MiB messages

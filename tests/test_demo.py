@@ -19,8 +19,13 @@ def test_demo_trains_exports_serves_and_writes_generated_grids(tmp_path):
         grid = Image.open(out / "generated" / f"{model}_seed42_grid.png")
         assert grid.size == (4 * 66 + 2, 4 * 66 + 2)
     assert len(list((out / "generated").glob("dcgan_demo_seed42_0*.png"))) == 16
-    # the shipped denoiser and inpainter on a held-out photo
-    assert "known pixels byte-identical = True" in r.stdout
-    for name in ("photo_denoised.png", "photo_inpainted.png"):
+    # the shipped denoiser and inpainters on a held-out photo: the context encoder and the
+    # classical blend, each keeping every known pixel
+    assert r.stdout.count("known pixels byte-identical = True") == 2
+    assert "with inpainter_photos (the context encoder)" in r.stdout
+    for name in ("photo_denoised.png", "photo_inpainted_inpainter_photos.png", "photo_inpainted_fill_thinplate.png"):
         assert Image.open(out / "generated" / name).size == (451, 300)
         assert f"  {out / 'generated' / name}" in last
+    # held-out shapes completed by the shapes context encoder: masked, completed, originals
+    assert "with inpainter_shapes" in r.stdout
+    assert Image.open(out / "generated" / "shapes_inpainted_grid.png").size == (8 * 66 + 2, 3 * 66 + 2)

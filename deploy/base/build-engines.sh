@@ -49,6 +49,12 @@ for cfg in "$repo"/*/config.pbtxt; do
     fi
     continue
   fi
+  # an --any-size export (dims -1: any height and width on the model's stride) stays on ONNX
+  # Runtime, whose backend checks the stride; one TensorRT profile cannot cover every window size
+  if grep -q '^  dims: -1$' "$cfg"; then
+    echo "build-engines: $name stays on ONNX Runtime (any height and width)"
+    continue
+  fi
   for onnx in "$dir"/*/model.onnx; do
     [ -f "$onnx" ] || continue
     plan="$(dirname "$onnx")/model.plan"

@@ -83,11 +83,7 @@ class TritonEngine:
                                          headers=self.headers))["config"]
             if sorted(i["name"] for i in cfg.get("input", [])) == ["image", "mask"]:
                 found.append(m["name"])
-        if len(found) != 1:
-            raise UsageError(f"--model: {'no' if not found else 'several'} inpainting models "
-                             f"(inputs image and mask) are served at {self.url}"
-                             + (f" ({', '.join(sorted(found))}); choose one" if found else ""))
-        return found[0]
+        return choose_inpainter(found, self.url)
 
     async def _call(self, fn, *args, **kwargs):
         from tritonclient.utils import InferenceServerException
@@ -182,3 +178,16 @@ class OnnxEngine:
     async def close(self) -> None:
         self._pool.shutdown()
 
+
+def choose_inpainter(found: list[str], url: str) -> str:
+    """The default --model among the served inpainting models: the only one, or `ganforge
+    inpaint`'s default when it is among several."""
+    from ganforge.serving.inpaint import DEFAULT_MODEL
+
+    if len(found) == 1:
+        return found[0]
+    if DEFAULT_MODEL in found:
+        return DEFAULT_MODEL
+    raise UsageError(f"--model: {'no' if not found else 'several'} inpainting models "
+                     f"(inputs image and mask) are served at {url}"
+                     + (f" ({', '.join(sorted(found))}); choose one" if found else ""))

@@ -69,3 +69,13 @@ def test_perf_analyzer_measures_and_reports_a_failed_measurement(tmp_path):
         over = served_perf_analyzer(pa, server.grpc_url, "dcgan_shapes", w, 65, 1, 0.3)
         assert over["errors"] == 1 and over["images_per_s"] == 0.0, over
         assert over["error_messages"][0].startswith("perf_analyzer exit "), over
+
+
+def test_workloads_leave_out_any_size_models_whose_request_has_no_one_shape():
+    from ganforge.benchmarks._workloads import discover
+    from tests.conftest import ROOT
+
+    found = discover(ROOT / "model_repository")
+    assert found["inpaint"].model == "fill_thinplate"   # inpainter_photos / _shapes take any size
+    for w in found.values():
+        assert all(d > 0 for _, dims in w.inputs.values() for d in dims), w.model

@@ -120,6 +120,15 @@ def test_batch_inpaint_job_maps_the_completion_index_to_the_shard(rendered):
         assert f" {flag} " in f" {cmd} "
 
 
+def test_batch_inpaint_job_names_a_shipped_inpainting_model():
+    job = yaml.safe_load((DEPLOY / "jobs" / "batch-inpaint" / "job.yaml").read_text())
+    env = {e["name"]: e["value"] for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    config = DEPLOY.parent / "model_repository" / env["MODEL"] / "config.pbtxt"
+    assert config.is_file(), f"the Job's MODEL {env['MODEL']!r} is not in model_repository/"
+    text = config.read_text()
+    assert 'name: "image"' in text and 'name: "mask"' in text
+
+
 def test_prometheus_adapter_rule_serves_the_metric_the_hpa_reads():
     values = yaml.safe_load((DEPLOY / "prometheus-adapter" / "values.yaml").read_text())
     rule = values["rules"]["custom"][0]

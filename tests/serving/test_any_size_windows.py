@@ -134,3 +134,18 @@ def test_the_cli_default_of_max_side_is_the_clients():
     from ganforge.serving import inpaint
 
     assert cli_serve.MAX_SIDE == inpaint.MAX_SIDE
+    assert cli_serve.DEFAULT_INPAINTER == inpaint.DEFAULT_MODEL
+
+
+def test_batch_inpaint_takes_the_only_inpainter_or_the_default_among_several():
+    from ganforge.serving.inpaint import DEFAULT_MODEL
+    from ganforge.serving.jobs.engines import choose_inpainter
+
+    assert choose_inpainter(["inpainter_shapes"], "host:8001") == "inpainter_shapes"
+    assert choose_inpainter(["inpainter_photos", DEFAULT_MODEL, "inpainter_shapes"], "host:8001") == DEFAULT_MODEL
+    with pytest.raises(UsageError) as exc:
+        choose_inpainter(["inpainter_shapes", "inpainter_photos"], "host:8001")
+    assert str(exc.value) == ("--model: several inpainting models (inputs image and mask) are served at "
+                              "host:8001 (inpainter_photos, inpainter_shapes); choose one")
+    with pytest.raises(UsageError, match="--model: no inpainting models"):
+        choose_inpainter([], "host:8001")

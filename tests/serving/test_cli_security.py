@@ -27,7 +27,7 @@ from tests.serving.test_security import _pem_pair
 
 pytestmark = pytest.mark.slow
 
-MODELS = ["dcgan_shapes", "denoiser_photos", "inpainter_photos"]
+MODELS = ["dcgan_shapes", "denoiser_photos", "fill_thinplate"]
 KEY = ("x-ganforge-key", "s3cret")
 
 
@@ -307,7 +307,7 @@ class TestRestrictedKey:
     def test_inference_stays_open_without_the_key(self, server, inputs, tmp_path):
         ok("generate", "--model", "dcgan_shapes", "--count", "1", "--out", str(tmp_path), "--url", server.url)
         done = ok("batch-inpaint", str(inputs["folder"]), "-o", str(tmp_path / "b"), "--url", server.url,
-                  "--model", "inpainter_photos", "-q")
+                  "--model", "fill_thinplate", "-q")
         assert done.startswith("batch-inpaint: 2 done"), done
 
 

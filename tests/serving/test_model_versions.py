@@ -19,7 +19,7 @@ from tests.conftest import ROOT, run_cli
 
 pytestmark = pytest.mark.slow   # starts a server
 SHIPPED = ROOT / "model_repository" / "denoiser_photos"
-INPAINTER = ROOT / "model_repository" / "inpainter_photos"
+INPAINTER = ROOT / "model_repository" / "fill_thinplate"
 
 
 def passthrough_inpainter(path) -> None:
@@ -44,12 +44,12 @@ def passthrough_inpainter(path) -> None:
 def server(tmp_path_factory):
     repo = tmp_path_factory.mktemp("versions") / "model_repository"
     shutil.copytree(SHIPPED, repo / "denoiser_photos")
-    shutil.copytree(INPAINTER, repo / "inpainter_photos")
-    passthrough_inpainter(repo / "inpainter_photos" / "2" / "model.onnx")
-    config = repo / "inpainter_photos" / "config.pbtxt"
+    shutil.copytree(INPAINTER, repo / "fill_thinplate")
+    passthrough_inpainter(repo / "fill_thinplate" / "2" / "model.onnx")
+    config = repo / "fill_thinplate" / "config.pbtxt"
     config.write_text(config.read_text() + "version_policy { all { } }\n")
-    manifest = json.loads((repo / "inpainter_photos" / "manifest.json").read_text())
-    write_manifest(repo / "inpainter_photos", {k: v for k, v in manifest.items() if k != "files"})
+    manifest = json.loads((repo / "fill_thinplate" / "manifest.json").read_text())
+    write_manifest(repo / "fill_thinplate", {k: v for k, v in manifest.items() if k != "files"})
     srv = LocalServer(ServerOptions(model_repository=repo, grpc_port=free_port(), http_port=free_port(),
                                     metrics_port=free_port(), exit_timeout_s=5)).start()
     yield srv
@@ -141,7 +141,7 @@ def test_a_batch_job_sends_every_request_to_the_version_it_names(server, tmp_pat
     Image.fromarray(mask).save(inputs / "a_mask.png")
     outs = {}
     for v in ("1", "2"):
-        out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / f"v{v}"), "--model", "inpainter_photos",
+        out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / f"v{v}"), "--model", "fill_thinplate",
                       "--model-version", v, "--url", server.grpc_url, "-q")
         assert out.returncode == 0, out.stderr
         assert json.loads((tmp_path / f"v{v}" / "summary.json").read_text())["model_version"] == v
@@ -149,7 +149,7 @@ def test_a_batch_job_sends_every_request_to_the_version_it_names(server, tmp_pat
     hole = mask > 0
     assert np.array_equal(outs["1"][~hole], photo[~hole]) and np.array_equal(outs["2"][~hole], photo[~hole])
     assert not np.array_equal(outs["1"][hole], outs["2"][hole])   # version 1 paints the hole
-    out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / "v7"), "--model", "inpainter_photos",
+    out = run_cli("batch-inpaint", str(inputs), "-o", str(tmp_path / "v7"), "--model", "fill_thinplate",
                   "--model-version", "7", "--url", server.grpc_url, "-q", "--wait-for-server", "1")
     assert out.returncode == 1
     assert "version 7 is not served" in out.stdout + out.stderr, out.stdout + out.stderr
