@@ -81,10 +81,18 @@ AUTO_REMEDIES: dict[str, list[tuple[str, Callable[[float, dict], float], str]]] 
 # A collapsed G's larger latent is at least this wide: doubling a 1- or 2-d latent leaves G
 # mapping a line or a plane onto the images, still too thin to spread over the data's modes.
 MIN_RESTART_Z = 16
+# A D that G dominates gets at least this many filters (units) in its restart: doubling a D
+# built with 2 or 4 leaves one too small to tell the data's modes apart (the MLP GAN's
+# g-dominates preset: a 4-unit, one-layer D rates every point about ½).
+MIN_RESTART_NDF = 16
+# ... and at least this many hidden layers where its depth is a setting (the MLP GAN's `d_layers`,
+# its default: PacGAN's 2-D D); the other GANs' depth follows the resolution and is not changed.
+MIN_RESTART_D_LAYERS = 3
 # Network changes: recorded as restart decisions (new config values, relative to the current).
 RESTART_REMEDIES: dict[str, list[tuple[str, Callable[[int], int], str]]] = {
     "d_dominates": [("ndf", lambda v: max(1, v // 2), "course"), ("ngf", lambda v: v * 2, "course")],
-    "g_dominates": [("ndf", lambda v: v * 2, "course")],
+    "g_dominates": [("ndf", lambda v: max(v * 2, MIN_RESTART_NDF), "course"),
+                    ("d_layers", lambda v: max(v, MIN_RESTART_D_LAYERS), "course")],
     "mode_collapse": [("z_dim", lambda v: max(v * 2, MIN_RESTART_Z), "course"), ("ngf", lambda v: v * 2, "course"),
                       ("mbstd", lambda v: True, "Karras et al. 2018, Progressive GAN"),
                       ("pack", lambda v: max(2, v * 2), "Lin et al. 2018, PacGAN")],

@@ -24,7 +24,7 @@ from ganforge.training import data as tdata
 from ganforge.training.doctor import DOCTOR_MODES, Doctor, Intervention, render_kept
 from ganforge.training.engine import Engine
 from ganforge.training.gan import load_checkpoint
-from ganforge.training.monitor import FAILURES, Monitor, Thresholds
+from ganforge.training.monitor import Monitor, Thresholds
 from ganforge.training.remedies import BestWeights, transplant
 from ganforge.training.reports import write_run_report
 from ganforge.training.task import RunConfig, Task, option
@@ -220,8 +220,8 @@ class GANDoctor:
 
     def restarted(self, decision: dict) -> None:
         """After a restart rewound to `decision["from_step"]`: the records of the abandoned steps
-        dropped (metrics.jsonl keeps them), every detector re-armed, the best weights forgotten
-        (their networks had other shapes)."""
+        dropped (metrics.jsonl keeps them), every detector re-armed (`Monitor.restarted`), the
+        best weights forgotten (their networks had other shapes)."""
         back = decision["from_step"]
         self._rewind(back)
         self.timeline.append({"rewound_to": back})
@@ -231,8 +231,7 @@ class GANDoctor:
     def _rewind(self, back: int) -> None:
         self.monitor.records = [r for r in self.monitor.records if r["step"] <= back]
         self.monitor.last = self.monitor.records[-1] if self.monitor.records else {}
-        for f in FAILURES:
-            self.monitor.rearm(f)
+        self.monitor.restarted(back)
 
     def state(self) -> dict:
         return {"records": self.monitor.records, "timeline": self.timeline,

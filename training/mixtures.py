@@ -143,12 +143,12 @@ class MixtureTrainConfig(GANOptions):
 class MixtureTask(GANTask):
     """The non-saturating GAN of DCGANTask on 2-D points: --d-steps D steps, then one G step.
 
-    In doctor auto mode a network change (PacGAN packing, a larger z_dim, other widths) restarts
-    the run from the last checkpoint before the failure began, as for every GAN (GANTask.rebuild);
-    the checkpoint then holds the new networks and their config."""
+    In doctor auto mode a network change (PacGAN packing, a larger z_dim, other widths, a
+    deeper D) restarts the run from the last checkpoint before the failure began, as for every
+    GAN (GANTask.rebuild); the checkpoint then holds the new networks and their config."""
 
     kind = "mlpgan"
-    sizes = {"z_dim": "z_dim", "ngf": "ngf", "ndf": "ndf", "pack": "pack"}
+    sizes = {"z_dim": "z_dim", "ngf": "ngf", "ndf": "ndf", "pack": "pack", "d_layers": "d_layers"}
 
     def __init__(self, cfg: MixtureTrainConfig, progress: bool = True):
         super().__init__(cfg)

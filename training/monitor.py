@@ -21,10 +21,14 @@ Failure modes (each needs its condition on `patience` consecutive observations):
                      no gradient
     g_dominates      early (step <= early_fraction x total steps; in a run of phases, such as
                      ProGAN's stages, within early_fraction of the phase), s_G >= g_dom_s_G and
-                     s_D <= g_dom_s_D: D rates fakes at least as real as real images before it
-                     has learnt anything (s_D <= ½ means exactly E[D(x)] <= E[D(G(z))])
-    mode_collapse    (after collapse_after x total steps) diversity <= collapse_diversity, or duplicates >= collapse_duplicates,
-                     or (labelled data) modes covered <= collapse_modes
+                     s_D <= g_dom_s_D: D rates fakes as more real than real images before it
+                     has learnt anything (s_D < ½ means exactly E[D(x)] < E[D(G(z))]); the
+                     defaults, 0.52 and 0.48, keep a margin from ½, where both sit at the
+                     equilibrium (D(x) = ½ everywhere) or with a D that learns nothing
+    mode_collapse    (after collapse_after x total steps) diversity <= collapse_diversity, or
+                     duplicates >= collapse_duplicates, or (labelled data) modes covered <=
+                     collapse_modes; after a restart (`monitor.restarted(step)`), also only
+                     once the rebuilt networks have trained collapse_after of the steps left
 
 Interface, for any GAN loop (DCGAN, the MLP GAN, Progressive GAN, the context encoder, pix2pix):
 
@@ -47,6 +51,11 @@ count, and a failure still present is reported again, in the new phase) and "ear
 from the phase's start over its length instead of the run's; `monitor.set_real(x)` replaces the
 held-out real batch (the same images brought to the stage's resolution and fade-in), and
 `observe(..., extra={"stage": ...})` adds fields to the record that the diagnoses carry.
+
+A restart of the doctor's (networks rebuilt from the checkpoint of step `back`) calls
+`monitor.restarted(back)`: every detector re-armed, and mode collapse judged on the rebuilt
+networks only after they have trained `collapse_after` of the steps left, as a fresh run is
+(a rebuilt G starts undiverse as a new one does).
 
 Each observation also records `fd`, a cheap quality figure: the Fréchet distance between
 Gaussians fitted to the pooled features of G's samples and of the held-out real batch (lower is
@@ -77,8 +86,9 @@ FAILURES = ("d_dominates", "g_dominates", "mode_collapse")
 class Thresholds:
     d_dom_s_D: float = 0.9            # D dominates when s_D >= this ...
     d_dom_s_G: float = 0.1            # ... and s_G <= this
-    g_dom_s_G: float = 0.5            # G dominates early when s_G >= this ...
-    g_dom_s_D: float = 0.5            # ... and s_D <= this (E[D(x)] <= E[D(G(z))])
+    g_dom_s_G: float = 0.52           # G dominates early when s_G >= this ...
+    g_dom_s_D: float = 0.48           # ... and s_D <= this (E[D(x)] < E[D(G(z))] by a margin: at
+                                      # equilibrium, D(x) = ½ everywhere, both sit at ½ ± noise)
     early_fraction: float = 0.3       # "early": the first 30 % of the run's steps
     collapse_diversity: float = 0.5   # mode collapse when diversity ratio <= this, or ...
     collapse_duplicates: float = 0.5  # ... this share of samples are near-duplicates, or ...
@@ -241,9 +251,11 @@ class Diagnosis:
 
 
 def check(record: dict, th: Thresholds, total_steps: int | None,
-          phase: tuple[int, int | None] | None = None) -> dict[str, str]:
+          phase: tuple[int, int | None] | None = None, rebuilt: int | None = None) -> dict[str, str]:
     """Which failure conditions hold for one observation -> {failure: reason}. `phase`:
-    (steps done before the phase, its length in steps), when "early" is judged per phase."""
+    (steps done before the phase, its length in steps), when "early" is judged per phase;
+    `rebuilt`: the step a restart rebuilt the networks from (mode collapse judged after
+    collapse_after of the steps left from there, as after a run's start)."""
     out: dict[str, str] = {}
     s_G, s_D = record["s_G"], record["s_D"]
     if s_D >= th.d_dom_s_D and s_G <= th.d_dom_s_G:
@@ -261,6 +273,9 @@ def check(record: dict, th: Thresholds, total_steps: int | None,
                               f"{record.get('diversity', float('nan')):.2f}")
     why = []
     if total_steps is not None and record["step"] < th.collapse_after * total_steps:
+        return out
+    if (total_steps is not None and rebuilt is not None
+            and record["step"] - rebuilt < th.collapse_after * (total_steps - rebuilt)):
         return out
     if record.get("diversity") is not None and record["diversity"] <= th.collapse_diversity:
         why.append(f"diversity {record['diversity']:.3f} <= {th.collapse_diversity}")
@@ -293,6 +308,7 @@ class Monitor:
         self.diagnoses: list[Diagnosis] = []
         self.last: dict = {}
         self.phase: tuple[int, int | None] | None = None
+        self.rebuilt: int | None = None       # the step a restart rebuilt the networks from
         self._streak = {f: 0 for f in FAILURES}
         self._active = {f: False for f in FAILURES}
 
@@ -301,7 +317,7 @@ class Monitor:
         """A monitor that only diagnoses records already measured (no batch, no networks)."""
         mon = cls.__new__(cls)
         mon.th, mon.total_steps, mon.every = thresholds, total_steps, 1
-        mon.records, mon.diagnoses, mon.last, mon.phase = [], [], {}, None
+        mon.records, mon.diagnoses, mon.last, mon.phase, mon.rebuilt = [], [], {}, None, None
         mon._streak = {f: 0 for f in FAILURES}
         mon._active = {f: False for f in FAILURES}
         return mon
@@ -315,6 +331,14 @@ class Monitor:
         """A phase of training begins after `start` steps and lasts `steps` (a ProGAN stage):
         every detector re-armed, "early" judged from the phase's start over its length."""
         self.phase = (int(start), None if steps is None else int(steps))
+        for f in FAILURES:
+            self.rearm(f)
+
+    def restarted(self, step: int) -> None:
+        """The networks were rebuilt from the checkpoint of `step` (a restart): every detector
+        re-armed, mode collapse judged once the rebuilt networks have trained collapse_after of
+        the steps left."""
+        self.rebuilt = int(step)
         for f in FAILURES:
             self.rearm(f)
 
@@ -369,7 +393,7 @@ class Monitor:
         return self.diagnose(rec)
 
     def diagnose(self, rec: dict) -> list[Diagnosis]:
-        holds = check(rec, self.th, self.total_steps, self.phase)
+        holds = check(rec, self.th, self.total_steps, self.phase, self.rebuilt)
         new = []
         for f in FAILURES:
             if f in holds:

@@ -211,3 +211,17 @@ def test_a_collapsed_gs_larger_latent_is_at_least_sixteen_wide():
 
     grow = dict((name, fn) for name, fn, _ in RESTART_REMEDIES["mode_collapse"])["z_dim"]
     assert [grow(z) for z in (1, 2, 8, 16, 128)] == [MIN_RESTART_Z, MIN_RESTART_Z, 16, 32, 256]
+
+
+def test_a_dominated_d_is_restarted_at_least_sixteen_wide_and_three_deep_where_depth_is_a_setting(trainer):
+    from ganforge.training.doctor import MIN_RESTART_D_LAYERS, MIN_RESTART_NDF, RESTART_REMEDIES
+
+    grow = {name: fn for name, fn, _ in RESTART_REMEDIES["g_dominates"]}
+    assert (MIN_RESTART_NDF, MIN_RESTART_D_LAYERS) == (16, 3)
+    assert [grow["ndf"](v) for v in (1, 2, 4, 8, 16, 64)] == [16, 16, 16, 16, 32, 128]
+    assert [grow["d_layers"](v) for v in (1, 2, 3, 5)] == [3, 3, 3, 5]
+    doctor = trainer.task.watch.doctor
+    doctor.remedy(Diagnosis("g_dominates", 4, {}, "forced", 2), trainer.task, {"ndf": 2, "d_layers": 1})
+    assert doctor.take_restart()["changes"] == {"ndf": 16, "d_layers": 3}   # the MLP GAN's g-dominates D
+    doctor.remedy(Diagnosis("g_dominates", 4, {}, "forced", 2), trainer.task, {"ndf": 64})
+    assert doctor.take_restart()["changes"] == {"ndf": 128}                 # a DCGAN: only wider

@@ -13,7 +13,7 @@ import torch
 from ganforge.errors import UsageError
 from ganforge.training import options
 from ganforge.training.mixtures import MixtureTrainConfig, mixture, train_mixture
-from ganforge.training.monitor import Monitor, Thresholds, diversity, scores
+from ganforge.training.monitor import Monitor, Thresholds, check, diversity, scores
 from tests.conftest import run_cli
 
 
@@ -77,6 +77,49 @@ def test_nonsense_thresholds_are_refused_with_their_name(text, message):
     with pytest.raises(UsageError, match=None) as exc:
         Thresholds.parse(text)
     assert message in str(exc.value)
+
+
+def test_default_thresholds():
+    th = Thresholds()
+    assert (th.d_dom_s_D, th.d_dom_s_G, th.g_dom_s_G, th.g_dom_s_D) == (0.9, 0.1, 0.52, 0.48)
+    assert (th.early_fraction, th.collapse_after, th.collapse_diversity, th.collapse_duplicates,
+            th.collapse_modes, th.dup_radius, th.patience) == (0.3, 0.25, 0.5, 0.5, 0.75, 0.1, 3)
+
+
+def record(step: int, s_G: float, s_D: float, **evidence) -> dict:
+    return {"step": step, "s_G": s_G, "s_D": s_D, "diversity": 0.9, "duplicates": 0.0, **evidence}
+
+
+def test_g_dominates_is_not_named_at_the_equilibrium_but_is_at_the_presets_scores():
+    """D(x) = ½ everywhere (G matches the data, or D learns nothing) puts s_G and s_D at ½ up to
+    the held-out batch's noise: not G dominating. The G-dominates presets sit at s_G 0.55-0.67,
+    s_D 0.41-0.47 from the first observation."""
+    mon = Monitor.offline(Thresholds(), total_steps=1000)    # early: steps <= 300
+    for step, (dg, dd) in zip(range(50, 301, 50), [(3, -3), (2, -1), (3, -3), (-1, 2), (3, -3), (0, 0)]):
+        assert mon.diagnose(record(step, 0.5 + dg / 1000, 0.5 + dd / 1000)) == []
+    mon = Monitor.offline(Thresholds(), total_steps=1000)
+    found = [d.failure for step in (50, 100, 150) for d in mon.diagnose(record(step, 0.55, 0.45))]
+    assert found == ["g_dominates"]
+    assert "s_G 0.550 >= 0.52 and s_D 0.450 <= 0.48" in mon.diagnoses[0].reason
+
+
+def test_a_restart_gives_the_rebuilt_networks_the_runs_grace_before_collapse_is_judged():
+    """Collapse is judged after collapse_after (25 %) of the run; after a restart from step 450
+    of 2,000, after 25 % of the 1,550 steps left (from step 837.5): a rebuilt G still spreading
+    out over the modes right after the restart is not named collapsed again."""
+    collapsed = lambda steps: [record(s, 0.2, 0.8, modes=4, n_modes=8, modes_share=0.5) for s in steps]
+    fresh = Monitor.offline(Thresholds(), total_steps=2000).replay(collapsed((500, 550, 600)))
+    assert [(d.failure, d.step, d.onset) for d in fresh.diagnoses] == [("mode_collapse", 600, 500)]
+    mon = Monitor.offline(Thresholds(), total_steps=2000).replay(collapsed((500, 550, 600)))
+    mon.records = mon.records[:0]                                # rewound to step 450's checkpoint
+    mon.restarted(450)
+    assert mon.rebuilt == 450
+    mon.replay(collapsed(range(500, 801, 50)))
+    assert len(mon.diagnoses) == 1                               # the first collapse only
+    mon.replay(collapsed((850, 900, 950)))
+    assert [(d.failure, d.step, d.onset) for d in mon.diagnoses[1:]] == [("mode_collapse", 950, 850)]
+    assert check(collapsed([600])[0], Thresholds(), 2000, rebuilt=450) == {}
+    assert "mode_collapse" in check(collapsed([850])[0], Thresholds(), 2000, rebuilt=450)
 
 
 # -- diagnoses on real runs -------------------------------------------------------------------

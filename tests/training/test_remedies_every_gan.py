@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from ganforge.training.context_encoder import ContextEncoderTask, ContextEncoderTrainConfig, UNetConfig
+from ganforge.training.doctor import MIN_RESTART_NDF
 from ganforge.training.gan import MLPGANConfig, load_checkpoint
 from ganforge.training.loop import GANTrainer
 from ganforge.training.mixtures import MixtureTask, MixtureTrainConfig
@@ -89,16 +90,17 @@ def test_a_restart_rewinds_to_the_checkpoint_before_the_failure_with_a_wider_d(n
     ndf = task.network_sizes()["ndf"]
     task.watch.doctor.remedy(Diagnosis("g_dominates", 4, {}, "forced", onset=3), task, task.network_sizes())
     decision = eng._restart_point(task.restart_decision())
-    assert decision["from_step"] == 2 and decision["changes"] == {"ndf": 2 * ndf}   # strengthen D
+    wider = max(2 * ndf, MIN_RESTART_NDF)            # strengthen D: ndf x2, at least 16
+    assert decision["from_step"] == 2 and decision["changes"] == {"ndf": wider}
     eng.rebuild(task, decision)
-    assert eng.step == 2 and task.network_sizes()["ndf"] == 2 * ndf
+    assert eng.step == 2 and task.network_sizes()["ndf"] == wider
     assert sum(p.numel() for p in task.D.parameters()) > size
     assert task.opt_D.param_groups[0]["params"][0] is next(task.D.parameters())
     assert task.watch.doctor.restarts[0]["from_step"] == 2 and eng.rewind_steps() == [0, 2]
     tr.train_step()
     tr.train_step()
     payload = load_checkpoint(eng.save(task))
-    assert payload["config"][task.sizes["ndf"]] == 2 * ndf      # export rebuilds the wider D
+    assert payload["config"][task.sizes["ndf"]] == wider        # export rebuilds the wider D
 
 
 def _ruin(G) -> None:
