@@ -1,12 +1,14 @@
-"""The training doctor on failing DCGANs: diagnosis rates, and `--doctor auto` against `report`.
+"""The training doctor on failing GANs: diagnosis rates, and `--doctor auto` against `report`.
 
-    ganforge bench doctor --json PATH [--quick] [--seeds N] [--steps N]
+    ganforge bench doctor --json PATH [--quick] [--data shapes,ring,grid] [--seeds N]
                           [--presets healthy,d-dominates,g-dominates,mode-collapse]
-                          [--samples N] [--cache-dir DIR]
+                          [--steps N] [--samples N] [--cache-dir DIR] [--mixture-steps N]
 
-Each preset of training/presets/dcgan (the three that fail on purpose, and healthy) is trained
-on procedural shapes at 16 px, for every seed, twice with the same budget of steps: `--doctor
-report` (diagnoses only) and `--doctor auto` (remedies, restarts, the best weights kept).
+Each failure preset (the three that fail on purpose, and healthy) is trained on each `--data`,
+for every seed, twice with the same budget of steps: `--doctor report` (diagnoses only) and
+`--doctor auto` (remedies, restarts, the best weights kept where the trainer keeps them).
+
+shapes: the DCGAN presets of training/presets/dcgan on procedural shapes at 16 px.
 Measured per run:
 
     diagnoses       each failure named, the step it was named and the step its streak began
@@ -27,6 +29,21 @@ rank a collapsed or grey G below a healthy one (docs/doctor.md); the pooled one 
 Writes the JSON (per seed figures, settings, criteria), each run's samples as
 `<json stem>_samples/<preset>_<mode>_seed<k>.npy` (uint8 NHWC) and the real images they are
 compared with (`real.npy`), and the run directories under `<json stem>_runs/`.
+
+ring, grid: the MLP GAN presets of training/presets/mlpgan on the 2-D mixtures (ring of 8
+Gaussians, grid of 25), trained by `train_mixture`, the trainer of `ganforge train mlpgan --data
+ring|grid --preset NAME`, with its defaults (batch 256, width 128 unless the preset says
+otherwise) and the default thresholds; observations and checkpoints every 50 steps. Measured per
+run: diagnoses, remedies and cleared as above, and the outcome as `ganforge bench modes` measures
+it (the VEEGAN / PacGAN protocol): 2,500 points of the final G (eval mode, latents seeded by
+seed + 1); a point is high quality within 3 std of its nearest mode; `modes` = modes that are the
+nearest mode of a high-quality point, `hq` = the high-quality share. "Auto better" on a seed:
+auto covers more modes than report, or as many modes with a higher high-quality share.
+Criteria per (mixture, preset) as for shapes, plus: the failure treated and cleared in >= 4 of 5
+auto runs of each failure preset. Writes each run's 2,500 points as
+`<json stem>_samples/<mixture>_<preset>_<mode>_seed<k>.npy` (float32 (2500, 2)), the run
+directories under `<json stem>_runs/`, and a scatter of seed 0 per mixture,
+`<json stem>_<mixture>.png`.
 """
 
 from __future__ import annotations
@@ -43,6 +60,9 @@ from ganforge.errors import UsageError
 PRESETS = {"healthy": None, "d-dominates": "d_dominates", "g-dominates": "g_dominates",
            "mode-collapse": "mode_collapse"}
 MODES = ("report", "auto")
+SHAPES = "shapes"
+MIXTURES = ("ring", "grid")            # training/mixtures.py
+DATA = (SHAPES, *MIXTURES)
 RESOLUTION = 16
 # On 16 px shapes a healthy DCGAN's samples stay alike in the pooled space for hundreds of steps
 # (diversity 0.14-0.6); collapsed ones sit at 0.03-0.07 with near-duplicates: the diversity
@@ -50,35 +70,51 @@ RESOLUTION = 16
 THRESHOLDS = "collapse_diversity=0.1"
 RUN = {"batch_size": 32, "n_images": 2048, "doctor_every": 10, "checkpoint_every": 10, "log_every": 10,
        "sample_every": 100_000, "threads": 1}
+# the 2-D mixtures: the trainer's defaults and thresholds; restarts close to each streak's onset
+MIX_RUN = {"doctor_every": 50, "checkpoint_every": 50, "log_every": 50, "threads": 1}
+MIX_SAMPLES = 2500                     # the VEEGAN / PacGAN protocol (MixtureTask.finish)
 
 
 def _defaults(quick: bool) -> dict:
     return {"steps": 150, "seeds": 3, "samples": 256} if quick else {"steps": 400, "seeds": 5, "samples": 512}
 
 
+def _mixture_steps(quick: bool) -> int:
+    return 500 if quick else 2000
+
+
 def run(argv: list[str]) -> int:
     import torch
 
     from ganforge.cli import Parser
-    from ganforge.training import data as tdata
-    from ganforge.training import metrics
 
     p = Parser(prog="ganforge bench doctor", description=__doc__.splitlines()[0])
     p.add_argument("--json", required=True, help="where to write the results")
-    p.add_argument("--quick", action="store_true", help="150 steps, 3 seeds, 256 samples (a few minutes)")
+    p.add_argument("--quick", action="store_true",
+                   help="3 seeds; shapes: 150 steps, 256 samples; mixtures: 500 steps (a few minutes)")
+    p.add_argument("--data", default=",".join(DATA), help=f"any of {', '.join(DATA)}")
     p.add_argument("--seeds", type=int, default=None, help="seeds per preset and mode (default 5; quick 3)")
-    p.add_argument("--steps", type=int, default=None, help="steps per run (default 400; quick 150)")
+    p.add_argument("--steps", type=int, default=None, help="shapes: steps per run (default 400; quick 150)")
     p.add_argument("--presets", default=",".join(PRESETS), help=f"any of {', '.join(PRESETS)}")
-    p.add_argument("--samples", type=int, default=None, help="images per FD (default 512; quick 256)")
-    p.add_argument("--cache-dir", help="where the shapes classifier is cached")
+    p.add_argument("--samples", type=int, default=None, help="shapes: images per FD (default 512; quick 256)")
+    p.add_argument("--cache-dir", help="shapes: where the shapes classifier is cached")
+    p.add_argument("--mixture-steps", type=int, default=None,
+                   help="ring, grid: G steps per run (default 2000; quick 500)")
     a = p.parse_args(argv)
+    data = list(dict.fromkeys(x for x in a.data.split(",") if x))
+    if not data:
+        raise UsageError(f"--data: {a.data!r} names no data set; allowed: {', '.join(DATA)}")
+    for name in data:
+        if name not in DATA:
+            raise UsageError(f"--data: {name!r} is not one of {', '.join(DATA)}")
     presets = list(dict.fromkeys(x for x in a.presets.split(",") if x))
     if not presets:
         raise UsageError(f"--presets: {a.presets!r} names no preset; allowed: {', '.join(PRESETS)}")
     for name in presets:
         if name not in PRESETS:
             raise UsageError(f"--presets: {name!r} is not one of {', '.join(PRESETS)}")
-    for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--samples", a.samples)):
+    for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--samples", a.samples),
+                        ("--mixture-steps", a.mixture_steps)):
         if value is not None and value < 2:
             raise UsageError(f"{flag}: {value} is not allowed; must be >= 2")
     d = _defaults(a.quick)
@@ -91,7 +127,42 @@ def run(argv: list[str]) -> int:
     sample_dir.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(1)
     t0 = time.perf_counter()
-    classifier, accuracy = metrics.load_classifier(a.cache_dir)
+    results: dict = {"settings": {"data": data, "quick": a.quick, "seeds": settings["seeds"]}}
+    criteria: dict = {}
+    if SHAPES in data:
+        shapes = _shapes(presets, settings, a.cache_dir, out, sample_dir)
+        results["settings"].update(shapes["settings"])
+        results["presets"] = shapes["presets"]
+        criteria.update(_criteria(results["presets"], settings["seeds"]))
+    mixtures = [m for m in data if m in MIXTURES]
+    if mixtures:
+        mix = {"quick": a.quick, "steps": a.mixture_steps or _mixture_steps(a.quick),
+               "seeds": settings["seeds"], "samples": MIX_SAMPLES, "thresholds": "defaults", **MIX_RUN}
+        results["mixture_settings"] = mix
+        results["mixtures"] = {}
+        for m in mixtures:
+            results["mixtures"][m] = _mixture(m, presets, mix, out, sample_dir)
+            criteria.update(_mix_criteria(m, results["mixtures"][m]["presets"], mix["seeds"]))
+    results["criteria"] = criteria
+    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    if SHAPES in data:
+        _print(results)
+    if mixtures:
+        _print_mixtures(results)
+    print()
+    for goal, ok in criteria.items():
+        print(f"{'met' if ok else 'NOT met':<8} {goal}")
+    print(f"\nwall time {results['wall_seconds']:.0f} s. Results {out}, samples {sample_dir}/")
+    return 0
+
+
+def _shapes(presets: list[str], settings: dict, cache_dir: str | None, out: Path, sample_dir: Path) -> dict:
+    """The DCGAN presets on 16 px shapes: {"settings": ..., "presets": {...}} of the results."""
+    from ganforge.training import data as tdata
+    from ganforge.training import metrics
+
+    classifier, accuracy = metrics.load_classifier(cache_dir)
     real = tdata.gan_images("shapes", settings["samples"], RESOLUTION, 99_991).images
     np.save(sample_dir / "real.npy", real)
     real_features = (metrics.features(classifier, real), _pooled(real))
@@ -100,24 +171,18 @@ def run(argv: list[str]) -> int:
         runs = {m: [_one(name, m, seed, settings, classifier, real_features, out, sample_dir)
                     for seed in range(settings["seeds"])] for m in MODES}
         results["presets"][name] = {"failure": PRESETS[name], "runs": runs, "summary": _summary(name, runs)}
-    results["criteria"] = _criteria(results["presets"], settings["seeds"])
-    results["wall_seconds"] = round(time.perf_counter() - t0, 1)
-    out.write_text(json.dumps(results, indent=2) + "\n")
-    _print(results)
-    print(f"\nwall time {results['wall_seconds']:.0f} s. Results {out}, samples {sample_dir}/")
-    return 0
+    return results
 
 
 def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_features, out: Path,
          sample_dir: Path) -> dict:
     """Train one run, sample its final G, measure the FD; the run's figures."""
     import torch
-
     from ganforge.training import metrics, options
     from ganforge.training.gan import build_dcgan, load_checkpoint
-    from ganforge.training.loop import TrainConfig, train_dcgan
     from ganforge.training.gan_task import to_uint8
-    from ganforge.training.monitor import Thresholds, check
+    from ganforge.training.loop import TrainConfig, train_dcgan
+    from ganforge.training.monitor import Thresholds
 
     cfg = options.config_from(TrainConfig, "dcgan", preset, overrides={
         **RUN, "steps": settings["steps"], "seed": seed, "doctor": mode,
@@ -138,7 +203,22 @@ def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_fea
     doc = json.loads((where / "doctor.json").read_text())
     rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines() if line.strip()]
     scored = [r for r in rows if "s_G" in r]
-    th = Thresholds.parse(THRESHOLDS)
+    row = {"seed": seed, "fd": round(fd, 3), "pooled_fd": round(pooled_fd, 3),
+           "doctor_fd": scored[-1].get("fd") if scored else None,
+           **_doctor_record(doc, rows, mode, Thresholds.parse(THRESHOLDS), settings["steps"]),
+           "kept_step": s.get("kept_step"),
+           "network": payload["config"], "seconds": s["seconds"], "samples": str(path), "run": str(where)}
+    named = ",".join(sorted({x["failure"] for x in row["diagnoses"]})) or "-"
+    print(f"{preset:<14} {mode:<6} seed {seed}: fd {fd:9.1f} pooled {pooled_fd:6.2f}  diagnoses {named:<26} "
+          f"restarts {len(row['restarts'])}  kept step {row['kept_step']}  {s['seconds']:.0f} s", flush=True)
+    return row
+
+
+def _doctor_record(doc: dict, rows: list[dict], mode: str, th, steps: int) -> dict:
+    """A run's diagnoses, remedies, restarts, optimizer steps and (auto) whether each treated
+    failure cleared, from its doctor.json (`doc`) and metrics.jsonl rows."""
+    from ganforge.training.monitor import check
+
     cleared = {}
     for i in doc["interventions"]:
         f = i["failure"]
@@ -151,22 +231,16 @@ def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_fea
             if restart else [r for r in rows if r["step"] > after]
         tail_scored = [r for r in tail if "s_G" in r]
         again = any(f in r.get("diagnoses", []) for r in tail)
-        holds = bool(tail_scored) and f in check(tail_scored[-1], th, settings["steps"])
+        holds = bool(tail_scored) and f in check(tail_scored[-1], th, steps)
         cleared[f] = not again and not holds
-    row = {"seed": seed, "fd": round(fd, 3), "pooled_fd": round(pooled_fd, 3),
-           "doctor_fd": scored[-1].get("fd") if scored else None,
-           "diagnoses": [{"failure": x["failure"], "step": x["step"], "onset": x.get("onset")}
-                         for x in doc["diagnoses"]],
-           "interventions": [{k: i[k] for k in ("step", "failure", "action", "knob", "old", "new")}
-                             for i in doc["interventions"]],
-           "restarts": [{k: r[k] for k in ("failure", "step", "onset", "from_step", "changes")} for r in doc["restarts"]],
-           "kept_step": s.get("kept_step"), "cleared": cleared,
-           "optimizer_steps": settings["steps"] + sum(r["step"] - r["from_step"] for r in doc["restarts"]),
-           "network": payload["config"], "seconds": s["seconds"], "samples": str(path), "run": str(where)}
-    named = ",".join(sorted({x["failure"] for x in row["diagnoses"]})) or "-"
-    print(f"{preset:<14} {mode:<6} seed {seed}: fd {fd:9.1f} pooled {pooled_fd:6.2f}  diagnoses {named:<26} "
-          f"restarts {len(row['restarts'])}  kept step {row['kept_step']}  {s['seconds']:.0f} s", flush=True)
-    return row
+    return {"diagnoses": [{"failure": x["failure"], "step": x["step"], "onset": x.get("onset")}
+                          for x in doc["diagnoses"]],
+            "interventions": [{k: i[k] for k in ("step", "failure", "action", "knob", "old", "new")}
+                              for i in doc["interventions"]],
+            "restarts": [{k: r[k] for k in ("failure", "step", "onset", "from_step", "changes")}
+                         for r in doc["restarts"]],
+            "cleared": cleared,
+            "optimizer_steps": steps + sum(r["step"] - r["from_step"] for r in doc["restarts"])}
 
 
 def _pooled(images: np.ndarray) -> np.ndarray:
@@ -219,6 +293,106 @@ def _print(results: dict) -> None:
         print(f"{name:<14} {named:>9} {ms(s['fd_report']):>19} {ms(s['fd_auto']):>19} {s['auto_better']:>5}/{n} "
               f"{ms(s['pooled_fd_report']):>15} {ms(s['pooled_fd_auto']):>15} {s['auto_better_pooled']:>5}/{n} "
               f"{cleared:>8}")
-    print()
-    for goal, ok in results["criteria"].items():
-        print(f"{'met' if ok else 'NOT met':<8} {goal}")
+
+
+
+# ---------------------------------------------------------------------------------------------
+# The 2-D mixtures: the MLP GAN presets, outcome = modes covered and high-quality share
+
+def _mixture(m: str, presets: list[str], settings: dict, out: Path, sample_dir: Path) -> dict:
+    """Every preset, mode and seed of the MLP GAN on mixture `m`; a scatter of seed 0."""
+    from ganforge.training.mixtures import mixture, scatter
+
+    mix = mixture(m)
+    got: dict = {"n_modes": mix.n_modes, "presets": {}}
+    panels = {}
+    for name in presets:
+        runs = {mode: [_one_mixture(m, name, mode, seed, settings, out, sample_dir)
+                       for seed in range(settings["seeds"])] for mode in MODES}
+        got["presets"][name] = {"failure": PRESETS[name], "runs": runs, "summary": _mix_summary(name, runs)}
+        for mode in MODES:
+            r = runs[mode][0]
+            panels[f"{name} {mode} seed 0: {r['modes']} modes, {100 * r['hq']:.0f} % hq"] = np.load(r["samples"])
+    scatter(panels, mix, out.parent / f"{out.stem}_{m}.png", cols=2)
+    return got
+
+
+def _one_mixture(m: str, preset: str, mode: str, seed: int, settings: dict, out: Path,
+                 sample_dir: Path) -> dict:
+    """Train one MLP GAN run as `ganforge train mlpgan --data m --preset preset` does; its
+    figures, its 2,500 points saved next to the JSON."""
+    from ganforge.training import options
+    from ganforge.training.mixtures import MixtureTrainConfig, train_mixture
+    from ganforge.training.monitor import Thresholds
+
+    cfg = options.config_from(MixtureTrainConfig, "mlpgan", preset, overrides={
+        **MIX_RUN, "data": m, "steps": settings["steps"], "seed": seed, "doctor": mode})
+    where = out.parent / f"{out.stem}_runs" / f"{m}_{preset}_{mode}_seed{seed}"
+    s = train_mixture(cfg, where, progress=False)
+    points = np.load(s["points"])                     # (2500, 2): G's points, latents seeded by seed + 1
+    path = sample_dir / f"{m}_{preset}_{mode}_seed{seed}.npy"
+    np.save(path, points)
+    doc = json.loads((where / "doctor.json").read_text())
+    rows = [json.loads(line) for line in (where / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    scored = [r for r in rows if "s_G" in r]
+    row = {"seed": seed, "modes": s["modes"], "hq": round(s["hq"], 4), "n_modes": s["n_modes"],
+           "doctor_modes": scored[-1].get("modes") if scored else None,
+           **_doctor_record(doc, rows, mode, Thresholds(), settings["steps"]),
+           "network": s["network"], "seconds": s["seconds"], "samples": str(path), "run": str(where)}
+    named = ",".join(sorted({x["failure"] for x in row["diagnoses"]})) or "-"
+    print(f"{m:<5} {preset:<14} {mode:<6} seed {seed}: modes {row['modes']:>2}/{row['n_modes']}  "
+          f"hq {100 * row['hq']:5.1f} %  diagnoses {named:<26} restarts {len(row['restarts'])}  "
+          f"{s['seconds']:.0f} s", flush=True)
+    return row
+
+
+def _mix_better(report: dict, auto: dict) -> bool:
+    """Auto ends better: more modes covered, or as many with a higher high-quality share."""
+    return auto["modes"] > report["modes"] or (auto["modes"] == report["modes"] and auto["hq"] > report["hq"])
+
+
+def _mix_summary(preset: str, runs: dict) -> dict:
+    failure = PRESETS[preset]
+    named = lambda r: {x["failure"] for x in r["diagnoses"]}
+    rep, auto = runs["report"], runs["auto"]
+    out = {"modes_report": [r["modes"] for r in rep], "modes_auto": [r["modes"] for r in auto],
+           "hq_report": [r["hq"] for r in rep], "hq_auto": [r["hq"] for r in auto],
+           "auto_better": sum(_mix_better(a, b) for a, b in zip(rep, auto)),
+           "report_any_diagnosis": sum(bool(named(r)) for r in rep)}
+    if failure:
+        out["report_named"] = sum(failure in named(r) for r in rep)
+        treated = [r["cleared"][failure] for r in auto if failure in r["cleared"]]
+        out["auto_treated"], out["auto_cleared"] = len(treated), sum(treated)
+    return out
+
+
+def _mix_criteria(m: str, presets: dict, seeds: int) -> dict:
+    """The goals on mixture `m`, scaled to the seeds run (4 of 5, 1 of 5)."""
+    need, allow = -(-4 * seeds // 5), seeds // 5
+    out = {}
+    for name, p in presets.items():
+        s = p["summary"]
+        if p["failure"]:
+            out[f"{m} {name}: named in report runs >= {need}/{seeds}"] = s["report_named"] >= need
+            out[f"{m} {name}: auto better (modes, then high quality) >= {need}/{seeds}"] = s["auto_better"] >= need
+            out[f"{m} {name}: treated and cleared in auto runs >= {need}/{seeds}"] = s["auto_cleared"] >= need
+        else:
+            out[f"{m} {name}: diagnosed in report runs <= {allow}/{seeds}"] = s["report_any_diagnosis"] <= allow
+    return out
+
+
+def _print_mixtures(results: dict) -> None:
+    st = results["mixture_settings"]
+    n = st["seeds"]
+    print(f"\n{'data':<5} {'preset':<14} {'named':>9} {'modes report':>14} {'modes auto':>14} "
+          f"{'hq % report':>13} {'hq % auto':>13} {'better':>7} {'cleared':>8}")
+    for m, got in results["mixtures"].items():
+        for name, p in got["presets"].items():
+            s = p["summary"]
+            named = f"{s['report_named']}/{n}" if p["failure"] else f"{s['report_any_diagnosis']}/{n} any"
+            cleared = f"{s['auto_cleared']}/{s['auto_treated']}" if p["failure"] else "-"
+            ms = lambda v, k=1: f"{k * np.mean(v):.1f} ± {k * np.std(v):.1f}"
+            print(f"{m:<5} {name:<14} {named:>9} {ms(s['modes_report']):>14} {ms(s['modes_auto']):>14} "
+                  f"{ms(s['hq_report'], 100):>13} {ms(s['hq_auto'], 100):>13} {s['auto_better']:>5}/{n} "
+                  f"{cleared:>8}")
+    print(f"{st['steps']} steps per run, {n} seeds, {st['samples']:,} points per run; ring 8 modes, grid 25")
