@@ -250,35 +250,47 @@ def _pooled(images: np.ndarray) -> np.ndarray:
     return features(to_tensor(images))
 
 
-def _summary(preset: str, runs: dict) -> dict:
+def _diagnoses(preset: str, runs: dict) -> dict:
+    """What the doctor named, on any data: report runs with any diagnosis, report runs naming the
+    preset's failure, auto runs that treated it and those where it cleared."""
     failure = PRESETS[preset]
     named = lambda r: {x["failure"] for x in r["diagnoses"]}
-    rep, auto = runs["report"], runs["auto"]
-    out = {"fd_report": [r["fd"] for r in rep], "fd_auto": [r["fd"] for r in auto],
-           "pooled_fd_report": [r["pooled_fd"] for r in rep], "pooled_fd_auto": [r["pooled_fd"] for r in auto],
-           "auto_better": sum(b["fd"] < a["fd"] for a, b in zip(rep, auto)),
-           "auto_better_pooled": sum(b["pooled_fd"] < a["pooled_fd"] for a, b in zip(rep, auto)),
-           "report_any_diagnosis": sum(bool(named(r)) for r in rep)}
+    out = {"report_any_diagnosis": sum(bool(named(r)) for r in runs["report"])}
     if failure:
-        out["report_named"] = sum(failure in named(r) for r in rep)
-        treated = [r["cleared"][failure] for r in auto if failure in r["cleared"]]
+        out["report_named"] = sum(failure in named(r) for r in runs["report"])
+        treated = [r["cleared"][failure] for r in runs["auto"] if failure in r["cleared"]]
         out["auto_treated"], out["auto_cleared"] = len(treated), sum(treated)
     return out
 
 
-def _criteria(presets: dict, seeds: int) -> dict:
-    """The goals, scaled to the seeds run (4 of 5, 1 of 5)."""
+def _summary(preset: str, runs: dict) -> dict:
+    rep, auto = runs["report"], runs["auto"]
+    return {"fd_report": [r["fd"] for r in rep], "fd_auto": [r["fd"] for r in auto],
+            "pooled_fd_report": [r["pooled_fd"] for r in rep], "pooled_fd_auto": [r["pooled_fd"] for r in auto],
+            "auto_better": sum(b["fd"] < a["fd"] for a, b in zip(rep, auto)),
+            "auto_better_pooled": sum(b["pooled_fd"] < a["pooled_fd"] for a, b in zip(rep, auto)),
+            **_diagnoses(preset, runs)}
+
+
+def _goals(presets: dict, seeds: int, outcomes: dict[str, str], prefix: str = "") -> dict:
+    """The goals, scaled to the seeds run (4 of 5, 1 of 5): each failure preset named in report
+    runs and each `outcomes` count (label: summary key) reached; healthy runs left undiagnosed."""
     need, allow = -(-4 * seeds // 5), seeds // 5
     out = {}
     for name, p in presets.items():
         s = p["summary"]
         if p["failure"]:
-            out[f"{name}: named in report runs >= {need}/{seeds}"] = s["report_named"] >= need
-            out[f"{name}: auto better classifier fd >= {need}/{seeds}"] = s["auto_better"] >= need
-            out[f"{name}: auto better pooled fd >= {need}/{seeds}"] = s["auto_better_pooled"] >= need
+            out[f"{prefix}{name}: named in report runs >= {need}/{seeds}"] = s["report_named"] >= need
+            for label, key in outcomes.items():
+                out[f"{prefix}{name}: {label} >= {need}/{seeds}"] = s[key] >= need
         else:
-            out[f"{name}: diagnosed in report runs <= {allow}/{seeds}"] = s["report_any_diagnosis"] <= allow
+            out[f"{prefix}{name}: diagnosed in report runs <= {allow}/{seeds}"] = s["report_any_diagnosis"] <= allow
     return out
+
+
+def _criteria(presets: dict, seeds: int) -> dict:
+    return _goals(presets, seeds, {"auto better classifier fd": "auto_better",
+                                   "auto better pooled fd": "auto_better_pooled"})
 
 
 def _print(results: dict) -> None:
@@ -352,33 +364,17 @@ def _mix_better(report: dict, auto: dict) -> bool:
 
 
 def _mix_summary(preset: str, runs: dict) -> dict:
-    failure = PRESETS[preset]
-    named = lambda r: {x["failure"] for x in r["diagnoses"]}
     rep, auto = runs["report"], runs["auto"]
-    out = {"modes_report": [r["modes"] for r in rep], "modes_auto": [r["modes"] for r in auto],
-           "hq_report": [r["hq"] for r in rep], "hq_auto": [r["hq"] for r in auto],
-           "auto_better": sum(_mix_better(a, b) for a, b in zip(rep, auto)),
-           "report_any_diagnosis": sum(bool(named(r)) for r in rep)}
-    if failure:
-        out["report_named"] = sum(failure in named(r) for r in rep)
-        treated = [r["cleared"][failure] for r in auto if failure in r["cleared"]]
-        out["auto_treated"], out["auto_cleared"] = len(treated), sum(treated)
-    return out
+    return {"modes_report": [r["modes"] for r in rep], "modes_auto": [r["modes"] for r in auto],
+            "hq_report": [r["hq"] for r in rep], "hq_auto": [r["hq"] for r in auto],
+            "auto_better": sum(_mix_better(a, b) for a, b in zip(rep, auto)),
+            **_diagnoses(preset, runs)}
 
 
 def _mix_criteria(m: str, presets: dict, seeds: int) -> dict:
-    """The goals on mixture `m`, scaled to the seeds run (4 of 5, 1 of 5)."""
-    need, allow = -(-4 * seeds // 5), seeds // 5
-    out = {}
-    for name, p in presets.items():
-        s = p["summary"]
-        if p["failure"]:
-            out[f"{m} {name}: named in report runs >= {need}/{seeds}"] = s["report_named"] >= need
-            out[f"{m} {name}: auto better (modes, then high quality) >= {need}/{seeds}"] = s["auto_better"] >= need
-            out[f"{m} {name}: treated and cleared in auto runs >= {need}/{seeds}"] = s["auto_cleared"] >= need
-        else:
-            out[f"{m} {name}: diagnosed in report runs <= {allow}/{seeds}"] = s["report_any_diagnosis"] <= allow
-    return out
+    """The goals on mixture `m`."""
+    return _goals(presets, seeds, {"auto better (modes, then high quality)": "auto_better",
+                                   "treated and cleared in auto runs": "auto_cleared"}, prefix=f"{m} ")
 
 
 def _print_mixtures(results: dict) -> None:
