@@ -75,6 +75,17 @@ MIX_RUN = {"doctor_every": 50, "checkpoint_every": 50, "log_every": 50, "threads
 MIX_SAMPLES = 2500                     # the VEEGAN / PacGAN protocol (MixtureTask.finish)
 
 
+def _names(flag: str, text: str, allowed, what: str) -> list[str]:
+    """A comma-separated list of names, each one of `allowed`, in order, without repeats."""
+    names = list(dict.fromkeys(x for x in text.split(",") if x))
+    if not names:
+        raise UsageError(f"{flag}: {text!r} names no {what}; allowed: {', '.join(allowed)}")
+    for name in names:
+        if name not in allowed:
+            raise UsageError(f"{flag}: {name!r} is not one of {', '.join(allowed)}")
+    return names
+
+
 def _defaults(quick: bool) -> dict:
     return {"steps": 150, "seeds": 3, "samples": 256} if quick else {"steps": 400, "seeds": 5, "samples": 512}
 
@@ -101,18 +112,8 @@ def run(argv: list[str]) -> int:
     p.add_argument("--mixture-steps", type=int, default=None,
                    help="ring, grid: G steps per run (default 2000; quick 500)")
     a = p.parse_args(argv)
-    data = list(dict.fromkeys(x for x in a.data.split(",") if x))
-    if not data:
-        raise UsageError(f"--data: {a.data!r} names no data set; allowed: {', '.join(DATA)}")
-    for name in data:
-        if name not in DATA:
-            raise UsageError(f"--data: {name!r} is not one of {', '.join(DATA)}")
-    presets = list(dict.fromkeys(x for x in a.presets.split(",") if x))
-    if not presets:
-        raise UsageError(f"--presets: {a.presets!r} names no preset; allowed: {', '.join(PRESETS)}")
-    for name in presets:
-        if name not in PRESETS:
-            raise UsageError(f"--presets: {name!r} is not one of {', '.join(PRESETS)}")
+    data = _names("--data", a.data, DATA, "data set")
+    presets = _names("--presets", a.presets, PRESETS, "preset")
     for flag, value in (("--seeds", a.seeds), ("--steps", a.steps), ("--samples", a.samples),
                         ("--mixture-steps", a.mixture_steps)):
         if value is not None and value < 2:
