@@ -39,16 +39,22 @@ def train_parser(model: str) -> Parser:
     return p
 
 
+def train_config(model: str, argv: list[str]):
+    """`ganforge train MODEL ARGV` parsed: (the model's config, the run's own options)."""
+    from ganforge.training import models, options
+
+    spec = models.get(model)
+    ns = vars(train_parser(model).parse_args(argv))
+    run = {k: ns.pop(k) for k in ("out", "preset", "config", "resume", "nproc", "quiet")}
+    return options.config_from(spec.config, model, run["preset"], run["config"],
+                               options.typed_values(spec.config, ns)), run
+
+
 def cmd_train(args) -> int:
     from ganforge.training import models
 
-    from ganforge.training import options
-
     spec = models.get(args.model)
-    ns = vars(train_parser(args.model).parse_args(args.args))
-    run = {k: ns.pop(k) for k in ("out", "preset", "config", "resume", "nproc", "quiet")}
-    cfg = options.config_from(spec.config, args.model, run["preset"], run["config"],
-                              options.typed_values(spec.config, ns))
+    cfg, run = train_config(args.model, args.args)
     if run["nproc"] and "RANK" not in os.environ:
         return _torchrun(run["nproc"], ["train", args.model, *_without_nproc(args.args)])
     _writable_dir(run["out"])

@@ -31,16 +31,13 @@ def exports() -> dict[str, str]:
 
 
 def config(argv: list[str], monkeypatch):
-    from ganforge.cli_train import train_parser
-    from ganforge.training import models, options
+    from ganforge.cli_train import train_config
+    from ganforge.training import models
 
     assert argv[0] == "train", argv
-    spec = models.get(argv[1])
     # the values only: a check would open the `--init` runs, which only `make models` writes
-    monkeypatch.setattr(spec.config, "check", lambda self: None)
-    ns = vars(train_parser(argv[1]).parse_args(argv[2:]))
-    run = {k: ns.pop(k) for k in ("out", "preset", "config", "resume", "nproc", "quiet")}
-    cfg = options.config_from(spec.config, argv[1], run["preset"], run["config"], options.typed_values(spec.config, ns))
+    monkeypatch.setattr(models.get(argv[1]).config, "check", lambda self: None)
+    cfg, _ = train_config(argv[1], argv[2:])
     return {k: v for k, v in dataclasses.asdict(cfg).items() if k not in PLACEMENT}
 
 
