@@ -223,15 +223,10 @@ class GANDoctor:
         dropped (metrics.jsonl keeps them), every detector re-armed (`Monitor.restarted`), the
         best weights forgotten (their networks had other shapes)."""
         back = decision["from_step"]
-        self._rewind(back)
+        self.monitor.rewind(back)
         self.timeline.append({"rewound_to": back})
         self.best.reset()
         self.doctor.restarted(decision, back)
-
-    def _rewind(self, back: int) -> None:
-        self.monitor.records = [r for r in self.monitor.records if r["step"] <= back]
-        self.monitor.last = self.monitor.records[-1] if self.monitor.records else {}
-        self.monitor.restarted(back)
 
     def state(self) -> dict:
         return {"records": self.monitor.records, "timeline": self.timeline,
@@ -243,11 +238,7 @@ class GANDoctor:
         (ProGAN): the records are diagnosed again stage by stage."""
         if state:
             self.timeline = list(state.get("timeline", state.get("records", [])))
-            for entry in self.timeline:
-                if "rewound_to" in entry:
-                    self._rewind(entry["rewound_to"])
-                else:
-                    self.monitor.replay([entry], stages)
+            self.monitor.replay(self.timeline, stages)
             self.doctor.interventions = [Intervention(**i) for i in state.get("interventions", [])]
             self.doctor.restarts = list(state.get("restarts", []))
             self.best.load(state.get("best", {}))

@@ -342,6 +342,13 @@ class Monitor:
         for f in FAILURES:
             self.rearm(f)
 
+    def rewind(self, back: int) -> None:
+        """A restart went back to the checkpoint of step `back`: the records of the abandoned
+        steps dropped (the diagnoses made on them stay), then `restarted(back)`."""
+        self.records = [r for r in self.records if r["step"] <= back]
+        self.last = self.records[-1] if self.records else {}
+        self.restarted(back)
+
     def due(self, step: int) -> bool:
         return step % self.every == 0 or step == self.total_steps
 
@@ -409,10 +416,15 @@ class Monitor:
         self.diagnoses += new
         return new
 
-    def replay(self, records: list[dict], stages: list[dict] | None = None) -> "Monitor":
+    def replay(self, timeline: list[dict], stages: list[dict] | None = None) -> "Monitor":
         """Take in observations measured earlier (a resumed run's), as if observed now: the same
-        diagnoses and detector state, stage by stage when `stages` is given. Returns self."""
-        for r in records:
+        diagnoses and detector state, stage by stage when `stages` is given. `timeline`: the
+        records in the order observed, with `{"rewound_to": step}` where a restart rewound the
+        run (`rewind`). Returns self."""
+        for r in timeline:
+            if "rewound_to" in r:
+                self.rewind(r["rewound_to"])
+                continue
             follow_stages(self, stages, r["step"])
             self.records.append(r)
             self.last = r
@@ -464,8 +476,9 @@ def follow_stages(monitor: "Monitor", stages: list[dict] | None, step: int) -> d
     return span
 
 
-def rediagnose(records: list[dict], th: Thresholds, total_steps: int | None,
+def rediagnose(timeline: list[dict], th: Thresholds, total_steps: int | None,
                stages: list[dict] | None = None) -> "Monitor":
-    """Diagnose recorded observations again, stage by stage when `stages` is given: the same
-    diagnoses (and detector state) the live monitor reached on the same records."""
-    return Monitor.offline(th, total_steps).replay(records, stages)
+    """Diagnose recorded observations again (a timeline as `Monitor.replay` takes, restarts
+    included), stage by stage when `stages` is given: the same diagnoses (and detector state)
+    the live monitor reached on the same records."""
+    return Monitor.offline(th, total_steps).replay(timeline, stages)

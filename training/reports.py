@@ -181,7 +181,7 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise UsageError(f"doctor: {run} has no metrics.jsonl; is it a ganforge training run?")
-    records = []
+    records, timeline = [], []   # timeline: the scores as observed, and each restart's rewind
     for n, line in enumerate(metrics.read_text().splitlines(), 1):
         try:
             row = json.loads(line)
@@ -189,8 +189,10 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
             raise UsageError(f"doctor: {metrics} line {n} is not JSON") from None
         if isinstance(row, dict) and "s_G" in row and "s_D" in row:
             records.append({k: v for k, v in row.items() if k not in ("diagnoses", "rewound_to")})
+            timeline.append(records[-1])
         if isinstance(row, dict) and "rewound_to" in row:   # a restart: the abandoned steps go
             records = [r for r in records if r["step"] <= row["rewound_to"]]
+            timeline.append({"rewound_to": row["rewound_to"]})
     if not records:
         raise UsageError(f"doctor: {metrics} holds no s_G / s_D scores (trained with --doctor off?)")
     saved = json.loads((run / "doctor.json").read_text()) if (run / "doctor.json").is_file() else {}
@@ -204,6 +206,6 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
     stages = saved.get("stages")
     if diagnoses is None:  # re-diagnose from the recorded scores (stage by stage for ProGAN)
         total = stages[-1]["end"] if stages else records[-1]["step"]
-        diagnoses = [d.to_json() for d in rediagnose(records, th, total, stages).diagnoses]
+        diagnoses = [d.to_json() for d in rediagnose(timeline, th, total, stages).diagnoses]
     return render_report(title, records, diagnoses, saved.get("interventions", []), mode, stages,
                          saved.get("restarts", []), saved.get("kept"))

@@ -13,8 +13,9 @@ from torch import nn
 from ganforge.training import options
 from ganforge.training.gan import DCGANConfig, Discriminator, LeakyDropout, build_dcgan, load_checkpoint
 from ganforge.training.loop import GANTrainer, TrainConfig, train_dcgan
-from ganforge.training.monitor import Diagnosis
+from ganforge.training.monitor import Diagnosis, Thresholds
 from ganforge.training.remedies import BestWeights, transplant
+from ganforge.training.reports import report_for_run
 
 SHORT = {"steps": 60, "batch_size": 16, "n_images": 256, "doctor_every": 5, "checkpoint_every": 5,
          "log_every": 10, "sample_every": 1000, "threads": 1, "thresholds": "collapse_diversity=0.1"}
@@ -144,6 +145,9 @@ def test_an_auto_run_restarts_and_says_so(tmp_path):
     assert "s_D" in marks[0] and marks[0]["interventions"]["label_flip"] == 0.05
     report = (tmp_path / "doctor.md").read_text()
     assert "## Restarts" in report and f"restarted from the checkpoint of step {r['from_step']}" in report
+    # `ganforge doctor RUN --thresholds`: re-diagnosed through the restarts, as the run diagnosed
+    saved = json.loads((tmp_path / "doctor.json").read_text())
+    assert report_for_run(tmp_path, Thresholds(**saved["thresholds"])) == report
     again = train_dcgan(config("d-dominates", doctor="auto", steps=70), tmp_path, progress=False, resume=True)
     assert again["steps"] == 70                 # resumed with the restarted networks
 
