@@ -392,6 +392,12 @@ class GANTask(Task):
     def rebuilt(self, eng: Engine, payload: dict) -> None:
         """After `rebuild`: refresh what depends on the networks' sizes (latents for a new z)."""
 
+    def carried(self, name: str, state: dict, saved: dict) -> dict:
+        """The checkpoint's tensors of network `name`, keyed as the rebuilt network's layers they
+        go to (`saved`: the checkpoint's network config). Here unchanged: a task whose restarts
+        change a network's depth renames them layer by layer."""
+        return state
+
     def restart_decision(self) -> dict | None:
         return self.watch.take_restart()
 
@@ -406,7 +412,7 @@ class GANTask(Task):
         torch.manual_seed(self.cfg.seed + 7 * int(decision["step"]) + 1)
         self.build(eng, lr_g, lr_d)
         for name, net in self.nets.items():
-            transplant(net, payload["state"][name])
+            transplant(net, self.carried(name, payload["state"][name], payload["config"]))
         self.d_drop.set_dropout(dropout)
         self.rebuilt(eng, payload)
         if eng.main:

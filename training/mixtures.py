@@ -148,7 +148,8 @@ class MixtureTask(GANTask):
     GAN (GANTask.rebuild); the checkpoint then holds the new networks and their config."""
 
     kind = "mlpgan"
-    sizes = {"z_dim": "z_dim", "ngf": "ngf", "ndf": "ndf", "pack": "pack", "d_layers": "d_layers"}
+    sizes = {"z_dim": "z_dim", "ngf": "ngf", "ndf": "ndf", "pack": "pack", "d_layers": "d_layers",
+             "g_layers": "g_layers"}
 
     def __init__(self, cfg: MixtureTrainConfig, progress: bool = True):
         super().__init__(cfg)
@@ -194,6 +195,21 @@ class MixtureTask(GANTask):
 
     def rebuilt(self, eng: Engine, payload: dict) -> None:
         self.watch.monitor.z = self._held_z()     # the restarted G's z_dim may differ
+
+    def carried(self, name: str, state: dict, saved: dict) -> dict:
+        """A restart may deepen G (`g_layers`) or D (`d_layers`): hidden layer i goes to hidden
+        layer i and the output layer to the output layer, the new hidden layers stay fresh.
+        Both MLPs are `main` = 3 modules per hidden layer, then the output Linear."""
+        depth = {"G": "g_layers", "D": "d_layers"}[name]
+        old, new = 3 * saved[depth], 3 * getattr(self.cfg.network, depth)
+        moved = {}
+        for key, value in state.items():
+            index = int(key.split(".")[1])
+            if index == old:
+                moved[key.replace(f"main.{old}.", f"main.{new}.", 1)] = value
+            elif index < new:
+                moved[key] = value
+        return moved
 
     def dataset(self) -> MixturePoints:
         return MixturePoints(self.mix, self.cfg.n_points, self.cfg.seed, self.cfg.d_steps)

@@ -217,6 +217,22 @@ def test_a_collapsed_gs_larger_latent_is_at_least_sixteen_wide():
     assert [grow(z) for z in (1, 2, 8, 16, 128)] == [MIN_RESTART_Z, MIN_RESTART_Z, 16, 32, 256]
 
 
+def test_a_collapsed_g_is_restarted_at_least_sixteen_wide_and_four_deep_where_depth_is_a_setting(trainer):
+    from ganforge.training.doctor import MIN_RESTART_G_LAYERS, MIN_RESTART_NGF, RESTART_REMEDIES
+
+    grow = {name: fn for name, fn, _ in RESTART_REMEDIES["mode_collapse"]}
+    assert (MIN_RESTART_NGF, MIN_RESTART_G_LAYERS) == (16, 4)
+    assert [grow["ngf"](v) for v in (1, 4, 8, 16, 64)] == [16, 16, 16, 32, 128]
+    assert [grow["g_layers"](v) for v in (1, 3, 4, 6)] == [4, 4, 4, 6]
+    doctor = trainer.task.watch.doctor
+    doctor.remedy(Diagnosis("mode_collapse", 4, {}, "forced", 2), trainer.task,
+                  {"z_dim": 1, "ngf": 8, "g_layers": 1, "pack": 1})     # the MLP GAN's mode-collapse G
+    assert doctor.take_restart()["changes"] == {"z_dim": 16, "ngf": 16, "g_layers": 4, "pack": 2}
+    doctor.remedy(Diagnosis("mode_collapse", 4, {}, "forced", 2), trainer.task,
+                  {"z_dim": 1, "ngf": 4, "mbstd": False})               # the DCGAN's: only wider
+    assert doctor.take_restart()["changes"] == {"z_dim": 16, "ngf": 16, "mbstd": True}
+
+
 def test_a_dominated_d_is_restarted_at_least_sixteen_wide_and_three_deep_where_depth_is_a_setting(trainer):
     from ganforge.training.doctor import MIN_RESTART_D_LAYERS, MIN_RESTART_NDF, RESTART_REMEDIES
 

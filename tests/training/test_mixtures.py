@@ -1,6 +1,7 @@
 """The MLP GAN on 2-D mixtures through the training engine: the command line as typed, its
 presets and errors, 2 ranks == 1 process through a doctor restart, SIGTERM and resume."""
 
+import dataclasses
 import json
 import os
 import re
@@ -14,8 +15,9 @@ import torch
 from ganforge.cli import parse_train_args
 from ganforge.training import options
 from ganforge.training.engine import Engine
-from ganforge.training.gan import load_checkpoint
+from ganforge.training.gan import MLPDiscriminator, MLPGANConfig, MLPGenerator, load_checkpoint
 from ganforge.training.options import train_command
+from ganforge.training.remedies import transplant
 from ganforge.training.mixtures import MixturePoints, MixtureTask, MixtureTrainConfig, mixture
 from tests.conftest import run_cli
 from tests.training.test_engine import run_ranks
@@ -172,3 +174,23 @@ def test_a_run_cut_by_sigterm_resumes_through_the_restart_to_the_uninterrupted_r
     assert doc("ref")["diagnoses"] == doc("cut")["diagnoses"]
     assert doc("ref")["interventions"] == doc("cut")["interventions"]
     assert np.array_equal(np.load(tmp_path / "ref" / "samples.npy"), np.load(tmp_path / "cut" / "samples.npy"))
+
+
+@pytest.mark.parametrize("name,build,deepen", [("G", MLPGenerator, "g_layers"), ("D", MLPDiscriminator, "d_layers")])
+def test_a_restart_that_deepens_a_network_keeps_its_first_and_output_layers_and_adds_fresh_ones(name, build, deepen):
+    """Layer i goes to layer i and the output layer to the output layer; the layers the restart
+    adds keep their fresh initialisation instead of a slice of the old output layer."""
+    before = MLPGANConfig(z_dim=1, ngf=8, ndf=8, **{deepen: 1})
+    after = MLPGANConfig(z_dim=16, ngf=16, ndf=16, **{deepen: 4})
+    torch.manual_seed(0)
+    old, new = build(before), build(after)
+    fresh = {k: v.clone() for k, v in new.state_dict().items()}
+    cfg = options.config_from(MixtureTrainConfig, "mlpgan", overrides={"network": dataclasses.asdict(after)})
+    moved = MixtureTask(cfg, progress=False).carried(name, old.state_dict(), dataclasses.asdict(before))
+    transplant(new, moved)
+    assert torch.equal(new.main[12].weight[:, :8], old.main[3].weight)       # the output layer
+    assert torch.equal(new.main[12].bias, old.main[3].bias)
+    assert torch.equal(new.main[0].weight[:8, :old.main[0].weight.shape[1]], old.main[0].weight)
+    for i in (3, 6, 9):                                                     # the added layers
+        assert torch.equal(new.main[i].weight, fresh[f"main.{i}.weight"]), i
+
