@@ -181,31 +181,30 @@ def report_for_run(run, thresholds: Thresholds | None = None) -> str:
     metrics = run / "metrics.jsonl"
     if not metrics.is_file():
         raise UsageError(f"doctor: {run} has no metrics.jsonl; is it a ganforge training run?")
-    records, timeline = [], []   # timeline: the scores as observed, and each restart's rewind
+    timeline = []   # the scores in the order observed, and each restart's rewind (Monitor.replay)
     for n, line in enumerate(metrics.read_text().splitlines(), 1):
         try:
             row = json.loads(line)
         except json.JSONDecodeError:
             raise UsageError(f"doctor: {metrics} line {n} is not JSON") from None
         if isinstance(row, dict) and "s_G" in row and "s_D" in row:
-            records.append({k: v for k, v in row.items() if k not in ("diagnoses", "rewound_to")})
-            timeline.append(records[-1])
-        if isinstance(row, dict) and "rewound_to" in row:   # a restart: the abandoned steps go
-            records = [r for r in records if r["step"] <= row["rewound_to"]]
+            timeline.append({k: v for k, v in row.items() if k not in ("diagnoses", "rewound_to")})
+        if isinstance(row, dict) and "rewound_to" in row:
             timeline.append({"rewound_to": row["rewound_to"]})
-    if not records:
+    scored = [r for r in timeline if "step" in r]
+    if not scored:
         raise UsageError(f"doctor: {metrics} holds no s_G / s_D scores (trained with --doctor off?)")
     saved = json.loads((run / "doctor.json").read_text()) if (run / "doctor.json").is_file() else {}
     mode = saved.get("mode", "report")
     title = saved.get("title") or run.name
-    if thresholds is None:
-        th = Thresholds(**saved["thresholds"]) if "thresholds" in saved else Thresholds()
-        diagnoses = saved.get("diagnoses")
-    else:
-        th, diagnoses = thresholds, None
     stages = saved.get("stages")
-    if diagnoses is None:  # re-diagnose from the recorded scores (stage by stage for ProGAN)
-        total = stages[-1]["end"] if stages else records[-1]["step"]
-        diagnoses = [d.to_json() for d in rediagnose(timeline, th, total, stages).diagnoses]
+    th = thresholds or (Thresholds(**saved["thresholds"]) if "thresholds" in saved else Thresholds())
+    # the records the run kept (a restart drops the steps it abandoned), diagnosed again (stage by
+    # stage for ProGAN); the run's own diagnoses are shown unless other thresholds are asked for
+    replayed = rediagnose(timeline, th, stages[-1]["end"] if stages else scored[-1]["step"], stages)
+    records = replayed.records
+    diagnoses = saved.get("diagnoses") if thresholds is None else None
+    if diagnoses is None:
+        diagnoses = [d.to_json() for d in replayed.diagnoses]
     return render_report(title, records, diagnoses, saved.get("interventions", []), mode, stages,
                          saved.get("restarts", []), saved.get("kept"))
