@@ -16,16 +16,16 @@ Measured per run:
                     weights the final checkpoint holds
     cleared         (auto) for each failure treated: not diagnosed again after the remedy, and
                     its condition not holding at the last observation
-    fd              the Fréchet distance of the shapes classifier's features (training/metrics.py)
-                    between `--samples` images of the final G (eval mode, fixed latents) and as
-                    many held-out real shapes; lower is better
+    fd              the Fréchet distance of the shapes classifier's features (training/metrics.py;
+                    the classifier trained on 16 px shapes, `metrics.settings_for(16)`) between
+                    `--samples` images of the final G (eval mode, fixed latents) and as many
+                    held-out real shapes; lower is better
     pooled_fd       the same distance in the doctor's feature space (images average-pooled to
                     8x8 per channel), on the same images
 
 Criteria: each failure preset's failure named in >= 4 of 5 report runs; a diagnosis in <= 1 of 5
 healthy report runs; auto's distance below report's in >= 4 of 5 seeds of each failure preset,
-judged on each distance. At 16 px and a few hundred steps the classifier's distance does not
-rank a collapsed or grey G below a healthy one (docs/doctor.md); the pooled one does.
+judged on each distance.
 Writes the JSON (per seed figures, settings, criteria), each run's samples as
 `<json stem>_samples/<preset>_<mode>_seed<k>.npy` (uint8 NHWC) and the real images they are
 compared with (`real.npy`), and the run directories under `<json stem>_runs/`.
@@ -163,7 +163,7 @@ def _shapes(presets: list[str], settings: dict, cache_dir: str | None, out: Path
     from ganforge.training import data as tdata
     from ganforge.training import metrics
 
-    classifier, accuracy = metrics.load_classifier(cache_dir)
+    classifier, accuracy = metrics.load_classifier(cache_dir, metrics.settings_for(RESOLUTION))
     real = tdata.gan_images("shapes", settings["samples"], RESOLUTION, 99_991).images
     np.save(sample_dir / "real.npy", real)
     real_features = (metrics.features(classifier, real), _pooled(real))

@@ -159,7 +159,7 @@ def run(argv: list[str]) -> int:
         raise UsageError(f"--decay-from: {args.decay_from} is not allowed; must be in [0, 1]")
     torch.set_num_threads(args.threads)
     t_start = time.perf_counter()
-    classifier, accuracy = metrics.load_classifier(args.cache_dir)
+    classifier, accuracy = metrics.load_classifier(args.cache_dir, metrics.settings_for(args.resolution))
     real = datasets.shapes(args.n_fd, args.resolution, seed=10_000).images  # held out
     real_f = metrics.features(classifier, real)
     z = torch.from_numpy(np.random.default_rng(99).standard_normal((args.n_fd, 64)).astype(np.float32))

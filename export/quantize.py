@@ -295,8 +295,8 @@ def quality(task: str, ref, test, label: str, quick: bool = False, fd_samples: i
     else:
         from ganforge.training import datasets, metrics
 
-        classifier, _ = metrics.load_classifier()
         x = generated(ref, task, fd_samples)
+        classifier, _ = metrics.load_classifier(s=metrics.settings_for(x.shape[1]))
         real = metrics.features(classifier, datasets.shapes(fd_samples, x.shape[1], seed=10_000).images)
         a = metrics.frechet_distance(metrics.features(classifier, x), real)
         b = metrics.frechet_distance(metrics.features(classifier, generated(test, task, fd_samples)), real)

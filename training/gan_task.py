@@ -130,7 +130,7 @@ class ShippedFD:
         if self.data != "shapes" or self.classifier is not None:
             return
         with torch.random.fork_rng(), torch.enable_grad():
-            self.classifier = metrics.load_classifier()[0]
+            self.classifier = metrics.load_classifier(s=metrics.settings_for(self.reals.shape[1]))[0]
 
     def __call__(self) -> float:
         from ganforge.training.metrics import frechet_distance

@@ -46,14 +46,26 @@ class ClassifierSettings:
     size: int = 64            # side the shapes are drawn at; inputs are pooled to 32x32
 
 
+def settings_for(side: int) -> ClassifierSettings:
+    """The settings of the classifier whose domain holds `side` px images: the 64 px one serves
+    every side >= 32 (all are pooled to 32x32); a smaller side gets a classifier of its own,
+    trained on shapes drawn at that side, since the 64 px one rates upsampled 16 px images
+    out of its domain (docs/metrics.md)."""
+    if side < 4:
+        raise ValueError(f"side {side} is not allowed; must be >= 4")
+    return ClassifierSettings() if side >= 32 else ClassifierSettings(size=side)
+
+
 class ShapesClassifier(nn.Module):
-    """image (B, 3, H, W) in [-1, 1], any H = W >= 32 -> features (B, 128), shape and colour
-    logits. Inputs are average-pooled to 32x32 first, so 64 and 128 px images share it."""
+    """image (B, 3, H, W) in [-1, 1] -> features (B, 128), shape and colour logits. Inputs are
+    resized to 32x32 first (average-pooled down, repeated up). Its domain: images of the side
+    it was trained at, `size`; one trained at >= 32 px takes any side >= 32."""
 
     FEATURES = 128
 
-    def __init__(self):
+    def __init__(self, size: int = ClassifierSettings.size):
         super().__init__()
+        self.size = size
         self.body = nn.Sequential(
             nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),    # (B, 32, 16, 16)
             nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),   # (B, 64, 8, 8)
@@ -63,7 +75,12 @@ class ShapesClassifier(nn.Module):
         self.colour_head = nn.Linear(self.FEATURES, len(datasets.COLOURS))
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != 32:
+        side = x.shape[-1]
+        if not (side == self.size or min(side, self.size) >= 32):
+            allowed = f"{self.size}" if self.size < 32 else ">= 32"
+            raise ValueError(f"image side {side} is outside the domain of the shapes classifier trained "
+                             f"at {self.size} px (allowed: {allowed}); load `settings_for({side})`")
+        if side != 32:
             x = F.adaptive_avg_pool2d(x, 32)                                # (B, 3, 32, 32)
         return self.body(x)
 
@@ -99,7 +116,7 @@ def train_classifier(s: ClassifierSettings = ClassifierSettings()) -> tuple[Shap
     rng = np.random.default_rng(s.seed)
     train = datasets.shapes(s.n_train, s.size, seed=s.seed)
     test = datasets.shapes(s.n_test, s.size, seed=s.seed + 1)
-    model = ShapesClassifier()
+    model = ShapesClassifier(s.size)
     opt = torch.optim.Adam(model.parameters(), lr=s.lr)
     x_all = to_tensor(train.images)
     y_shape, y_colour = torch.from_numpy(train.shape), torch.from_numpy(train.colour)
@@ -140,9 +157,10 @@ def _cached(name: str, settings, train, model: nn.Module,
 
 def load_classifier(cache_dir: str | Path | None = None,
                     s: ClassifierSettings = ClassifierSettings()) -> tuple[ShapesClassifier, dict]:
-    """The cached classifier for these settings, trained (about a minute on 2 cores) and
-    written to the cache on first use. Returns the model and its held-out accuracy."""
-    return _cached("shapes_classifier", s, train_classifier, ShapesClassifier(), cache_dir)
+    """The cached classifier for these settings (`settings_for(side)` for images of that side),
+    trained (about a minute on 2 cores) and written to the cache on first use. Returns the model
+    and its held-out accuracy."""
+    return _cached("shapes_classifier", s, train_classifier, ShapesClassifier(s.size), cache_dir)
 
 
 @torch.no_grad()

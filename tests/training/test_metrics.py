@@ -68,6 +68,30 @@ def test_fd_sees_a_missing_shape_and_a_single_shape(shapes_cache):
     assert fd["circles"] > 50 * fd["real"], fd
 
 
+def test_a_small_side_gets_a_classifier_of_its_own_that_ranks_grey_tiles_far_from_the_shapes(shapes_cache):
+    """16 px images, repeated up to 32 px, lie outside the 64 px classifier's domain: it is
+    refused with the side to load. The 16 px classifier puts real shapes close, one shape far,
+    and flat grey tiles (what a G that learned nothing draws) far behind slightly noisy shapes
+    (what a G that learned draws). Forced onto 16 px images, the 64 px classifier put the grey
+    tiles only 1.35x farther than the noisy shapes (1,735 against 1,288)."""
+    big, _ = metrics.load_classifier(shapes_cache)
+    with pytest.raises(ValueError, match=r"image side 16 .* trained at 64 px \(allowed: >= 32\); load `settings_for\(16\)`"):
+        metrics.features(big, datasets.shapes(8, 16, seed=0).images)
+    assert metrics.settings_for(128) == metrics.settings_for(32) == metrics.ClassifierSettings()
+    small, acc = metrics.load_classifier(shapes_cache, metrics.settings_for(16))
+    assert small.size == 16 and acc["colour"] >= 0.99 and acc["outline"] >= 0.8
+    held = metrics.features(small, datasets.shapes(600, 16, seed=10_000).images)
+    real = datasets.shapes(600, 16, seed=7).images
+    noisy = np.clip(real + np.random.default_rng(0).normal(0, 20, real.shape), 0, 255).astype(np.uint8)
+    pool = datasets.shapes(2500, 16, seed=8)
+    fd = {name: metrics.frechet_distance(metrics.features(small, x), held)
+          for name, x in (("real", real), ("noisy", noisy), ("grey", np.full_like(real, 128)),
+                          ("circles", pool.images[pool.shape == datasets.SHAPES.index("circle")][:600]))}
+    assert fd["real"] < 10, fd
+    assert fd["circles"] > 20 * fd["real"], fd
+    assert fd["grey"] > 3 * fd["noisy"], fd
+
+
 def test_every_mode_equally_often_is_all_1000_modes_and_kl_zero():
     c = metrics.mode_coverage(np.repeat(np.arange(1000), 26))
     assert c["modes"] == 1000
