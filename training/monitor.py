@@ -194,7 +194,7 @@ REMEDIES: dict[str, list[tuple[str, str]]] = {
         ("fewer D filters (--ndf), or more G filters (--ngf)", "course"),
         ("instance noise on D's inputs, annealed", "Sønderby et al. 2017, Amortised MAP Inference; "
          "Arjovsky & Bottou 2017"),
-        ("a lower D learning rate, fewer D steps (two time-scale balance)", "course; Heusel et al. 2017, TTUR"),
+        ("a lower D learning rate, G's within 4x of it, fewer D steps (two time-scale balance)", "course; Heusel et al. 2017, TTUR"),
     ],
     "g_dominates": [
         ("the reverse: more D filters (--ndf) or fewer G filters, no dropout in D", "course"),

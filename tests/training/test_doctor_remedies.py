@@ -59,10 +59,22 @@ def test_d_dominates_flips_labels_turns_dropout_on_and_slows_d(trainer):
     task.watch.doctor.remedy(Diagnosis("d_dominates", 4, {}, "forced", 2), task, {"ndf": 8, "ngf": 8})
     k = task.knobs()
     assert k["label_flip"] == 0.05 and k["d_steps_every"] == 2 and k["lr_d"] == pytest.approx(1e-4)
+    assert k["lr_g"] == pytest.approx(2e-4)    # G already within 4x of D's rate: left alone
     assert [m.p for m in task.D.modules() if isinstance(m, LeakyDropout)] == [0.2, 0.2]
     d0 = [p.clone() for p in task.D.parameters()]
     trainer.train_step()                       # step 0: D trained, with dropout and flipped labels
     assert not all(torch.equal(a, b) for a, b in zip(d0, task.D.parameters()))
+
+
+def test_d_dominates_brings_a_slow_g_within_four_times_ds_new_rate(trainer):
+    task = trainer.task
+    task.set_knob("lr_d", 2e-3)
+    task.set_knob("lr_g", 2e-5)
+    task.watch.doctor.remedy(Diagnosis("d_dominates", 4, {}, "forced", 2), task, {"ndf": 8, "ngf": 8})
+    assert task.knobs()["lr_d"] == pytest.approx(1e-3) and task.knobs()["lr_g"] == pytest.approx(2.5e-4)
+    assert [g["lr"] for g in task.opt_G.param_groups] == [pytest.approx(2.5e-4)]
+    done = [(i.knob, i.old, i.new) for i in task.watch.doctor.interventions if i.knob == "lr_g"]
+    assert done == [("lr_g", 2e-5, pytest.approx(2.5e-4))]
 
 
 def test_d_skips_its_update_on_the_steps_between(trainer):
