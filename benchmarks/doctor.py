@@ -28,7 +28,9 @@ healthy report runs; auto's distance below report's in >= 4 of 5 seeds of each f
 judged on each distance.
 Writes the JSON (per seed figures, settings, criteria), each run's samples as
 `<json stem>_samples/<preset>_<mode>_seed<k>.npy` (uint8 NHWC) and the real images they are
-compared with (`real.npy`), and the run directories under `<json stem>_runs/`.
+compared with (`real.npy`), the run directories under `<json stem>_runs/`, and
+`<json stem>_shapes.png`: 16 held-out shapes, then per preset 16 samples of seed 0's report run
+and 16 of its auto run, a row each.
 
 ring, grid: the MLP GAN presets of training/presets/mlpgan on the 2-D mixtures (ring of 8
 Gaussians, grid of 25), trained by `train_mixture`, the trainer of `ganforge train mlpgan --data
@@ -172,7 +174,19 @@ def _shapes(presets: list[str], settings: dict, cache_dir: str | None, out: Path
         runs = {m: [_one(name, m, seed, settings, classifier, real_features, out, sample_dir)
                     for seed in range(settings["seeds"])] for m in MODES}
         results["presets"][name] = {"failure": PRESETS[name], "runs": runs, "summary": _summary(name, runs)}
+    _sample_grid(real, results["presets"], out.parent / f"{out.stem}_shapes.png")
     return results
+
+
+def _sample_grid(real: np.ndarray, presets: dict, path: Path, n: int = 16, zoom: int = 4) -> Path:
+    """One PNG of what the distances measure: a row of `n` held-out shapes, then for each preset
+    in the order run a row of seed 0's report samples and one of its auto samples, each image
+    enlarged `zoom` times (nearest)."""
+    from ganforge.images import save_grid
+
+    rows = [real[:n]] + [np.load(p["runs"][m][0]["samples"])[:n] for p in presets.values() for m in MODES]
+    images = np.concatenate(rows).repeat(zoom, axis=1).repeat(zoom, axis=2)
+    return save_grid(images, path, nrow=n)
 
 
 def _one(preset: str, mode: str, seed: int, settings: dict, classifier, real_features, out: Path,

@@ -23,7 +23,15 @@ def test_bench_doctor_tiny_run_writes_per_seed_figures_and_their_samples(tmp_pat
             assert np.load(run["samples"]).shape == (16, 16, 16, 3)
             assert run["fd"] > 0 and run["pooled_fd"] > 0 and run["optimizer_steps"] >= 40
             assert all({"failure", "step", "onset"} <= set(d) for d in run["diagnoses"])
-    assert np.load(tmp_path / "doctor_samples" / "real.npy").shape == (16, 16, 16, 3)
+    real = np.load(tmp_path / "doctor_samples" / "real.npy")
+    assert real.shape == (16, 16, 16, 3)
+    # the sample grid: a row of the real shapes, then seed 0's report and auto rows, 4x enlarged
+    from ganforge.images import read_image
+    picture = read_image(tmp_path / "doctor_shapes.png")
+    assert picture.shape == (3 * 66 + 2, 16 * 66 + 2, 3)
+    assert np.array_equal(picture[2:66, 2:66], real[0].repeat(4, 0).repeat(4, 1))
+    auto = np.load(p["runs"]["auto"][0]["samples"])
+    assert np.array_equal(picture[134:198, 68:132], auto[1].repeat(4, 0).repeat(4, 1))
     assert set(p["summary"]) >= {"report_named", "auto_better", "auto_better_pooled", "auto_cleared"}
     assert any(k.startswith("g-dominates: named in report runs") for k in res["criteria"])
     assert "auto better pooled fd" in r.stdout and "mixtures" not in res
