@@ -15,7 +15,10 @@ held-out "test" side, reads each channel of a generated image; the digit triple 
     modes = #{m : q_m > 0}        KL(q || uniform) = sum_m q_m log(1000 q_m)   (nats)
 
 Each classifier is trained once per (settings) and cached as a small file; the same seed gives
-the same weights. See docs/metrics.md and docs/doctor.md for their held-out accuracy.
+the same weights on a given machine, whatever the caller's thread count: training runs on one
+thread (`_one_thread`), since the float sums of a multi-threaded step differ with the thread count
+and, for the 16 px classifier, so did the verdicts of `ganforge bench doctor` (docs/metrics.md).
+See docs/metrics.md and docs/doctor.md for their held-out accuracy.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -137,17 +141,30 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get("GANFORGE_CACHE", Path.home() / ".cache" / "ganforge"))
 
 
+@contextmanager
+def _one_thread():
+    """Torch on one intra-op thread for the block, the caller's count restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def _cached(name: str, settings, train, model: nn.Module,
             cache_dir: str | Path | None) -> tuple[nn.Module, dict]:
     """`model` with the weights cached for (name, settings), trained by `train(settings)` and
-    written to the cache when the file is missing. Returns the model (eval mode) and accuracy."""
+    written to the cache when the file is missing (on one thread: the same weights whatever the
+    caller's thread count). Returns the model (eval mode) and accuracy."""
     key = hashlib.sha256(json.dumps(asdict(settings), sort_keys=True).encode()).hexdigest()[:12]
     path = Path(cache_dir or default_cache_dir()) / f"{name}-{key}.pt"
     if path.is_file():
         payload = torch.load(path, map_location="cpu", weights_only=True)
         model.load_state_dict(payload["state"])
         return model.eval(), payload["accuracy"]
-    model, acc = train(settings)
+    with _one_thread():
+        model, acc = train(settings)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".partial")
     torch.save({"state": model.state_dict(), "accuracy": acc, "settings": asdict(settings)}, tmp)

@@ -92,6 +92,25 @@ def test_a_small_side_gets_a_classifier_of_its_own_that_ranks_grey_tiles_far_fro
     assert fd["grey"] > 3 * fd["noisy"], fd
 
 
+def test_a_classifier_has_the_same_weights_whatever_the_callers_thread_count(tmp_path):
+    """Trained by hand, one and two threads give different weights (the float sums of a step
+    differ); through the cache, training runs on one thread and the caller's count is restored."""
+    s = metrics.ClassifierSettings(n_train=640, n_test=64, epochs=2, size=16)
+    before = torch.get_num_threads()
+    weights = {}
+    try:
+        for threads in (1, 2):
+            torch.set_num_threads(threads)
+            weights[f"by hand {threads}"] = metrics.train_classifier(s)[0].state_dict()
+            weights[f"cached {threads}"] = metrics.load_classifier(tmp_path / str(threads), s)[0].state_dict()
+            assert torch.get_num_threads() == threads
+    finally:
+        torch.set_num_threads(before)
+    same = lambda a, b: all(torch.equal(weights[a][k], weights[b][k]) for k in weights[a])
+    assert not same("by hand 1", "by hand 2")
+    assert same("cached 1", "cached 2") and same("cached 1", "by hand 1")
+
+
 def test_every_mode_equally_often_is_all_1000_modes_and_kl_zero():
     c = metrics.mode_coverage(np.repeat(np.arange(1000), 26))
     assert c["modes"] == 1000
