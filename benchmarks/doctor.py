@@ -3,6 +3,7 @@
     ganforge bench doctor --json PATH [--quick] [--data shapes,ring,grid] [--seeds N]
                           [--presets healthy,d-dominates,g-dominates,mode-collapse]
                           [--steps N] [--samples N] [--cache-dir DIR] [--mixture-steps N]
+                          [--classifier-seeds S1,S2,...]
 
 Each failure preset (the three that fail on purpose, and healthy) is trained on each `--data`,
 for every seed, twice with the same budget of steps: `--doctor report` (diagnoses only) and
@@ -26,6 +27,10 @@ Measured per run:
 Criteria: each failure preset's failure named in >= 4 of 5 report runs; a diagnosis in <= 1 of 5
 healthy report runs; auto's distance below report's in >= 4 of 5 seeds of each failure preset,
 judged on each distance.
+`--classifier-seeds`: every run's samples measured again with classifiers trained as the standard
+one from these seeds (`by_classifier_seed` per preset; the criteria stay on the standard one). Far
+from the data, where report's G draws flat tiles and auto's blobs, the distance depends on the
+classifier's training run, and so can the verdict (docs/doctor.md).
 Writes the JSON (per seed figures, settings, criteria), each run's samples as
 `<json stem>_samples/<preset>_<mode>_seed<k>.npy` (uint8 NHWC) and the real images they are
 compared with (`real.npy`), the run directories under `<json stem>_runs/`, and
@@ -111,6 +116,9 @@ def run(argv: list[str]) -> int:
     p.add_argument("--presets", default=",".join(PRESETS), help=f"any of {', '.join(PRESETS)}")
     p.add_argument("--samples", type=int, default=None, help="shapes: images per FD (default 512; quick 256)")
     p.add_argument("--cache-dir", help="shapes: where the shapes classifier is cached")
+    p.add_argument("--classifier-seeds", default="",
+                   help="shapes: also measure every run's samples with classifiers trained from these "
+                        "seeds (comma-separated integers); the criteria stay on the standard classifier")
     p.add_argument("--mixture-steps", type=int, default=None,
                    help="ring, grid: G steps per run (default 2000; quick 500)")
     a = p.parse_args(argv)
@@ -120,10 +128,15 @@ def run(argv: list[str]) -> int:
                         ("--mixture-steps", a.mixture_steps)):
         if value is not None and value < 2:
             raise UsageError(f"{flag}: {value} is not allowed; must be >= 2")
+    try:
+        classifier_seeds = list(dict.fromkeys(int(x) for x in a.classifier_seeds.split(",") if x.strip()))
+    except ValueError:
+        raise UsageError(f"--classifier-seeds: {a.classifier_seeds!r} is not allowed; "
+                         f"must be comma-separated integers, e.g. 1235,1236") from None
     d = _defaults(a.quick)
     settings = {"quick": a.quick, "steps": a.steps or d["steps"], "seeds": a.seeds or d["seeds"],
                 "samples": a.samples or d["samples"], "resolution": RESOLUTION, "thresholds": THRESHOLDS,
-                **RUN}
+                "classifier_seeds": classifier_seeds, **RUN}
 
     out = Path(a.json)
     sample_dir = out.parent / f"{out.stem}_samples"
@@ -174,8 +187,28 @@ def _shapes(presets: list[str], settings: dict, cache_dir: str | None, out: Path
         runs = {m: [_one(name, m, seed, settings, classifier, real_features, out, sample_dir)
                     for seed in range(settings["seeds"])] for m in MODES}
         results["presets"][name] = {"failure": PRESETS[name], "runs": runs, "summary": _summary(name, runs)}
+    if settings["classifier_seeds"]:
+        _by_classifier_seed(results["presets"], real, settings["classifier_seeds"], cache_dir)
     _sample_grid(real, results["presets"], out.parent / f"{out.stem}_shapes.png")
     return results
+
+
+def _by_classifier_seed(presets: dict, real: np.ndarray, seeds: list[int], cache_dir: str | None) -> None:
+    """Every run's samples measured with the classifier of each seed (the standard settings
+    otherwise): per preset, summary["by_classifier_seed"][seed] = the FDs, auto better count and
+    the classifier's held-out accuracy."""
+    from ganforge.training import metrics
+
+    for seed in seeds:
+        s = dataclasses.replace(metrics.settings_for(RESOLUTION), seed=seed)
+        classifier, accuracy = metrics.load_classifier(cache_dir, s)
+        real_features = metrics.features(classifier, real)
+        for p in presets.values():
+            fd = {m: [round(metrics.frechet_distance(metrics.features(classifier, np.load(r["samples"])),
+                                                     real_features), 3) for r in p["runs"][m]] for m in MODES}
+            p["summary"].setdefault("by_classifier_seed", {})[str(seed)] = {
+                "fd_report": fd["report"], "fd_auto": fd["auto"],
+                "auto_better": sum(b < a for a, b in zip(fd["report"], fd["auto"])), "accuracy": accuracy}
 
 
 def _sample_grid(real: np.ndarray, presets: dict, path: Path, n: int = 16, zoom: int = 4) -> Path:
@@ -320,6 +353,20 @@ def _print(results: dict) -> None:
         print(f"{name:<14} {named:>9} {ms(s['fd_report']):>19} {ms(s['fd_auto']):>19} {s['auto_better']:>5}/{n} "
               f"{ms(s['pooled_fd_report']):>15} {ms(s['pooled_fd_auto']):>15} {s['auto_better_pooled']:>5}/{n} "
               f"{cleared:>8}")
+    seeds = results["settings"].get("classifier_seeds") or []
+    if seeds:
+        print(f"\nclassifier fd by the classifier's seed (standard {_standard_seed()}): report mean, auto mean, "
+              f"auto better")
+        for name, p in results["presets"].items():
+            cells = [f"{sd}: {np.mean(v['fd_report']):.0f}, {np.mean(v['fd_auto']):.0f}, {v['auto_better']}/{n}"
+                     for sd, v in p["summary"]["by_classifier_seed"].items()]
+            print(f"{name:<14} " + " | ".join(cells))
+
+
+def _standard_seed() -> int:
+    from ganforge.training import metrics
+
+    return metrics.settings_for(RESOLUTION).seed
 
 
 

@@ -2,9 +2,11 @@
 seed of every mode measured, the figures and the samples behind them written (the mixture's
 figures recomputed from its samples); bad flags refused before training."""
 
+import dataclasses
 import json
 
 import numpy as np
+import pytest
 
 from tests.conftest import run_cli
 
@@ -12,7 +14,8 @@ from tests.conftest import run_cli
 def test_bench_doctor_tiny_run_writes_per_seed_figures_and_their_samples(tmp_path, shapes_cache):
     out = tmp_path / "doctor.json"
     r = run_cli("bench", "doctor", "--data", "shapes", "--presets", "g-dominates", "--steps", "40", "--seeds", "2",
-                "--samples", "16", "--cache-dir", str(shapes_cache), "--json", str(out), timeout=600)
+                "--samples", "16", "--cache-dir", str(shapes_cache), "--classifier-seeds", "7",
+                "--json", str(out), timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     res = json.loads(out.read_text())
     p = res["presets"]["g-dominates"]
@@ -35,6 +38,16 @@ def test_bench_doctor_tiny_run_writes_per_seed_figures_and_their_samples(tmp_pat
     assert set(p["summary"]) >= {"report_named", "auto_better", "auto_better_pooled", "auto_cleared"}
     assert any(k.startswith("g-dominates: named in report runs") for k in res["criteria"])
     assert "auto better pooled fd" in r.stdout and "mixtures" not in res
+    # the samples measured again with a classifier trained from seed 7: other distances, the
+    # same samples behind them
+    from ganforge.training import metrics
+    again = p["summary"]["by_classifier_seed"]["7"]
+    assert res["settings"]["classifier_seeds"] == [7] and again["accuracy"]["colour"] > 0.9
+    seven, _ = metrics.load_classifier(shapes_cache, dataclasses.replace(metrics.settings_for(16), seed=7))
+    fd = metrics.frechet_distance(metrics.features(seven, auto), metrics.features(seven, real))
+    assert again["fd_auto"][0] == pytest.approx(fd, rel=1e-4)
+    assert again["fd_auto"] != p["summary"]["fd_auto"] and again["auto_better"] in (0, 1, 2)
+    assert "classifier fd by the classifier's seed (standard 1234)" in r.stdout
 
 
 def test_bench_doctor_refuses_an_unknown_preset_in_one_line(tmp_path):
@@ -42,6 +55,10 @@ def test_bench_doctor_refuses_an_unknown_preset_in_one_line(tmp_path):
     assert r.returncode == 2
     assert r.stderr == ("Error: --presets: 'wobbly' is not one of healthy, d-dominates, g-dominates, "
                         "mode-collapse\n")
+    r = run_cli("bench", "doctor", "--classifier-seeds", "1235,x", "--json", str(tmp_path / "x.json"))
+    assert r.returncode == 2
+    assert r.stderr == ("Error: --classifier-seeds: '1235,x' is not allowed; must be comma-separated "
+                        "integers, e.g. 1235,1236\n")
 
 
 def test_bench_doctor_on_a_mixture_keeps_per_seed_figures_that_its_samples_reproduce(tmp_path):
