@@ -145,7 +145,7 @@ def test_a_restart_rewinds_to_the_checkpoint_before_the_failure_with_the_changed
 def test_an_auto_run_restarts_and_says_so(tmp_path):
     torch.set_num_threads(1)
     s = train_dcgan(config("d-dominates", doctor="auto", steps=60), tmp_path, progress=False)
-    assert s["restarts"] and s["restarts"][0]["changes"] == {"ndf": 32, "ngf": 8}
+    assert s["restarts"] and s["restarts"][0]["changes"] == {"ndf": 32, "ngf": 16}
     r = s["restarts"][0]
     assert r["from_step"] < r["step"] and len(s["restarts"]) <= 2    # at most 2, one per failure
     payload = load_checkpoint(tmp_path / "checkpoint.pt")
@@ -153,7 +153,7 @@ def test_an_auto_run_restarts_and_says_so(tmp_path):
     assert {k: payload["config"][k] for k in final} == final and payload["step"] == 60
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     marks = [row for row in rows if "rewound_to" in row]
-    assert marks[0]["rewound_to"] == r["from_step"] and marks[0]["restart"] == {"ndf": 32, "ngf": 8}
+    assert marks[0]["rewound_to"] == r["from_step"] and marks[0]["restart"] == {"ndf": 32, "ngf": 16}
     assert "s_D" in marks[0] and marks[0]["interventions"]["label_flip"] == 0.05
     report = (tmp_path / "doctor.md").read_text()
     assert "## Restarts" in report and f"restarted from the checkpoint of step {r['from_step']}" in report
@@ -216,7 +216,7 @@ def test_two_ranks_restart_at_the_same_step_and_stay_identical(tmp_path):
                    "label_smoothing": 0.0, "instance_noise": 0.0,
                    "network": {"ndf": 64, "ngf": 4, "z_dim": 16, "resolution": 16}}
     ranks = run_ranks(2, "dcgan", tmp_path / "run", d_dominates)
-    assert ranks[0]["summary"]["restarts"][0]["changes"] == {"ndf": 32, "ngf": 8}
+    assert ranks[0]["summary"]["restarts"][0]["changes"] == {"ndf": 32, "ngf": 16}
     assert ranks[1]["state"]["D"]["main.0.weight"].shape[0] == 32       # rebuilt on rank 1 too
     assert ranks[0]["knobs"] == ranks[1]["knobs"]
     assert max_diff(ranks[0]["state"], ranks[1]["state"]) == 0.0
@@ -235,6 +235,9 @@ def test_a_collapsed_g_is_restarted_at_least_sixteen_wide_and_four_deep_where_de
     grow = {name: fn for name, fn, _ in RESTART_REMEDIES["mode_collapse"]}
     assert (MIN_RESTART_NGF, MIN_RESTART_G_LAYERS) == (16, 4)
     assert [grow["ngf"](v) for v in (1, 4, 8, 16, 64)] == [16, 16, 16, 32, 128]
+    # the G a dominating D's restart grows: the same floor (the DCGAN d-dominates preset's 4 -> 16)
+    d_dom = {name: fn for name, fn, _ in RESTART_REMEDIES["d_dominates"]}
+    assert [d_dom["ngf"](v) for v in (1, 4, 8, 16, 64)] == [16, 16, 16, 32, 128]
     assert [grow["g_layers"](v) for v in (1, 3, 4, 6)] == [4, 4, 4, 6]
     doctor = trainer.task.watch.doctor
     doctor.remedy(Diagnosis("mode_collapse", 4, {}, "forced", 2), trainer.task,
