@@ -97,10 +97,15 @@ def held_out_reals(cfg: GANOptions, data_set, resolution: int, n: int = 64) -> n
     return tdata.gan_images(cfg.data, n, resolution, cfg.seed + 7919).images
 
 
+# latents and held-out reals behind the FD the doctor keeps the best weights by (ShippedFD)
+JUDGED = 256
+
+
 class ShippedFD:
     """The FD of the generator that ships (ProGAN's weight average G_ema, at the final
-    resolution) on `len(z)` fixed latents against as many held-out reals: what the doctor keeps
-    the best weights by when that generator is not the G it watches.
+    resolution; the DCGAN's G in eval mode) on `len(z)` fixed latents against as many held-out
+    reals: what the doctor keeps the best weights by when that generator is not the G it
+    watches, or when the monitor's pooled pixels are blind to what matters (the shapes).
 
     The features: on the bundled shapes, the shapes classifier's (training/metrics.py, cached
     after its first use), which see a shape's outline; elsewhere the monitor's pooled pixels.

@@ -27,8 +27,8 @@ from ganforge.images import save_grid
 from ganforge.training import data as tdata
 from ganforge.training.engine import Engine
 from ganforge.training.gan import DCGANConfig, Discriminator, Generator, init_weights
-from ganforge.training.gan_task import (GANDoctor, GANOptions, GANTask, check_flags, describe_doctor,
-                                        fixed_latents, held_out_reals, to_tensor, to_uint8)
+from ganforge.training.gan_task import (JUDGED, GANDoctor, GANOptions, GANTask, ShippedFD, check_flags,
+                                        describe_doctor, fixed_latents, held_out_reals, to_tensor, to_uint8)
 from ganforge.training.models import ModelSpec
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import option
@@ -76,6 +76,21 @@ class DCGANTask(GANTask):
         self.held_real = to_tensor(held_out_reals(cfg, self.data, cfg.network.resolution)).to(dev)
         self._latents(dev)
         self.watch = GANDoctor(cfg, self.held_real, self.held_z, log=self.progress and eng.main)
+        if cfg.doctor == "auto" and cfg.data == "shapes":
+            # the best weights judged as ProGAN's are on the shapes: by the shapes classifier's FD
+            # of G in eval mode (what ships), which sees the outlines the pooled pixels miss
+            self.watch.judge = ShippedFD(self._shipped, held_out_reals(cfg, self.data, cfg.network.resolution, n=JUDGED),
+                                         fixed_latents(cfg.network.z_dim, cfg.seed + 3, n=JUDGED).to(dev), cfg.data)
+
+    def _shipped(self, z: torch.Tensor) -> torch.Tensor:
+        """G's images for `z` in eval mode (batch norm on its running statistics), as exported;
+        G is left in its mode."""
+        mode = self.G.training
+        self.G.eval()
+        try:
+            return self.G(z)
+        finally:
+            self.G.train(mode)
 
     def build(self, eng: Engine, lr_g: float, lr_d: float) -> None:
         cfg, net = self.cfg, self.cfg.network
@@ -98,6 +113,8 @@ class DCGANTask(GANTask):
     def rebuilt(self, eng: Engine, payload: dict) -> None:
         self._latents(eng.device)
         self.watch.monitor.z = self.held_z
+        if self.watch.judge is not None:     # the restarted G's z_dim may differ
+            self.watch.judge.z = fixed_latents(self.cfg.network.z_dim, self.cfg.seed + 3, n=JUDGED).to(eng.device)
 
     def dataset(self):
         return self.data

@@ -37,15 +37,13 @@ from ganforge.training.ema import averaged_copy, ema_beta, update_average
 from ganforge.training.engine import Engine
 from ganforge.training.gan import load_checkpoint
 from ganforge.training.loop import GANTrainer
-from ganforge.training.gan_task import (GANDoctor, GANOptions, GANTask, ShippedFD, check_flags, fixed_latents,
-                                        held_out_reals, to_tensor, to_uint8)
+from ganforge.training.gan_task import (JUDGED, GANDoctor, GANOptions, GANTask, ShippedFD, check_flags,
+                                        fixed_latents, held_out_reals, to_tensor, to_uint8)
 from ganforge.training.models import ModelSpec
 from ganforge.training.monitor import follow_stages
 from ganforge.training.progan_nets import DBlock, Discriminator, Generator, ProGANConfig, Upsampled, lerp
 from ganforge.training.remedies import dropout_control
 from ganforge.training.task import option
-
-JUDGED = 256   # latents and held-out reals behind the FD the doctor keeps the best weights by
 
 
 @dataclass

@@ -121,6 +121,7 @@ def test_a_restart_rewinds_to_the_checkpoint_before_the_failure_with_the_changed
     assert eng.step == 2 and eng.batch_in_epoch == kept["resume"]["batch_in_epoch"]
     assert task.G.cfg.z_dim == 32 and task.G.cfg.ngf == 16 and task.D.cfg.mbstd
     assert task.held_z.shape == (64, 32) and task.watch.monitor.z.shape == (64, 32)
+    assert task.watch.judge.z.shape == (256, 32)
     d_new, d_old = task.D.state_dict(), kept["state"]["D"]
     last = [k for k in d_new if k.endswith("weight")][-1]
     for k, v in d_new.items():                 # D's filters unchanged: every tensor as checkpointed ...
@@ -179,6 +180,34 @@ def test_the_final_checkpoint_holds_the_best_weights_when_the_last_are_worse(tra
     assert task.watch.monitor.last["fd"] > 1.1 * best_fd
     assert row["kept_step"] == 3 and task.watch.doctor.kept["kept"]
     assert all(torch.equal(v, best[k]) for k, v in task.G.state_dict().items())
+
+
+def test_on_the_shapes_the_best_weights_are_judged_by_the_classifiers_fd_of_g_in_eval_mode(trainer, tmp_path):
+    """The DCGAN's best weights are judged as ProGAN's are on the shapes: the shapes classifier's
+    FD of G in eval mode (as exported) on 256 fixed latents; G is left training. Elsewhere: the
+    monitor's FD."""
+    from ganforge.training import metrics
+
+    task = trainer.task
+    for _ in range(3):
+        trainer.train_step()
+    row = task.watch.observe(3, task.D, task.G, task, {}, nets=task.nets)
+    judge = task.watch.judge
+    assert task.G.training and judge.name == "FD of the shipped G, shapes-classifier features, 256 samples"
+    classifier, _ = metrics.load_classifier(s=metrics.settings_for(16))
+    real = metrics.features(classifier, judge.reals)
+    with torch.no_grad():
+        task.G.eval()
+        shipped = metrics.frechet_distance(metrics.features(classifier, task.G(judge.z).clamp(-1, 1)), real)
+        task.G.train()
+        training = metrics.frechet_distance(metrics.features(classifier, task.G(judge.z).clamp(-1, 1)), real)
+    assert row["shipped_fd"] == pytest.approx(shipped, rel=1e-4) and task.watch.best.fd == pytest.approx(shipped)
+    assert abs(training - shipped) > 1e-3 * shipped        # batch statistics would give another figure
+    digits = GANTrainer(config("healthy", doctor="auto", data="stacked_digits", n_images=64,
+                               network={"ngf": 8, "ndf": 8, "z_dim": 16}), tmp_path / "digits")
+    assert digits.task.watch.judge is None
+    row = digits.task.watch.observe(0, digits.task.D, digits.task.G, digits.task, {}, nets=digits.task.nets)
+    assert "shipped_fd" not in row and digits.task.watch.best.fd == row["fd"]
 
 
 def test_best_weights_keep_the_lowest_fd_and_forget_on_a_restart():
