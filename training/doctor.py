@@ -100,8 +100,9 @@ MIN_RESTART_D_LAYERS = 3
 # hidden layers where its depth is a setting (the MLP GAN's `g_layers`, its default: PacGAN's
 # 2-D G). Doubling the 8-unit, one-layer G of the MLP GAN's mode-collapse preset leaves one that
 # cannot place its points on 8 modes 0.01 wide. The G a dominating D's restart grows gets the
-# same floor: the DCGAN's 4-filter G doubled to 8 drew blobs on 16 px shapes after 400 steps
-# (classifier FD 742 against the healthy runs' 294), grown to 16 it drew outlines (579).
+# same floor: on 16 px shapes after 400 steps the DCGAN's 4-filter G doubled to 8 drew dark
+# smudges on light grey tiles (classifier FD 742; healthy runs 294), grown to 16 coloured blobs
+# on dark tiles (579), nearer the data under each of five classifiers (docs/doctor.md).
 MIN_RESTART_NGF = 16
 MIN_RESTART_G_LAYERS = 4
 # Network changes: recorded as restart decisions (new config values, relative to the current).
